@@ -1,0 +1,3 @@
+from lerenet.cli import app
+
+app()

@@ -1,0 +1,263 @@
+"""Load and validate ``params.yaml`` once: the single source of configuration.
+
+Every step (DVC stage, Prefect task, CLI command) receives a validated
+:class:`Params`. Errors name the offending key, e.g. ``train.lr: Input should be
+a valid number``. Relative paths are resolved against the folder that holds the
+params file, so the pipeline behaves the same whatever the working directory.
+
+Environment overrides (applied after the profile overlay):
+
+* ``LERENET_SOURCE``      -> ``data.source``
+* ``LERENET_INCOMING``    -> ``data.incoming``
+* ``LERENET_PROFILE``     -> ``profile``
+* ``MLFLOW_TRACKING_URI`` -> ``mlflow.tracking_uri``
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_PARAMS = Path(__file__).resolve().parent.parent / "params.yaml"
+
+
+class ConfigError(ValueError):
+    """``params.yaml`` is missing, unreadable or invalid; the message names file and key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataParams(_Section):
+    """Where data comes from and how masks are read.
+
+    ``mask_threshold``: defect where mask value > threshold, in 0..254 (8-bit masks).
+    ``soft_tolerance``: a pixel is "soft" (neither near 0 nor near 255) if
+    ``tol < v < 255 - tol``. ``max_soft_fraction``: masks above it are rejected as
+    not binarisable. ``near_duplicate_distance``: perceptual-hash Hamming distance
+    (64-bit pHash) at or below which two images are near-duplicates.
+    """
+
+    source: Path
+    incoming: Path | None = None
+    dir: Path = Path("data")
+    mask_threshold: int = Field(127, ge=0, le=254)
+    soft_tolerance: int = Field(32, ge=0, le=127)
+    max_soft_fraction: float = Field(0.25, ge=0.0, le=1.0)
+    near_duplicate_distance: int = Field(2, ge=0, le=64)
+
+
+class SplitParams(_Section):
+    """Fold split and saved test episodes (paper and standard protocols)."""
+
+    shots: list[int] = Field(default_factory=lambda: [1, 5])
+    val_fraction: float = Field(0.15, gt=0.0, lt=1.0)
+    paper_seed: int = 1334
+    standard_seeds: list[int] = Field(default_factory=lambda: [0, 1, 2, 3, 4])
+    standard_episodes: int = Field(1000, ge=1)
+    seed: int = 0
+
+    @field_validator("shots")
+    @classmethod
+    def _positive_shots(cls, v: list[int]) -> list[int]:
+        if not v or any(k < 1 for k in v):
+            raise ValueError("shots must be a non-empty list of integers >= 1")
+        return sorted(set(v))
+
+
+ModelName = Literal["lerenet", "baseline", "prototype"]
+Variant = Literal["mpr", "mpe", "mpe*", "mpr+mpe", "mpr+mpe*"]
+
+
+class ModelParams(_Section):
+    """Which models to train/evaluate and their backbone (see ``model.build_model``)."""
+
+    names: list[ModelName] = Field(default_factory=lambda: ["lerenet", "baseline", "prototype"])
+    backbone: Literal["efficientnet_lite0", "resnet50", "vgg16_bn"] = "efficientnet_lite0"
+    freeze_backbone: bool = True
+    weights: Path | None = None
+    variant: Variant = "mpr+mpe*"
+    channels: int = Field(256, ge=8)
+
+
+class TrainParams(_Section):
+    """Episodic training (paper §5.1 / authors' code): SGD + poly schedule, BCE loss."""
+
+    image_size: int = Field(200, ge=32)
+    shots: int = Field(1, ge=1)
+    episodes: int = Field(3000, ge=1)
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(0.005, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    poly_power: float = Field(0.9, ge=0)
+    backbone_lr_mult: float = Field(0.1, ge=0)
+    augment: bool = True
+    feature_views: int = Field(4, ge=0)
+    checkpoint_every: int = Field(500, ge=1)
+    val_every: int = Field(500, ge=1)
+    val_episodes: int = Field(200, ge=1)
+    seed: int = 0
+    num_workers: int = Field(0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class EvaluateParams(_Section):
+    """Scoring on the saved episodes; latency; overlay pictures."""
+
+    protocols: list[Literal["paper", "standard"]] = Field(default_factory=lambda: ["paper", "standard"])
+    latency_queries: int = Field(20, ge=1)
+    overlay_episodes_per_class: int = Field(2, ge=0)
+
+
+class MlflowParams(_Section):
+    """Tracking/registry location and the champion/challenger promotion gate."""
+
+    tracking_uri: str = "sqlite:///mlruns.db"
+    experiment: str = "lerenet-defects"
+    registered_model: str = "lerenet-defects"
+    promotion_margin: float = Field(0.005, ge=0)
+
+
+class RetrainParams(_Section):
+    """Schedule of the ``retrain_on_new_classes`` deployment (cron, UTC)."""
+
+    cron: str = "0 3 * * *"
+
+
+class Params(_Section):
+    """All validated parameters. ``root`` is the folder of the params file."""
+
+    root: Path
+    profile: str = "cpu"
+    data: DataParams
+    folds: dict[int, list[str]]
+    split: SplitParams = SplitParams()
+    model: ModelParams = ModelParams()
+    train: TrainParams = TrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    mlflow: MlflowParams = MlflowParams()
+    retrain: RetrainParams = RetrainParams()
+
+    @field_validator("folds")
+    @classmethod
+    def _folds_disjoint(cls, v: dict[int, list[str]]) -> dict[int, list[str]]:
+        if not v:
+            raise ValueError("at least one fold is required")
+        seen: dict[str, int] = {}
+        for fold, classes in v.items():
+            if not classes:
+                raise ValueError(f"fold {fold} has no test classes")
+            for c in classes:
+                if c in seen:
+                    raise ValueError(f"class {c!r} is in fold {seen[c]} and fold {fold}; folds must be disjoint")
+                seen[c] = fold
+        return v
+
+    @model_validator(mode="after")
+    def _resolve_paths(self) -> "Params":
+        def res(p: Path | None) -> Path | None:
+            return None if p is None else (p if p.is_absolute() else (self.root / p).resolve())
+
+        object.__setattr__(self, "data", self.data.model_copy(update={
+            "source": res(self.data.source), "incoming": res(self.data.incoming), "dir": res(self.data.dir)}))
+        if self.model.weights is not None:
+            object.__setattr__(self, "model", self.model.model_copy(update={"weights": res(self.model.weights)}))
+        return self
+
+    # ---- derived views -------------------------------------------------
+    @property
+    def all_classes(self) -> list[str]:
+        """All classes named in the fold table, in fold order."""
+        return [c for f in sorted(self.folds) for c in self.folds[f]]
+
+    def test_classes(self, fold: int) -> list[str]:
+        """Novel (test) classes of ``fold``; raises KeyError naming the known folds."""
+        if fold not in self.folds:
+            raise KeyError(f"fold {fold} is not in params.yaml folds {sorted(self.folds)}")
+        return list(self.folds[fold])
+
+    def train_classes(self, fold: int | None) -> list[str]:
+        """Base (training) classes of ``fold``: all other folds; ``None`` = all classes."""
+        if fold is None:
+            return self.all_classes
+        test = set(self.test_classes(fold))
+        return [c for c in self.all_classes if c not in test]
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def resolve_raw(raw: dict[str, Any], env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Apply the selected profile overlay and environment overrides to raw YAML.
+
+    Raises :class:`ConfigError` if the profile does not exist.
+    """
+    env = dict(os.environ) if env is None else env
+    raw = copy.deepcopy(raw)
+    profiles = raw.pop("profiles", {}) or {}
+    profile = env.get("LERENET_PROFILE") or raw.get("profile", "cpu")
+    if profile not in profiles and profile != "cpu":
+        raise ConfigError(f"profile {profile!r} is not defined under 'profiles:' (known: {sorted(profiles)})")
+    raw = _deep_merge(raw, profiles.get(profile) or {})
+    raw["profile"] = profile
+    data = raw.setdefault("data", {})
+    if env.get("LERENET_SOURCE"):
+        data["source"] = env["LERENET_SOURCE"]
+    if env.get("LERENET_INCOMING"):
+        data["incoming"] = env["LERENET_INCOMING"]
+    if env.get("MLFLOW_TRACKING_URI"):
+        raw.setdefault("mlflow", {})["tracking_uri"] = env["MLFLOW_TRACKING_URI"]
+    return raw
+
+
+def load_params(path: str | os.PathLike[str] | None = None, overrides: dict[str, Any] | None = None,
+                env: dict[str, str] | None = None) -> Params:
+    """Read, overlay and validate a params file.
+
+    Args:
+        path: params YAML; default ``params.yaml`` next to the project root, or
+            ``$LERENET_PARAMS``.
+        overrides: nested dict merged last (e.g. ``{"train": {"episodes": 10}}``),
+            used by tests and CLI flags.
+        env: environment used for overrides (default ``os.environ``).
+
+    Raises:
+        ConfigError: file missing/unreadable, YAML invalid, or a key with a wrong
+            type/value; the message lists every offending key as ``a.b.c``.
+    """
+    env = dict(os.environ) if env is None else env
+    p = Path(path or env.get("LERENET_PARAMS") or DEFAULT_PARAMS).resolve()
+    if not p.is_file():
+        raise ConfigError(f"{p}: params file not found (pass --params or set LERENET_PARAMS)")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: top level must be a mapping of sections")
+    raw = resolve_raw(raw, env)
+    if overrides:
+        raw = _deep_merge(raw, overrides)
+    raw["root"] = str(p.parent)
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            key = ".".join(str(x) for x in err["loc"])
+            lines.append(f"  {key}: {err['msg']} (got {err.get('input')!r})")
+        raise ConfigError(f"{p}: invalid parameters:\n" + "\n".join(lines)) from None

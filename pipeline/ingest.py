@@ -1,0 +1,213 @@
+"""Ingest step: copy a Surface Defects-4i-layout folder into ``data/raw`` and describe it.
+
+Source layout (``docs/architecture.md``, ``../shared/datasets/README.md``)::
+
+    <source>/<Class>/Images/<stem>.(jpg|png|...)   defect image
+    <source>/<Class>/GT/<stem>.png                 its mask (same stem), defect where value > threshold
+    <source>/<Class>/Nd/<stem>.(jpg|png|...)       optional defect-free ("normal") images
+
+Ingest *measures*, validation *judges*: every image file found is copied and gets
+one manifest row, even if it cannot be decoded (``error`` says why) or its mask is
+missing (``mask_path`` is ``None``). ``pipeline.validate`` then applies the rules and
+fails naming file, row and rule. Ingest itself fails only when it cannot read the
+source at all (missing folder, no class folders, a class folder without ``Images/``).
+
+Outputs under ``out_dir`` (default ``params.data.dir``):
+
+* ``raw/`` -- copy of the source, built in a temporary folder next to it and swapped in;
+* ``manifest.parquet`` -- one row per image, sorted by class, kind, image path:
+  ``id`` (sha256[:16]), ``class_name``, ``kind`` (defect|normal), ``image_path``,
+  ``mask_path`` (relative to ``out_dir``; ``None`` for normal images or a missing mask),
+  ``width``, ``height``, ``channels`` (bands as stored: 1 gray, 3 RGB, ...),
+  ``fg_fraction`` (share of mask pixels > ``data.mask_threshold``; 0 for normal),
+  ``soft_fraction`` (share of mask pixels with ``tol < v < 255 - tol``), ``sha256``,
+  ``phash`` (16 hex chars, ``imagehash.phash``, 64 bits), plus the measurements the
+  validation rules need: ``mask_width``, ``mask_height`` (nullable) and ``error``
+  (``None`` or a decode error message).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import shutil
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import imagehash
+import numpy as np
+import pandas as pd
+from PIL import Image
+from tqdm import tqdm
+
+from pipeline.config import Params
+from pipeline.images import IMAGE_SUFFIXES, MANIFEST, RAW_DIR, atomic_write_parquet, mask_fractions
+
+log = logging.getLogger(__name__)
+
+MANIFEST_COLUMNS = [
+    "id", "class_name", "kind", "image_path", "mask_path", "width", "height", "channels",
+    "fg_fraction", "soft_fraction", "sha256", "phash", "mask_width", "mask_height", "error",
+]
+
+
+class IngestError(RuntimeError):
+    """The source folder cannot be ingested; the message names the path and what to do."""
+
+
+@dataclass(frozen=True)
+class _Item:
+    class_name: str
+    kind: str  # "defect" | "normal"
+    src_image: Path
+    src_mask: Path | None
+    rel_image: str  # relative to the data folder, e.g. raw/MT_Crack/Images/a.jpg
+    rel_mask: str | None
+
+
+def _is_image(p: Path) -> bool:
+    return p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
+
+
+def scan_source(source: Path) -> list[_Item]:
+    """List the images of a Surface Defects-4i-layout folder (no pixels read).
+
+    Raises:
+        IngestError: ``source`` missing or not a folder, it holds no class folder, or a
+            class folder has no ``Images/`` subfolder.
+    """
+    if not source.exists():
+        raise IngestError(
+            f"source folder {source} does not exist: pass --source DIR, set LERENET_SOURCE, "
+            "or fix data.source in params.yaml")
+    if not source.is_dir():
+        raise IngestError(f"source {source} is not a folder (expected <source>/<Class>/Images, GT, Nd)")
+    class_dirs = sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_dirs:
+        raise IngestError(f"source folder {source} holds no class folders (expected <source>/<Class>/Images/...)")
+    items: list[_Item] = []
+    for cdir in class_dirs:
+        images = cdir / "Images"
+        if not images.is_dir():
+            raise IngestError(
+                f"class folder {cdir} has no Images/ subfolder (layout: <Class>/Images, <Class>/GT, "
+                "optional <Class>/Nd); remove the folder or add its images")
+        c = cdir.name
+        for p in sorted(filter(_is_image, images.iterdir())):
+            mask = cdir / "GT" / f"{p.stem}.png"
+            items.append(_Item(c, "defect", p, mask if mask.is_file() else None,
+                               f"{RAW_DIR}/{c}/Images/{p.name}",
+                               f"{RAW_DIR}/{c}/GT/{mask.name}" if mask.is_file() else None))
+        nd = cdir / "Nd"
+        if nd.is_dir():
+            for p in sorted(filter(_is_image, nd.iterdir())):
+                items.append(_Item(c, "normal", p, None, f"{RAW_DIR}/{c}/Nd/{p.name}", None))
+    return items
+
+
+def _describe(item: _Item, stage: Path, threshold: int, soft_tolerance: int) -> dict:
+    """Copy one image (and mask) into ``stage`` and measure it; decode errors go to ``error``."""
+    data = item.src_image.read_bytes()
+    dst = stage / item.rel_image
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_bytes(data)
+    digest = hashlib.sha256(data).hexdigest()
+    row: dict = {
+        "id": digest[:16], "class_name": item.class_name, "kind": item.kind,
+        "image_path": item.rel_image, "mask_path": item.rel_mask,
+        "width": 0, "height": 0, "channels": 0,
+        "fg_fraction": 0.0 if item.kind == "normal" else float("nan"),
+        "soft_fraction": 0.0 if item.kind == "normal" else float("nan"),
+        "sha256": digest, "phash": None, "mask_width": None, "mask_height": None, "error": None,
+    }
+    errors = []
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            row["width"], row["height"] = im.size
+            row["channels"] = len(im.getbands())
+            row["phash"] = str(imagehash.phash(im))
+    except Exception as exc:  # noqa: BLE001 -- any decode failure is recorded, validate names it
+        errors.append(f"image does not decode: {type(exc).__name__}: {exc}")
+    if item.src_mask is not None:
+        mdata = item.src_mask.read_bytes()
+        mdst = stage / item.rel_mask  # type: ignore[operator]
+        mdst.parent.mkdir(parents=True, exist_ok=True)
+        mdst.write_bytes(mdata)
+        try:
+            with Image.open(io.BytesIO(mdata)) as m:
+                m.load()
+                values = np.asarray(m if m.mode == "L" else m.convert("L"))
+            row["mask_height"], row["mask_width"] = values.shape
+            row["fg_fraction"], row["soft_fraction"] = mask_fractions(values, threshold, soft_tolerance)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(f"mask does not decode: {type(exc).__name__}: {exc}")
+    row["error"] = "; ".join(errors) or None
+    return row
+
+
+def build_manifest(rows: list[dict]) -> pd.DataFrame:
+    """Rows from the scan -> manifest frame with stable column order, dtypes and row order."""
+    df = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+    for col in ("width", "height", "channels"):
+        df[col] = df[col].astype("int64")
+    for col in ("mask_width", "mask_height"):
+        df[col] = df[col].astype("Int64")
+    for col in ("fg_fraction", "soft_fraction"):
+        df[col] = df[col].astype("float64")
+    for col in ("id", "class_name", "kind", "image_path", "mask_path", "sha256", "phash", "error"):
+        df[col] = df[col].astype(object).where(df[col].notna(), None)
+    return df.sort_values(["class_name", "kind", "image_path"], kind="stable").reset_index(drop=True)
+
+
+def ingest(params: Params, source: Path | None = None, out_dir: Path | None = None,
+           workers: int | None = None, progress: bool = True) -> pd.DataFrame:
+    """Copy ``source`` into ``<out_dir>/raw`` and write ``<out_dir>/manifest.parquet``.
+
+    Args:
+        params: validated parameters (``data.source``, ``data.dir``, ``data.mask_threshold``,
+            ``data.soft_tolerance``).
+        source: source folder in Surface Defects-4i layout; default ``params.data.source``.
+        out_dir: data folder; default ``params.data.dir``.
+        workers: threads for copying/decoding/hashing; default ``os.cpu_count()``.
+        progress: show a tqdm progress bar for the scan.
+
+    Returns:
+        The manifest (schema in the module docstring), one row per image file.
+
+    Raises:
+        IngestError: the source cannot be read (see :func:`scan_source`). Nothing is
+            written then: ``raw/`` is built in a temporary folder next to it and only
+            swapped in, and the manifest replaced, once every file is copied.
+    """
+    source = Path(source or params.data.source).resolve()
+    out_dir = Path(out_dir or params.data.dir).resolve()
+    items = scan_source(source)
+    if not items:
+        raise IngestError(f"source folder {source} holds no images under <Class>/Images or <Class>/Nd")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stage = out_dir / f".{RAW_DIR}.tmp-{uuid.uuid4().hex[:8]}"
+    stage.mkdir()
+    try:
+        thr, tol = params.data.mask_threshold, params.data.soft_tolerance
+        with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+            rows = list(tqdm(pool.map(lambda it: _describe(it, stage, thr, tol), items), total=len(items),
+                             desc=f"ingest {source.name}", unit="img", disable=not progress))
+        manifest = build_manifest(rows)
+        raw = out_dir / RAW_DIR
+        old = out_dir / f".{RAW_DIR}.old-{uuid.uuid4().hex[:8]}"
+        if raw.exists():
+            os.replace(raw, old)
+        os.replace(stage, raw)
+        shutil.rmtree(old, ignore_errors=True)
+        atomic_write_parquet(out_dir / MANIFEST, manifest)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    n_err = int(manifest["error"].notna().sum())
+    log.info("ingested %d images (%d classes) from %s into %s; %d with decode errors",
+             len(manifest), manifest["class_name"].nunique(), source, out_dir, n_err)
+    return manifest

@@ -1,0 +1,74 @@
+"""params.yaml is validated once; errors name the key; profiles and env overrides apply."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import DEFAULT_PARAMS, ConfigError, load_params
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _write(tmp_path: Path, data: dict) -> Path:
+    p = tmp_path / "params.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+def _base() -> dict:
+    return yaml.safe_load(DEFAULT_PARAMS.read_text())
+
+
+def test_project_params_validate_and_resolve_paths():
+    params = load_params(DEFAULT_PARAMS, env={})
+    assert params.data.source == (ROOT / "../shared/datasets/defects12").resolve()
+    assert params.data.dir == ROOT / "data"
+    assert params.train_classes(0) == [c for c in params.all_classes if c not in params.folds[0]]
+    assert len(params.all_classes) == 12
+    assert params.data.mask_threshold == 127
+
+
+def test_wrong_type_names_the_key(tmp_path):
+    raw = _base()
+    raw["train"]["lr"] = "fast"
+    with pytest.raises(ConfigError, match=r"train\.lr"):
+        load_params(_write(tmp_path, raw), env={})
+
+
+def test_unknown_key_is_rejected_with_its_name(tmp_path):
+    raw = _base()
+    raw["train"]["epochz"] = 3
+    with pytest.raises(ConfigError, match=r"train\.epochz"):
+        load_params(_write(tmp_path, raw), env={})
+
+
+def test_overlapping_folds_rejected(tmp_path):
+    raw = _base()
+    raw["folds"][1].append(raw["folds"][0][0])
+    with pytest.raises(ConfigError, match="folds must be disjoint"):
+        load_params(_write(tmp_path, raw), env={})
+
+
+def test_profile_overlay_and_env_overrides(tmp_path):
+    path = _write(tmp_path, _base())
+    paper = load_params(path, env={"LERENET_PROFILE": "paper"})
+    assert paper.profile == "paper"
+    assert paper.model.backbone == "resnet50" and paper.model.freeze_backbone is False
+    assert paper.train.batch_size == 2
+    cpu = load_params(path, env={"LERENET_SOURCE": str(tmp_path / "src"), "MLFLOW_TRACKING_URI": "sqlite:///x.db"})
+    assert cpu.model.backbone == "efficientnet_lite0"
+    assert cpu.data.source == tmp_path / "src"
+    assert cpu.mlflow.tracking_uri == "sqlite:///x.db"
+
+
+def test_unknown_profile_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="profile 'gpu'"):
+        load_params(_write(tmp_path, _base()), env={"LERENET_PROFILE": "gpu"})
+    with pytest.raises(ConfigError, match="params file not found"):
+        load_params(tmp_path / "nope.yaml", env={})
+
+
+def test_overrides_merge_deeply(tmp_path):
+    params = load_params(_write(tmp_path, _base()), overrides={"train": {"episodes": 7}}, env={})
+    assert params.train.episodes == 7 and params.train.batch_size == _base()["train"]["batch_size"]
