@@ -1,0 +1,21 @@
+"""Pure-PyTorch few-shot defect segmentation models: LERENet, the paper's Baseline and a
+PANet-style prototype model, on ResNet-50 / VGG-16-BN / EfficientNet-Lite0 backbones.
+
+``build_model(name, backbone, ...)`` is the entry point (see docs/model.md).
+"""
+
+from model.backbones import BACKBONES, WeightsError, build_backbone, torchvision_state_dict_shapes
+from model.base import FewShotSegmenter
+from model.lerenet import VARIANTS
+from model.registry import MODELS, build_model
+
+__all__ = [
+    "BACKBONES",
+    "MODELS",
+    "VARIANTS",
+    "FewShotSegmenter",
+    "WeightsError",
+    "build_backbone",
+    "build_model",
+    "torchvision_state_dict_shapes",
+]

@@ -42,6 +42,9 @@ class DataParams(_Section):
     ``tol < v < 255 - tol``. ``max_soft_fraction``: masks above it are rejected as
     not binarisable. ``near_duplicate_distance``: perceptual-hash Hamming distance
     (64-bit pHash) at or below which two images are near-duplicates.
+    ``near_duplicate_allow``: reviewed pairs of defect images (paths relative to the
+    source root, ``<Class>/Images/<file>``) that are near-duplicates across classes
+    and are accepted anyway (validation reports them instead of failing).
     """
 
     source: Path
@@ -51,6 +54,7 @@ class DataParams(_Section):
     soft_tolerance: int = Field(32, ge=0, le=127)
     max_soft_fraction: float = Field(0.25, ge=0.0, le=1.0)
     near_duplicate_distance: int = Field(2, ge=0, le=64)
+    near_duplicate_allow: list[tuple[str, str]] = Field(default_factory=list)
 
 
 class SplitParams(_Section):
@@ -131,6 +135,63 @@ class RetrainParams(_Section):
     cron: str = "0 3 * * *"
 
 
+class ServicesParams(_Section):
+    """Local team services started by ``lerenet services up`` (see ``lerenet/services.py``).
+
+    SeaweedFS (S3 API on ``s3_port``), an MLflow tracking server (``mlflow_port``,
+    artifacts proxied to ``s3://<mlflow_bucket>/<mlflow_prefix>``) and a Prefect
+    server (``prefect_port``). Every process binds to ``host``, which must be a
+    loopback address; every port is explicit (a taken port fails fast instead of
+    silently moving). ``state_dir`` holds pid files, logs, data and the generated
+    credentials (git-ignored). Timeouts are in seconds.
+    """
+
+    host: str = "127.0.0.1"
+    state_dir: Path = Path(".lerenet")
+    s3_port: int = Field(8333, ge=1, le=65535)
+    s3_grpc_port: int = Field(18333, ge=1, le=65535)
+    master_port: int = Field(9333, ge=1, le=65535)
+    master_grpc_port: int = Field(19333, ge=1, le=65535)
+    volume_port: int = Field(9340, ge=1, le=65535)
+    volume_grpc_port: int = Field(19340, ge=1, le=65535)
+    filer_port: int = Field(8888, ge=1, le=65535)
+    filer_grpc_port: int = Field(18888, ge=1, le=65535)
+    admin_port: int = Field(23646, ge=1, le=65535)
+    admin_grpc_port: int = Field(33646, ge=1, le=65535)
+    mlflow_port: int = Field(5000, ge=1, le=65535)
+    prefect_port: int = Field(4200, ge=1, le=65535)
+    dvc_bucket: str = "lerenet-dvc"
+    dvc_prefix: str = "store"
+    mlflow_bucket: str = "lerenet-mlflow"
+    mlflow_prefix: str = "artifacts"
+    models_bucket: str = "lerenet-models"
+    start_timeout: float = Field(90.0, gt=0)
+    stop_timeout: float = Field(30.0, gt=0)
+
+    @field_validator("host")
+    @classmethod
+    def _loopback_only(cls, v: str) -> str:
+        import ipaddress
+
+        try:
+            ok = ipaddress.ip_address(v).is_loopback
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError(f"services bind to a loopback IP only (e.g. 127.0.0.1), got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _distinct_ports(self) -> "ServicesParams":
+        ports = {k: v for k, v in self.model_dump().items() if k.endswith("_port")}
+        seen: dict[int, str] = {}
+        for k, v in ports.items():
+            if v in seen:
+                raise ValueError(f"services.{k} and services.{seen[v]} are both {v}; every port must differ")
+            seen[v] = k
+        return self
+
+
 class Params(_Section):
     """All validated parameters. ``root`` is the folder of the params file."""
 
@@ -144,6 +205,7 @@ class Params(_Section):
     evaluate: EvaluateParams = EvaluateParams()
     mlflow: MlflowParams = MlflowParams()
     retrain: RetrainParams = RetrainParams()
+    services: ServicesParams = ServicesParams()
 
     @field_validator("folds")
     @classmethod
@@ -169,6 +231,8 @@ class Params(_Section):
             "source": res(self.data.source), "incoming": res(self.data.incoming), "dir": res(self.data.dir)}))
         if self.model.weights is not None:
             object.__setattr__(self, "model", self.model.model_copy(update={"weights": res(self.model.weights)}))
+        object.__setattr__(self, "services", self.services.model_copy(
+            update={"state_dir": res(self.services.state_dir)}))
         return self
 
     # ---- derived views -------------------------------------------------

@@ -38,6 +38,10 @@ SPLITS_DIR = "splits"
 EPISODES_DIR = "episodes"
 PROTOCOLS = ("paper", "standard")
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+_FILE_MODE = 0o666 & ~_UMASK  # mkstemp creates 0600; give written artifacts the usual mode
+
 #: Image file suffixes the ingest step reads (lower case).
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 
@@ -227,6 +231,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -245,6 +250,7 @@ def atomic_write_parquet(path: Path, df: pd.DataFrame) -> None:
     os.close(fd)
     try:
         df.to_parquet(tmp, index=False)
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -190,7 +190,7 @@ def ingest(params: Params, source: Path | None = None, out_dir: Path | None = No
     if not items:
         raise IngestError(f"source folder {source} holds no images under <Class>/Images or <Class>/Nd")
     out_dir.mkdir(parents=True, exist_ok=True)
-    stage = out_dir / f".{RAW_DIR}.tmp-{uuid.uuid4().hex[:8]}"
+    stage = out_dir / f".ingest.tmp-{uuid.uuid4().hex[:8]}"  # files go to stage/raw/...
     stage.mkdir()
     try:
         thr, tol = params.data.mask_threshold, params.data.soft_tolerance
@@ -200,9 +200,10 @@ def ingest(params: Params, source: Path | None = None, out_dir: Path | None = No
         manifest = build_manifest(rows)
         raw = out_dir / RAW_DIR
         old = out_dir / f".{RAW_DIR}.old-{uuid.uuid4().hex[:8]}"
+        (stage / RAW_DIR).mkdir(exist_ok=True)
         if raw.exists():
             os.replace(raw, old)
-        os.replace(stage, raw)
+        os.replace(stage / RAW_DIR, raw)
         shutil.rmtree(old, ignore_errors=True)
         atomic_write_parquet(out_dir / MANIFEST, manifest)
     finally:

@@ -36,27 +36,28 @@ EMPTY_UNION_IOU = 1.0
 """IoU reported when the summed union is 0 (prediction and ground truth both empty everywhere)."""
 
 
-def _as_bool(x: torch.Tensor | np.ndarray, name: str) -> torch.Tensor:
-    t = torch.as_tensor(x)
-    if t.dtype == torch.bool:
-        return t
-    if t.is_floating_point():
-        raise TypeError(f"{name} must be a boolean or integer {{0,1}} mask, got dtype {t.dtype}; "
+def _as_bool(x: torch.Tensor | np.ndarray, name: str) -> np.ndarray:
+    a = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    if a.dtype == bool:
+        return a
+    if a.dtype.kind == "f":
+        raise TypeError(f"{name} must be a boolean or integer {{0,1}} mask, got dtype {a.dtype}; "
                         "threshold logits first (logit > 0, i.e. sigmoid > 0.5)")
-    if t.numel() and (t.min() < 0 or t.max() > 1):
-        raise ValueError(f"{name} must contain only 0 and 1, found values in [{int(t.min())}, {int(t.max())}]")
-    return t.bool()
+    if a.size and (a.min() < 0 or a.max() > 1):
+        raise ValueError(f"{name} must contain only 0 and 1, found values in [{int(a.min())}, {int(a.max())}]")
+    return a.astype(bool)
 
 
 def intersection_union(pred: torch.Tensor | np.ndarray, target: torch.Tensor | np.ndarray) -> tuple[int, int, int, int]:
     """Foreground and background intersection/union pixel counts of one binary mask pair.
 
     Args:
-        pred: predicted mask, shape (H, W) (or any shape equal to ``target``'s), bool or {0,1} ints.
+        pred: predicted mask, shape (H, W) (or any shape equal to ``target``'s), bool or {0,1} ints
+            (NumPy array or torch tensor).
         target: ground-truth mask, same shape.
 
     Returns:
-        ``(I_fg, U_fg, I_bg, U_bg)`` in pixels (Python ints, ≥ 0).
+        ``(I_fg, U_fg, I_bg, U_bg)`` in pixels (Python ints, >= 0).
 
     Raises:
         ValueError: shapes differ or values outside {0, 1}.
@@ -66,10 +67,10 @@ def intersection_union(pred: torch.Tensor | np.ndarray, target: torch.Tensor | n
     if p.shape != g.shape:
         raise ValueError(f"pred shape {tuple(p.shape)} != target shape {tuple(g.shape)}; "
                          "upsample predictions to the original mask size before scoring")
-    n = p.numel()
-    i_fg = int((p & g).sum())
-    u_fg = int((p | g).sum())
-    # background: ¬P ∧ ¬G = n - |P ∨ G| ; ¬P ∨ ¬G = n - |P ∧ G|
+    n = p.size
+    i_fg = int(np.count_nonzero(p & g))
+    u_fg = int(np.count_nonzero(p | g))
+    # background: not P and not G = n - |P or G| ; not P or not G = n - |P and G|
     return i_fg, u_fg, n - u_fg, n - i_fg
 
 

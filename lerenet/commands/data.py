@@ -1,0 +1,83 @@
+"""Data commands: ``lerenet ingest``, ``lerenet validate``, ``lerenet split`` (DVC stages of the same names).
+
+Each loads ``params.yaml`` once (``--params`` or ``$LERENET_PARAMS``), runs the step function
+from ``pipeline/`` and exits non-zero with a message naming the file, row and rule on bad input
+(status 1 for bad data, 2 for bad parameters).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from lerenet.app import app
+from lerenet.commands._common import ParamsOption, fail, params_or_exit
+
+
+def _data_override(data_dir: Path | None) -> dict | None:
+    # the data folder given on the command line is relative to the working directory
+    return {"data": {"dir": str(data_dir.resolve())}} if data_dir else None
+
+
+@app.command("ingest")
+def ingest_cmd(
+    source: Path = typer.Option(None, "--source", help="source folder in Surface Defects-4i layout "
+                                "(<Class>/Images, <Class>/GT, optional <Class>/Nd); default data.source or $LERENET_SOURCE"),
+    out: Path = typer.Option(None, "--out", help="data folder to write raw/ and manifest.parquet into; default data.dir"),
+    params_file: Path = ParamsOption,
+) -> None:
+    """Copy the source folder into <data>/raw and write <data>/manifest.parquet (one row per image)."""
+    from pipeline.ingest import IngestError, ingest
+
+    params = params_or_exit(params_file, _data_override(out))
+    try:
+        manifest = ingest(params, source=source.resolve() if source else None)
+    except IngestError as exc:
+        fail(str(exc))
+        return
+    n_err = int(manifest["error"].notna().sum())
+    typer.echo(f"ingested {len(manifest)} images of {manifest['class_name'].nunique()} classes from "
+               f"{source or params.data.source} into {params.data.dir}" + (f" ({n_err} do not decode: `lerenet validate` lists them)" if n_err else ""))
+
+
+@app.command("validate")
+def validate_cmd(
+    data: Path = typer.Option(None, "--data", help="data folder written by ingest; default data.dir"),
+    params_file: Path = ParamsOption,
+) -> None:
+    """Validate the manifest (Great Expectations suite + pixel checks); write validated.parquet on success."""
+    from pipeline.images import DataArtifactError
+    from pipeline.validate import DataValidationError, validate
+
+    params = params_or_exit(params_file, _data_override(data))
+    try:
+        report = validate(params)
+    except (DataValidationError, DataArtifactError) as exc:
+        fail(str(exc))
+        return
+    typer.echo(f"validation passed: {report['rows']} rows, {report['usable_rows']} usable, "
+               f"{len(report['excluded'])} excluded (see {params.data.dir / 'validation/report.json'}; "
+               f"Data Docs: {params.data.dir / report['docs']})")
+    for item in report["excluded"]:
+        typer.echo(f"  excluded {item['file']}: {item['reason']}")
+
+
+@app.command("split")
+def split_cmd(
+    data: Path = typer.Option(None, "--data", help="data folder holding validated.parquet; default data.dir"),
+    params_file: Path = ParamsOption,
+) -> None:
+    """Write per-fold splits (train/val/test ids) and the saved test episodes (paper, standard; each K)."""
+    from pipeline.images import DataArtifactError
+    from pipeline.split import SplitError, split
+
+    params = params_or_exit(params_file, _data_override(data))
+    try:
+        summary = split(params)
+    except (SplitError, DataArtifactError) as exc:
+        fail(str(exc))
+        return
+    for fold, s in summary["folds"].items():
+        eps = ", ".join(f"{k}={v}" for k, v in s["episodes"].items())
+        typer.echo(f"fold {fold}: train {s['train']}, val {s['val']}, test {s['test']} images; episodes {eps}")

@@ -1,0 +1,181 @@
+"""Registry and orchestration commands.
+
+* ``lerenet register [--promote]`` -- register the production model (alias ``challenger``) and gate it
+  (DVC stage ``register``; writes the decision record ``registry.json``);
+* ``lerenet promote VERSION [--force]`` -- run the promotion gate on a registered version;
+* ``lerenet flow training`` / ``lerenet flow retrain`` -- run a Prefect flow in this process;
+* ``lerenet serve [--stop]`` -- Prefect server on 127.0.0.1 (``lerenet.services``) + the served
+  deployments (scheduled retrain, on-demand training) as service process ``prefect-serve``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import typer
+
+from lerenet.app import app
+from lerenet.commands._common import ParamsOption, fail, params_or_exit
+
+SERVE_NAME = "prefect-serve"
+
+flow_app = typer.Typer(help="Run a Prefect flow in this process (a temporary Prefect server is started if "
+                       "PREFECT_API_URL is unset).", no_args_is_help=True)
+app.add_typer(flow_app, name="flow")
+
+
+@app.command("register")
+def register_cmd(
+    model: str = typer.Option("lerenet", "--model", help="architecture of the production model"),
+    checkpoint: Path = typer.Option(None, "--checkpoint", help="model.pt (default models/all/<model>/model.pt)"),
+    promote: bool = typer.Option(True, "--promote/--no-promote", help="run the promotion gate after registering"),
+    record: Path = typer.Option(None, "--record", help="decision record JSON (default <project>/reports/registry.json)"),
+    params_file: Path = ParamsOption,
+) -> None:
+    """Register the production model with its CV metrics as a new version (alias challenger), then gate it."""
+    from pipeline import registry
+    from pipeline.train import model_dir
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    params = params_or_exit(params_file)
+    ckpt = checkpoint or model_dir(params, None, model) / "model.pt"
+    try:
+        cells = registry.collect_cv_cells(params, model)
+        version = registry.register(params, ckpt, cells, model_name=model)
+        decision = registry.promote(params, version) if promote else None
+    except (registry.RegistryError, FileNotFoundError) as exc:
+        fail(str(exc))
+        return
+    out = record or params.root / registry.RECORD_PATH
+    if decision is not None:
+        registry.write_record(out, decision)
+        typer.echo(f"{decision.model} v{version}: {'promoted to champion' if decision.promoted else 'stays challenger'}"
+                   f" -- {decision.reason} (record: {out})")
+    else:
+        typer.echo(f"registered {params.mlflow.registered_model} v{version} as challenger")
+
+
+@app.command("promote")
+def promote_cmd(
+    version: str = typer.Argument(..., help="registered model version to gate"),
+    force: bool = typer.Option(False, "--force", help="promote whatever the scores (recorded as forced)"),
+    params_file: Path = ParamsOption,
+) -> None:
+    """Gate a registered version: it becomes champion if its CV mIoU >= champion's + margin on identical episodes."""
+    from pipeline import registry
+
+    params = params_or_exit(params_file)
+    try:
+        d = registry.promote(params, version, force=force)
+    except registry.RegistryError as exc:
+        fail(str(exc))
+        return
+    typer.echo(json.dumps(d.as_dict(), indent=2))
+
+
+def _overrides(values: list[str]) -> dict:
+    """``["train.episodes=10", ...]`` -> nested dict (values parsed as YAML)."""
+    import yaml
+
+    out: dict = {}
+    for item in values:
+        if "=" not in item:
+            fail(f"--set expects key.path=value, got {item!r}", code=2)
+        key, raw = item.split("=", 1)
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = yaml.safe_load(raw)
+    return out
+
+
+SetOption = typer.Option(None, "--set", help="override a parameter for this run, e.g. --set train.episodes=10")
+
+
+@flow_app.command("training")
+def flow_training_cmd(
+    fold_workers: int = typer.Option(None, "--fold-workers", help="folds trained at once (default cpu_count // 2)"),
+    no_promote: bool = typer.Option(False, "--no-promote", help="register but skip the promotion gate"),
+    set_: list[str] = SetOption,
+    params_file: Path = ParamsOption,
+) -> None:
+    """Run the training_pipeline flow (ingest ... register, promote) and print its result."""
+    from flows.training_pipeline import training_pipeline
+
+    params_or_exit(params_file)  # validate early, with a clean message
+    result = training_pipeline(str(params_file) if params_file else None, _overrides(set_ or []) or None,
+                               fold_workers, not no_promote)
+    typer.echo(json.dumps(result, indent=2, default=str))
+
+
+@flow_app.command("retrain")
+def flow_retrain_cmd(
+    fold_workers: int = typer.Option(None, "--fold-workers", help="folds trained at once"),
+    set_: list[str] = SetOption,
+    params_file: Path = ParamsOption,
+) -> None:
+    """Run retrain_on_new_classes: new classes -> new data version, champion probe, fold table, retrain, gate."""
+    from flows.retrain import retrain_on_new_classes
+
+    params_or_exit(params_file)
+    result = retrain_on_new_classes(str(params_file) if params_file else None, _overrides(set_ or []) or None,
+                                    fold_workers)
+    typer.echo(json.dumps(result, indent=2, default=str))
+
+
+def _deployments_registered(api_url: str) -> bool:
+    """True when both deployments exist on the Prefect server (``POST /deployments/filter``)."""
+    import urllib.request
+
+    from flows.deploy import DEPLOYMENT_NAMES
+
+    req = urllib.request.Request(f"{api_url}/deployments/filter", data=b"{}", method="POST",
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            names = {d.get("name") for d in json.loads(resp.read())}
+    except (OSError, ValueError):
+        return False
+    return {n.split("/", 1)[1] for n in DEPLOYMENT_NAMES} <= names
+
+
+@app.command("serve")
+def serve_cmd(
+    stop: bool = typer.Option(False, "--stop", help="stop the served deployments, then the Prefect server"),
+    timeout: float = typer.Option(120, help="seconds to wait for the deployments to register"),
+    params_file: Path = ParamsOption,
+) -> None:
+    """Start the Prefect server (127.0.0.1) and serve the deployments; `--stop` stops both (served process first)."""
+    from lerenet import services as svc
+
+    params = params_or_exit(params_file)
+    if stop:
+        # served process before the server (else serve() hangs on "Pausing all deployments...")
+        typer.echo(f"{SERVE_NAME}: {svc.stop_process(params, SERVE_NAME)}")
+        for name, result in svc.down(params, ["prefect"]):
+            typer.echo(f"{name}: {result}")
+        return
+    try:
+        for st in svc.up(params, ["prefect"]):
+            typer.echo(f"{st.name}: {st.note} at {st.url}")
+        api = svc.prefect_api_url(params)
+        argv = [sys.executable, "-m", "flows.deploy", "--params", str((params.root / "params.yaml")
+                                                                       if params_file is None else params_file.resolve())]
+        t0 = time.monotonic()
+        st = svc.start_process(params, SERVE_NAME, argv, env={"PREFECT_API_URL": api},
+                               health=lambda: _deployments_registered(api), url=api, timeout=timeout,
+                               cwd=params.root)
+    except svc.ServiceError as exc:
+        fail(str(exc))
+        return
+    ui = api.removesuffix("/api")
+    typer.echo(f"{SERVE_NAME}: {st.note} (pid {st.pid}) in {time.monotonic() - t0:.1f} s; deployments: "
+               f"retrain_on_new_classes/retrain-on-new-classes (cron {params.retrain.cron!r} UTC), "
+               f"training_pipeline/training-pipeline (on demand)")
+    typer.echo(f"Prefect UI: {ui}   trigger: PREFECT_API_URL={api} prefect deployment run "
+               "training_pipeline/training-pipeline   stop: lerenet serve --stop")

@@ -1,0 +1,153 @@
+"""``lerenet predict`` (masks for a folder of new images) and ``lerenet bench-predict`` (queries/s)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import typer
+
+from lerenet.app import app
+from lerenet.commands._common import ParamsOption, fail, params_or_exit
+
+
+def _device(name: str):
+    from pipeline.device import configure_threads, resolve_device
+
+    if name not in ("auto", "cpu", "cuda"):
+        fail(f"--device must be auto, cpu or cuda, got {name!r}", 2)
+    try:
+        dev = resolve_device(name)
+    except ValueError:
+        fail("--device cuda but no CUDA device is visible; use --device auto or cpu", 2)
+    configure_threads(dev)
+    return dev
+
+
+def _resolve(spec: str | None, params, device):
+    from pipeline.checkpoint import CheckpointError
+    from pipeline.predict import ModelNotFoundError, default_model_uri, resolve_model
+    from pipeline.tracking import tracking_uri
+
+    spec = spec or default_model_uri(params.mlflow.registered_model)
+    try:
+        return resolve_model(spec, tracking_uri=tracking_uri(params), device=device)
+    except (ModelNotFoundError, CheckpointError) as exc:
+        fail(str(exc))
+
+
+@app.command("predict")
+def predict(
+    query: list[Path] = typer.Option(..., "--query", "-q", help="query image file or folder (repeatable)"),
+    out: Path = typer.Option(..., "--out", "-o", help="output folder (must not exist unless --overwrite)"),
+    support: list[str] = typer.Option(None, "--support", "-s", help="support pair IMAGE:MASK (repeatable)"),
+    support_dir: Path = typer.Option(None, "--support-dir",
+                                     help="Surface-Defects-4i class folder (Images/ + GT/) to take supports from"),
+    shots_limit: int = typer.Option(5, "--shots-limit", min=1,
+                                    help="with --support-dir: use the first N images (file-name order)"),
+    model: str = typer.Option(None, "--model", "-m",
+                              help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/PATH or a model.pt "
+                                   "(default models:/<mlflow.registered_model>@champion)"),
+    threshold: float = typer.Option(0.5, "--threshold", help="defect where probability > threshold, in (0, 1)"),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="queries decoded and run together"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out folder"),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bar over the queries"),
+    params_path: Path = ParamsOption,
+) -> None:
+    """Segment query images with a few annotated support images.
+
+    Writes, per query, masks/<stem>.png (255 = defect, original size) and overlays/<stem>.png, plus
+    summary.json for the batch. Supports are encoded once and reused for every query. Non-image files
+    in a query folder are skipped with a warning.
+    """
+    from pipeline.predict import PredictInputError, parse_support_pair, predict_folder, supports_from_class_dir
+
+    params = params_or_exit(params_path)
+    try:
+        pairs = [parse_support_pair(s) for s in (support or [])]
+        if support_dir is not None:
+            pairs += supports_from_class_dir(support_dir, shots_limit)
+        if not pairs:
+            raise PredictInputError("no support given: pass --support IMAGE:MASK (repeatable) or --support-dir DIR")
+        if not 0.0 < threshold < 1.0:
+            raise PredictInputError(f"--threshold must be a probability in (0, 1), got {threshold}")
+        if out.exists() and not overwrite:
+            raise PredictInputError(f"{out} exists; pass --overwrite or another --out")
+    except PredictInputError as exc:
+        fail(str(exc), 2)
+    dev = _device(device)
+    resolved = _resolve(model, params, dev)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda msg, *a, **k: typer.echo(f"warning: {msg}", err=True)  # type: ignore[assignment]
+        try:
+            summary = predict_folder(resolved, pairs, [str(q) for q in query], out, threshold=threshold,
+                                     mask_threshold=params.data.mask_threshold, batch_size=batch_size,
+                                     overwrite=overwrite, progress=progress)
+        except PredictInputError as exc:
+            fail(str(exc), 2)
+    m = summary["model"]
+    version = f" version {m['version']}" if m["version"] else ""
+    typer.echo(f"{len(summary['images'])} mask(s) from {m['model']} ({m['uri']}{version}), "
+               f"K={summary['shots']}, threshold {threshold}; skipped {len(summary['skipped'])}; "
+               f"summary: {out / 'summary.json'}")
+
+
+@app.command("bench-predict")
+def bench_predict_cmd(
+    model: str = typer.Option(None, "--model", "-m", help="model URI or model.pt (default: the registry champion)"),
+    architecture: str = typer.Option(None, "--architecture",
+                                     help="time an untrained lerenet|baseline|prototype instead of --model "
+                                          "(same cost as a trained one)"),
+    class_dir: Path = typer.Option(None, "--class-dir",
+                                   help="class folder for supports and queries (default <data.source>/Steel_In, 200x200)"),
+    queries: int = typer.Option(64, "--queries", min=1, help="number of query images"),
+    shots: int = typer.Option(1, "--shots", min=1, help="K support images"),
+    batch_size: int = typer.Option(8, "--batch-size", min=1),
+    repeats: int = typer.Option(3, "--repeats", min=1, help="timed passes (best is reported)"),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+    json_out: Path = typer.Option(None, "--json", help="also write the figures to this JSON file"),
+    params_path: Path = ParamsOption,
+) -> None:
+    """Queries per second with supports encoded once (cached) vs re-encoded per query; prints the figures."""
+    import os
+    import platform
+
+    import torch
+
+    from pipeline.images import atomic_write_text, read_image, read_mask
+    from pipeline.predict import ResolvedModel, bench_predict, supports_from_class_dir
+
+    params = params_or_exit(params_path)
+    dev = _device(device)
+    if architecture:
+        from model import build_model
+
+        net = build_model(architecture, backbone=params.model.backbone, freeze_backbone=params.model.freeze_backbone,
+                          variant=params.model.variant, channels=params.model.channels).to(dev).eval()
+        resolved = ResolvedModel(net=net, meta={"model": architecture, "backbone": params.model.backbone,
+                                                "image_size": params.train.image_size},
+                                 uri=f"untrained:{architecture}", device=dev)
+    else:
+        resolved = _resolve(model, params, dev)
+    cdir = class_dir or params.data.source / "Steel_In"
+    pairs = supports_from_class_dir(cdir, limit=shots + queries)
+    if len(pairs) < shots + queries:
+        fail(f"{cdir} has {len(pairs)} images; need {shots + queries} (--shots + --queries)")
+    s_img = [read_image(i) for i, _ in pairs[:shots]]
+    s_msk = [read_mask(m, params.data.mask_threshold) for _, m in pairs[:shots]]
+    q_img = [read_image(i) for i, _ in pairs[shots:]]
+    res = bench_predict(resolved.net, resolved.image_size, s_img, s_msk, q_img, device=dev,
+                        batch_size=batch_size, repeats=repeats)
+    res.update({"model": resolved.describe(), "class_dir": str(cdir), "machine": platform.machine(),
+                "cpu_count": os.cpu_count(), "torch": torch.__version__,
+                "gpu": torch.cuda.get_device_name(0) if dev.type == "cuda" else None})
+    typer.echo(f"{resolved.meta.get('model')} ({resolved.uri}) K={shots} S={resolved.image_size} "
+               f"device={res['device']} threads={res['threads']} batch={batch_size} queries={queries}")
+    typer.echo(f"  supports cached:     {res['cached_qps']:8.2f} queries/s")
+    typer.echo(f"  supports not cached: {res['uncached_qps']:8.2f} queries/s")
+    typer.echo(f"  speed-up:            {res['speedup']:8.2f}x")
+    if json_out:
+        atomic_write_text(Path(json_out), json.dumps(res, indent=2) + "\n")

@@ -1,0 +1,199 @@
+"""Defect classes: which exist in the sources, which the data version holds, and the fold table.
+
+A *class* is a ``<root>/<Class>/Images`` folder in a Surface Defects-4i-layout source.
+Two source roots are configured: ``data.source`` (the base benchmark, e.g. ``defects12``) and
+``data.incoming`` (where new defect classes arrive). A class is *accepted* once it is named
+in the fold table (``folds:`` in ``params.yaml``); the ingest step copies the accepted view:
+
+* every class of ``data.source``, plus
+* the classes of ``data.incoming`` that the fold table names.
+
+So before the retrain flow accepts ``Leather_Fold`` the data version holds the 12 base classes,
+and afterwards ``dvc repro`` and the Prefect flow both ingest the same 13 (the view is a folder
+of symlinks, :func:`source_view`).
+
+Fold extension rule (documented in ``docs/orchestration.md``): new classes are taken in
+alphabetical order; each joins the fold whose test classes hold the fewest usable defect images
+at that moment (lowest fold index on ties), and the count of that fold grows by the class's
+images before the next class is placed. It keeps folds balanced in evaluation work and never
+moves an existing class, so the saved episodes of the other folds stay byte-identical and the
+promotion gate can compare on them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import pandas as pd
+
+from pipeline.config import Params
+
+log = logging.getLogger(__name__)
+
+VIEW_DIR = ".source_view"
+
+
+class ClassTableError(ValueError):
+    """A class cannot be placed or found; the message names the class, folder or file."""
+
+
+def source_classes(root: Path | None) -> dict[str, Path]:
+    """Class folders of one source root: ``{class_name: <root>/<Class>}``.
+
+    A class folder is a non-hidden sub-folder holding ``Images/``. A missing or ``None`` root
+    gives ``{}`` (an absent incoming folder simply means nothing arrived).
+    """
+    if root is None or not Path(root).is_dir():
+        return {}
+    return {p.name: p for p in sorted(Path(root).iterdir())
+            if p.is_dir() and not p.name.startswith(".") and (p / "Images").is_dir()}
+
+
+def available_classes(params: Params) -> dict[str, Path]:
+    """All classes in ``data.source`` and ``data.incoming``: ``{class_name: folder}``.
+
+    Raises:
+        ClassTableError: a class name exists in both roots (ambiguous: rename one folder).
+    """
+    base = source_classes(params.data.source)
+    incoming = source_classes(params.data.incoming)
+    both = sorted(set(base) & set(incoming))
+    if both:
+        raise ClassTableError(
+            f"class(es) {both} exist in both data.source ({params.data.source}) and data.incoming "
+            f"({params.data.incoming}); remove or rename the duplicate folder")
+    return {**base, **incoming}
+
+
+def accepted_classes(params: Params) -> dict[str, Path]:
+    """The accepted source view: all ``data.source`` classes + incoming classes named in the folds."""
+    base = source_classes(params.data.source)
+    incoming = source_classes(params.data.incoming)
+    named = set(params.all_classes)
+    return {**base, **{c: p for c, p in incoming.items() if c in named}}
+
+
+def data_version_classes(params: Params, data_dir: Path | None = None) -> set[str]:
+    """Classes of the current data version (``<data>/manifest.parquet``); empty if not ingested yet."""
+    manifest = Path(data_dir or params.data.dir) / "manifest.parquet"
+    if not manifest.is_file():
+        return set()
+    return set(pd.read_parquet(manifest, columns=["class_name"])["class_name"].unique())
+
+
+def new_classes(params: Params, data_dir: Path | None = None) -> list[str]:
+    """Classes present in the source folders that the current data version does not hold as accepted.
+
+    A class is *held* when it is both in the data version (``manifest.parquet``) and in the fold
+    table. So a class left half-processed by an interrupted retrain (ingested but not yet placed
+    in a fold, or placed but not ingested) counts as new again, and the retrain resumes it.
+
+    Returns a sorted list; empty when nothing new arrived (the retrain flow then exits).
+    """
+    held = data_version_classes(params, data_dir) & set(params.all_classes)
+    return sorted(set(available_classes(params)) - held)
+
+
+def source_view(params: Params, classes: Mapping[str, Path] | None = None, data_dir: Path | None = None,
+                view: Path | None = None) -> Path:
+    """Build ``<data>/.source_view``: one symlink per class, the folder the ingest step reads.
+
+    Args:
+        classes: ``{class_name: class folder}``; default :func:`accepted_classes`.
+        data_dir: data folder (default ``params.data.dir``).
+        view: the view folder to (re)build instead of ``<data_dir>/.source_view``.
+
+    Returns:
+        The view folder (rebuilt in a temporary folder and swapped in atomically).
+
+    Raises:
+        ClassTableError: a class folder does not exist.
+    """
+    classes = accepted_classes(params) if classes is None else classes
+    view = Path(view) if view is not None else Path(data_dir or params.data.dir) / VIEW_DIR
+    data_dir = view.parent
+    data_dir.mkdir(parents=True, exist_ok=True)
+    stage = data_dir / f"{view.name}.tmp-{uuid.uuid4().hex[:8]}"
+    stage.mkdir()
+    try:
+        for name, folder in sorted(classes.items()):
+            if not Path(folder).is_dir():
+                raise ClassTableError(f"class {name!r}: folder {folder} does not exist")
+            os.symlink(Path(folder).resolve(), stage / name, target_is_directory=True)
+        old = data_dir / f"{view.name}.old-{uuid.uuid4().hex[:8]}"
+        if view.exists():
+            os.replace(view, old)
+        os.replace(stage, view)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return view
+
+
+def extend_folds(folds: Mapping[int, Iterable[str]], image_counts: Mapping[str, int],
+                 new: Iterable[str]) -> dict[int, list[str]]:
+    """Place new classes into the fold table (rule in the module docstring).
+
+    Args:
+        folds: current table ``{fold: [test classes]}``.
+        image_counts: usable defect images per class (the new classes and the existing ones).
+        new: classes to add; each must not already be in the table.
+
+    Returns:
+        A new table; existing classes keep their fold and order, new ones are appended.
+
+    Raises:
+        ClassTableError: a new class is already in the table or has no image count.
+    """
+    out = {int(f): list(cs) for f, cs in folds.items()}
+    if not out:
+        raise ClassTableError("the fold table is empty; define folds: in params.yaml first")
+    placed = {c: f for f, cs in out.items() for c in cs}
+    load = {f: sum(int(image_counts.get(c, 0)) for c in cs) for f, cs in out.items()}
+    for c in sorted(new):
+        if c in placed:
+            raise ClassTableError(f"class {c!r} is already in fold {placed[c]} of the fold table")
+        if c not in image_counts:
+            raise ClassTableError(f"class {c!r} has no image count (is it in the ingested manifest?)")
+        f = min(sorted(out), key=lambda k: load[k])
+        out[f].append(c)
+        placed[c] = f
+        load[f] += int(image_counts[c])
+    return out
+
+
+def write_folds(params_path: Path, folds: Mapping[int, list[str]]) -> None:
+    """Replace ``folds:`` in a params YAML file, keeping its comments and layout (ruamel round-trip).
+
+    Written to a temporary file in the same folder and swapped in with ``os.replace``.
+
+    Raises:
+        ClassTableError: the file has no top-level ``folds:`` mapping.
+    """
+    from ruamel.yaml import YAML
+    from ruamel.yaml.comments import CommentedSeq
+
+    params_path = Path(params_path)
+    yaml = YAML()
+    yaml.preserve_quotes = True
+    doc = yaml.load(params_path.read_text())
+    if not isinstance(doc, dict) or not isinstance(doc.get("folds"), dict):
+        raise ClassTableError(f"{params_path}: no top-level 'folds:' mapping to extend")
+    table = doc["folds"]
+    for f, classes in folds.items():
+        seq = CommentedSeq(classes)
+        seq.fa.set_flow_style()
+        table[int(f)] = seq
+    tmp = params_path.with_name(f".{params_path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        with tmp.open("w") as fh:
+            yaml.dump(doc, fh)
+        os.replace(tmp, params_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    log.info("wrote fold table %s to %s", dict(folds), params_path)

@@ -1,0 +1,163 @@
+"""Episodic sampling from a fold's training classes (training and model-selection episodes).
+
+An *episode* is one support set of ``K`` images (with masks) and one query image of the same
+class. Training episodes are drawn from the fold's ``train_ids``; validation (model selection)
+episodes take their query from the fold's ``val_ids`` (held-out images of the *training*
+classes, never the test classes). The saved *test* episodes are the split stage's job
+(``data/episodes/``), not this module's.
+
+Determinism: episode ``i`` of a run is a pure function of ``(seed, i)`` (NumPy
+``default_rng([seed, i])``), so an interrupted run resumed at step ``s`` draws exactly the
+episodes an uninterrupted run would have drawn, whatever the data-loader workers do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from pipeline.config import Params
+from pipeline.images import load_split, load_validated
+
+Pools = dict[str, list[str]]
+"""class name -> sorted list of manifest ids."""
+
+
+@dataclass(frozen=True)
+class Episode:
+    """One episode: ``K`` support ids and one query id, all of ``class_name``."""
+
+    class_name: str
+    support_ids: tuple[str, ...]
+    query_id: str
+
+
+def class_pools(rows: pd.DataFrame, ids: Iterable[str] | None = None) -> Pools:
+    """Group manifest ids by class.
+
+    Args:
+        rows: manifest/validated rows with columns ``id`` and ``class_name``.
+        ids: keep only these ids (default: all rows).
+
+    Returns:
+        ``{class_name: sorted ids}`` with classes in sorted order.
+
+    Raises:
+        KeyError: an id in ``ids`` is not in ``rows`` (names up to 5 of them: the split file and
+            validated.parquet are out of sync, re-run ``dvc repro split``).
+    """
+    cls = dict(zip(rows["id"], rows["class_name"]))
+    ids = list(rows["id"]) if ids is None else list(ids)
+    missing = [i for i in ids if i not in cls]
+    if missing:
+        raise KeyError(f"{len(missing)} split id(s) not in validated.parquet, e.g. {missing[:5]}; "
+                       "the split is stale: re-run `dvc repro split`")
+    pools: Pools = {}
+    for i in ids:
+        pools.setdefault(cls[i], []).append(i)
+    return {c: sorted(pools[c]) for c in sorted(pools)}
+
+
+def holdout_pools(params: Params, pools: Mapping[str, Sequence[str]]) -> tuple[Pools, Pools]:
+    """Split each class's ids into (train, val) exactly as the split stage holds out a fold's
+    validation images (``pipeline.split.holdout`` with ``split.val_fraction`` and the class seed).
+
+    Used for the production model (``fold=None``, all classes), which has no split file.
+    """
+    from pipeline.split import class_seed, holdout
+
+    keep = max(params.split.shots) + 1
+    train: Pools = {}
+    val: Pools = {}
+    for c in sorted(pools):
+        ids = sorted(pools[c])
+        held = holdout(ids, params.split.val_fraction, keep, class_seed(params.split.seed, c))
+        held_set = set(held)
+        train[c] = [i for i in ids if i not in held_set]
+        if held:
+            val[c] = sorted(held)
+    return train, val
+
+
+def training_pools(params: Params, fold: int | None) -> tuple[Pools, Pools]:
+    """Training and validation pools of a fold (defect images of its training classes only).
+
+    ``fold=None`` (production model): every class; validation ids are a per-class hold-out of
+    ``params.split.val_fraction`` drawn with ``params.split.seed``.
+
+    Raises:
+        DataArtifactError: validated.parquet or the fold's split file is missing.
+        ValueError: the split lists a test class among its training ids (a leak).
+    """
+    rows = load_validated(params.data.dir, kind="defect")
+    if fold is None:
+        return holdout_pools(params, class_pools(rows))
+    split = load_split(params.data.dir, fold)
+    train, val = class_pools(rows, split["train_ids"]), class_pools(rows, split["val_ids"])
+    leak = (set(train) | set(val)) & set(split["test_classes"])
+    if leak:
+        raise ValueError(f"data/splits/fold{fold}.json: test class(es) {sorted(leak)} appear in train/val ids; "
+                         "re-run `dvc repro split`")
+    return train, val
+
+
+def episode_rng(seed: int, index: int) -> np.random.Generator:
+    """The RNG of episode ``index`` of a run seeded ``seed`` (both ints >= 0)."""
+    return np.random.default_rng([int(seed), int(index)])
+
+
+def sample_episode(pools: Mapping[str, Sequence[str]], shots: int, rng: np.random.Generator) -> Episode:
+    """Draw one training episode: a class uniformly among those with >= ``shots + 1`` images,
+    then ``shots + 1`` distinct images of it (the last is the query).
+
+    Raises:
+        ValueError: no class has ``shots + 1`` images (names the largest class size).
+    """
+    eligible = [c for c in sorted(pools) if len(pools[c]) >= shots + 1]
+    if not eligible:
+        largest = max((len(v) for v in pools.values()), default=0)
+        raise ValueError(f"no training class has {shots + 1} images for a {shots}-shot episode "
+                         f"(largest class has {largest}); lower train.shots")
+    c = eligible[int(rng.integers(len(eligible)))]
+    pick = rng.choice(len(pools[c]), size=shots + 1, replace=False)
+    ids = [pools[c][int(j)] for j in pick]
+    return Episode(c, tuple(ids[:-1]), ids[-1])
+
+
+def training_episode(pools: Mapping[str, Sequence[str]], shots: int, seed: int, index: int) -> Episode:
+    """Episode number ``index`` (0-based, over the whole run) of a training run seeded ``seed``."""
+    return sample_episode(pools, shots, episode_rng(seed, index))
+
+
+def validation_episodes(val_pools: Mapping[str, Sequence[str]], train_pools: Mapping[str, Sequence[str]],
+                        shots: int, n: int, seed: int) -> list[Episode]:
+    """Fixed model-selection episodes: ``n`` episodes, classes drawn uniformly.
+
+    The query is a held-out (val) image; the ``shots`` supports are other held-out images of the
+    class when there are enough, else images of the class's training pool (small classes keep
+    only 2-3 val images).
+
+    Raises:
+        ValueError: no class has a val image and ``shots`` possible supports.
+    """
+    eligible = []
+    for c in sorted(val_pools):
+        others = len(val_pools[c]) - 1
+        if val_pools[c] and (others >= shots or len(train_pools.get(c, ())) >= shots):
+            eligible.append(c)
+    if not eligible:
+        raise ValueError(f"no training class has validation images and {shots} supports; check split.val_fraction")
+    rng = np.random.default_rng([int(seed), 7919])
+    out = []
+    for _ in range(n):
+        c = eligible[int(rng.integers(len(eligible)))]
+        val = list(val_pools[c])
+        q = val[int(rng.integers(len(val)))]
+        rest = [i for i in val if i != q]
+        source = rest if len(rest) >= shots else list(train_pools[c])
+        sup = [source[int(j)] for j in rng.choice(len(source), size=shots, replace=False)]
+        out.append(Episode(c, tuple(sup), q))
+    return out

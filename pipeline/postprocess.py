@@ -1,0 +1,124 @@
+"""Post-processing of predicted masks: connected components, bounding boxes, overlay pictures, PNG bytes.
+
+* Connected components: :func:`scipy.ndimage.label` with 8-connectivity (a diagonal step joins two
+  pixels), boxes from :func:`scipy.ndimage.find_objects`, areas from :func:`numpy.bincount`.
+* Overlays: the defect is tinted by alpha blending and its outline drawn with OpenCV's
+  :func:`cv2.findContours` / :func:`cv2.drawContours` (``opencv-python-headless``, installed with
+  albumentations).
+* PNG encoding: Pillow, into memory (the caller writes the bytes atomically).
+
+All arrays follow the image convention ``(H, W)`` / ``(H, W, 3)``, row ``y`` first, column ``x``
+second; boxes are ``x, y, width, height`` in pixels of the array they were computed on.
+"""
+
+from __future__ import annotations
+
+import io
+
+import cv2
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+
+#: 8-connectivity structuring element for :func:`scipy.ndimage.label`.
+EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+
+#: Default tint (RGB 0..255) and outline colour of the defect in overlays.
+TINT = (255, 40, 40)
+CONTOUR = (255, 255, 0)
+
+
+def connected_components(mask: np.ndarray, min_area: int = 1) -> list[dict[str, int]]:
+    """Connected defect regions of a binary mask, largest first.
+
+    Args:
+        mask: ``(H, W)`` bool (True = defect).
+        min_area: components with fewer pixels are dropped (``>= 1``).
+
+    Returns:
+        One dict per component, sorted by decreasing area, then top-left position:
+        ``{"area": pixels, "x": left column, "y": top row, "width": columns, "height": rows}``
+        (the box is the tight axis-aligned box of the component, ``x + width`` exclusive).
+
+    Raises:
+        ValueError: ``mask`` is not 2-D or ``min_area < 1``.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    if mask.ndim != 2:
+        raise ValueError(f"mask must be (H, W), got shape {mask.shape}")
+    if min_area < 1:
+        raise ValueError(f"min_area must be >= 1, got {min_area}")
+    labels, n = ndimage.label(mask, structure=EIGHT_CONNECTED)
+    if n == 0:
+        return []
+    areas = np.bincount(labels.ravel(), minlength=n + 1)
+    out = []
+    for idx, sl in enumerate(ndimage.find_objects(labels), start=1):
+        if sl is None or areas[idx] < min_area:
+            continue
+        ys, xs = sl
+        out.append({"area": int(areas[idx]), "x": int(xs.start), "y": int(ys.start),
+                    "width": int(xs.stop - xs.start), "height": int(ys.stop - ys.start)})
+    out.sort(key=lambda c: (-c["area"], c["y"], c["x"]))
+    return out
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, tint: tuple[int, int, int] = TINT, alpha: float = 0.45,
+            contour: tuple[int, int, int] | None = CONTOUR, thickness: int | None = None) -> np.ndarray:
+    """Tint the defect on the image and outline it.
+
+    Args:
+        image: ``(H, W, 3)`` uint8 RGB or ``(H, W)`` uint8 gray (replicated to RGB).
+        mask: ``(H, W)`` bool, True = defect; same size as ``image``.
+        tint: RGB 0..255 blended into defect pixels.
+        alpha: opacity of the tint in ``[0, 1]``.
+        contour: RGB 0..255 of the outline (``None``: no outline). Outlines follow every
+            component's outer and hole boundaries (``cv2.RETR_LIST``).
+        thickness: outline width in pixels; default ``max(1, round(min(H, W) / 200))``.
+
+    Returns:
+        ``(H, W, 3)`` uint8 RGB (a new array).
+
+    Raises:
+        ValueError: sizes differ, or ``alpha`` outside ``[0, 1]``.
+    """
+    img = np.asarray(image)
+    if img.ndim == 2:
+        img = np.repeat(img[:, :, None], 3, axis=2)
+    mask = np.asarray(mask, dtype=bool)
+    if img.shape[:2] != mask.shape:
+        raise ValueError(f"image size {img.shape[:2]} and mask size {mask.shape} differ")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    out = img.astype(np.float32)
+    out[mask] = (1.0 - alpha) * out[mask] + alpha * np.asarray(tint, dtype=np.float32)
+    out = np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    if contour is not None and mask.any():
+        th = thickness if thickness is not None else max(1, round(min(mask.shape) / 200))
+        contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE)
+        out = np.ascontiguousarray(out)
+        cv2.drawContours(out, contours, -1, tuple(int(c) for c in contour), th)
+    return out
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    """Encode an image as PNG in memory.
+
+    Args:
+        array: ``(H, W)`` bool (written as 0/255 8-bit gray), ``(H, W)`` uint8 gray or
+            ``(H, W, 3)`` uint8 RGB.
+
+    Returns:
+        The PNG file's bytes (lossless).
+
+    Raises:
+        ValueError: any other shape or dtype.
+    """
+    a = np.asarray(array)
+    if a.dtype == bool:
+        a = a.astype(np.uint8) * 255
+    if a.dtype != np.uint8 or not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] == 3)):
+        raise ValueError(f"png_bytes expects (H, W) bool/uint8 or (H, W, 3) uint8, got {a.shape} {a.dtype}")
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG")
+    return buf.getvalue()

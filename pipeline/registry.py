@@ -1,0 +1,411 @@
+"""MLflow model registry: register the production model as ``challenger``, promote it to ``champion`` behind a gate.
+
+Registered model: ``params.mlflow.registered_model`` (tracking/registry URI ``params.mlflow.tracking_uri``;
+the SQLite default needs no server). Aliases (MLflow 3 replaces stages by aliases):
+
+* ``challenger`` -- the newest registered version waiting for (or refused by) the gate;
+* ``champion``   -- the version users deploy (``models:/<name>@champion``).
+
+Every version is created **with** its metric tags in one registry call (the SQL store writes the
+version row and its tags in one transaction), so no version exists without its cross-validation
+metrics. Tags per version:
+
+========================================  ==========================================================
+tag                                       value
+========================================  ==========================================================
+``data_version``                          DVC md5 of ``data/raw`` (``pipeline.tracking.data_version``)
+``git_commit``                            ``git rev-parse HEAD`` of the project
+``params_hash``                           sha256[:16] of the validated params (paths excluded)
+``protocol``                              protocols evaluated, e.g. ``paper,standard``
+``model_name``                            lerenet | baseline | prototype
+``cv.<protocol>.k<K>.miou`` / ``.fb_iou`` mean over folds (the CV estimate per K)
+``cv.f<f>.<protocol>.k<K>.miou`` / ...    one cell: fold f, protocol, K
+``cv.f<f>.<protocol>.k<K>.episodes``      content hash of the saved episode file the cell was scored on
+``decision``                              pending | promoted | not promoted | error
+``decision.reason`` and ``decision.*``    why, the compared cells, both scores, the margin
+========================================  ==========================================================
+
+Promotion gate (:func:`promote`): compare only cells (fold, protocol, K) whose saved episodes are
+identical (same episode hash) in challenger and champion; the challenger's mean mIoU over those
+cells must be >= the champion's + ``params.mlflow.promotion_margin``. No champion yet: promoted.
+No common cells: not promoted (the reason says so; ``force=True`` overrides, recorded as such).
+The ``champion`` alias is moved by a single ``set_registered_model_alias`` call after every
+decision tag is written, so there is never more than one champion and never a champion whose
+decision is not on record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from pipeline import tracking
+from pipeline.config import Params
+from pipeline.images import episodes_path
+
+log = logging.getLogger(__name__)
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+RECORD_PATH = Path("reports") / "registry.json"
+"""Decision record of the last register+promote, relative to the project root (DVC ``register`` output)."""
+
+
+class RegistryError(RuntimeError):
+    """The registry is in a state the operation cannot accept; the message says what and what to do."""
+
+
+@dataclass(frozen=True)
+class CvCell:
+    """One cross-validation result: a model scored on one fold's saved episodes.
+
+    Attributes:
+        fold: fold index (its test classes are novel to the model).
+        protocol: ``paper`` or ``standard`` (docs/architecture.md).
+        shots: K, support images per episode.
+        miou: mean foreground IoU over the fold's test classes, in [0, 1].
+        fb_iou: mean of foreground and background IoU, in [0, 1].
+        episodes: content hash of the episode file scored (:func:`episodes_hash`).
+    """
+
+    fold: int
+    protocol: str
+    shots: int
+    miou: float
+    fb_iou: float
+    episodes: str
+
+    @property
+    def key(self) -> str:
+        """Tag prefix of the cell, ``cv.f<fold>.<protocol>.k<K>``."""
+        return f"cv.f{self.fold}.{self.protocol}.k{self.shots}"
+
+
+@dataclass(frozen=True)
+class PromotionDecision:
+    """Outcome of :func:`promote`, also written as ``decision.*`` tags on the version.
+
+    Scores are mean mIoU in [0, 1] over the ``compared`` cells (``None`` when nothing was compared).
+    """
+
+    model: str
+    version: str
+    promoted: bool
+    reason: str
+    champion_before: str | None
+    challenger_miou: float | None
+    champion_miou: float | None
+    margin: float
+    compared: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain-JSON view (for the flow result and ``registry.json``)."""
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------
+# provenance
+# ---------------------------------------------------------------------------
+def episodes_hash(path: Path) -> str:
+    """Content hash (sha256[:16]) of a saved episode file, independent of parquet encoding.
+
+    Hashes the JSON of its rows (``episode, seed, class_name, support_ids, query_id``), so two
+    files with the same episodes hash equal even if written by different library versions.
+
+    Raises:
+        FileNotFoundError: the file does not exist (run ``lerenet split``).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: saved episode file not found; run `lerenet split` first")
+    df = pd.read_parquet(path)
+    cols = [c for c in ("episode", "seed", "class_name", "support_ids", "query_id") if c in df.columns]
+    rows = [[_jsonable(v) for v in r] for r in df[cols].itertuples(index=False, name=None)]
+    return hashlib.sha256(json.dumps([cols, rows], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _jsonable(v: Any) -> Any:
+    if hasattr(v, "tolist"):
+        return v.tolist()
+    if hasattr(v, "item"):
+        return v.item()
+    return v
+
+
+def cv_tags(cells: Iterable[CvCell]) -> dict[str, str]:
+    """Tags for the cells and their per-(protocol, K) means over folds (values formatted ``%.6f``).
+
+    Raises:
+        RegistryError: no cells, or a metric outside [0, 1].
+    """
+    cells = list(cells)
+    if not cells:
+        raise RegistryError("no cross-validation metrics to register; run `lerenet evaluate` for every fold first")
+    tags: dict[str, str] = {}
+    groups: dict[tuple[str, int], list[CvCell]] = {}
+    for c in cells:
+        for name, v in (("miou", c.miou), ("fb_iou", c.fb_iou)):
+            if not 0.0 <= float(v) <= 1.0:
+                raise RegistryError(f"{c.key}.{name} = {v} is outside [0, 1]")
+        tags[f"{c.key}.miou"] = f"{c.miou:.6f}"
+        tags[f"{c.key}.fb_iou"] = f"{c.fb_iou:.6f}"
+        tags[f"{c.key}.episodes"] = c.episodes
+        groups.setdefault((c.protocol, c.shots), []).append(c)
+    for (protocol, k), cs in sorted(groups.items()):
+        tags[f"cv.{protocol}.k{k}.miou"] = f"{sum(c.miou for c in cs) / len(cs):.6f}"
+        tags[f"cv.{protocol}.k{k}.fb_iou"] = f"{sum(c.fb_iou for c in cs) / len(cs):.6f}"
+        tags[f"cv.{protocol}.k{k}.folds"] = ",".join(str(c.fold) for c in sorted(cs, key=lambda c: c.fold))
+    tags["protocol"] = ",".join(sorted({c.protocol for c in cells}))
+    return tags
+
+
+def collect_cv_cells(params: Params, model_name: str = "lerenet", data_dir: Path | None = None) -> list[CvCell]:
+    """Read the CV results of ``model_name`` from every fold's ``metrics/fold<f>.json`` (``pipeline.evaluate``).
+
+    Paper protocol: ``miou``/``fbiou``; standard protocol: the mean over seeds (``miou_mean``,
+    ``fbiou_mean``). Each cell carries the hash of the episode file it was scored on.
+
+    Raises:
+        RegistryError: a fold's metrics file is missing or lacks ``model_name`` (run ``lerenet evaluate``).
+    """
+    from pipeline.evaluate import metrics_paths
+
+    data_dir = Path(data_dir or params.data.dir)
+    cells = []
+    for fold in sorted(params.folds):
+        path = metrics_paths(params, fold)["json"]
+        if not path.is_file():
+            raise RegistryError(f"{path} missing: evaluate fold {fold} first (`lerenet evaluate --fold {fold}`)")
+        blob = json.loads(path.read_text())
+        if model_name not in blob:
+            raise RegistryError(f"{path} has no results for model {model_name!r} (has {sorted(blob)}); "
+                                f"add it to model.names and re-run `lerenet evaluate --fold {fold}`")
+        for kk, by_protocol in blob[model_name].items():
+            if not (kk.startswith("k") and kk[1:].isdigit()):
+                continue
+            k = int(kk[1:])
+            for protocol, m in by_protocol.items():
+                miou = m.get("miou", m.get("miou_mean"))
+                fb = m.get("fbiou", m.get("fbiou_mean"))
+                if miou is None or fb is None:
+                    raise RegistryError(f"{path}: {model_name}.{kk}.{protocol} lacks miou/fbiou")
+                cells.append(CvCell(fold, protocol, k, float(miou), float(fb),
+                                    episodes_hash(episodes_path(data_dir, fold, protocol, k))))
+    return cells
+
+
+def cells_from_tags(tags: Mapping[str, str]) -> dict[str, tuple[float, str]]:
+    """``{cell key: (miou, episodes hash)}`` read back from a version's tags."""
+    out = {}
+    for k, v in tags.items():
+        if k.startswith("cv.f") and k.endswith(".miou"):
+            key = k[: -len(".miou")]
+            ep = tags.get(f"{key}.episodes")
+            if ep:
+                out[key] = (float(v), ep)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# registry operations
+# ---------------------------------------------------------------------------
+def client(params: Params):
+    """An :class:`mlflow.MlflowClient` on the tracking/registry URI (relative SQLite resolved against the project)."""
+    import mlflow
+
+    tracking.configure(params)
+    uri = tracking.tracking_uri(params)
+    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def alias_version(params: Params, alias: str) -> str | None:
+    """Version number that ``alias`` points to, or ``None`` if unset (or no registered model yet)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client(params).get_model_version_by_alias(params.mlflow.registered_model, alias).version)
+    except MlflowException as exc:
+        if "RESOURCE_DOES_NOT_EXIST" in str(exc.error_code) or "not found" in str(exc).lower() \
+                or "does not exist" in str(exc).lower():
+            return None
+        raise
+
+
+def register(params: Params, model_checkpoint: Path, cv_metrics: Iterable[CvCell], *,
+             model_name: str = "lerenet", extra_tags: Mapping[str, str] | None = None) -> str:
+    """Log ``model_checkpoint`` as a pyfunc and register it as a new version with alias ``challenger``.
+
+    Args:
+        params: validated params (``mlflow.*``).
+        model_checkpoint: ``model.pt`` of the production model (trained on all classes).
+        cv_metrics: its cross-validation cells (same training recipe, one model per fold).
+        model_name: which architecture the checkpoint is (tag ``model_name``).
+        extra_tags: more version tags (e.g. ``flow_run_id``).
+
+    Returns:
+        The new version number (str).
+
+    Raises:
+        RegistryError: no metrics / metric outside [0, 1].
+        FileNotFoundError: checkpoint missing.
+        MlflowException: the tracking server failed; a version created before the failure has its
+            ``challenger`` alias unset and is deleted, so no half-registered version is left.
+    """
+    import mlflow
+
+    from pipeline.pyfunc import log_pyfunc
+
+    ckpt = Path(model_checkpoint)
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"{ckpt}: production checkpoint not found; run `lerenet train --production` first")
+    tags = {
+        **cv_tags(cv_metrics),
+        "data_version": tracking.data_version(params),
+        "git_commit": tracking.git_commit(params.root),
+        "params_hash": tracking.params_hash(params),
+        "model_name": model_name,
+        "profile": params.profile,
+        "decision": "pending",
+        **{k: str(v) for k, v in (extra_tags or {}).items()},
+    }
+    name = params.mlflow.registered_model
+    cl = client(params)
+    parent = tracking.parent_run_id(params)
+    with tracking.nested_run(params, parent, f"register-{model_name}", tags={"lerenet.step": "register"},
+                             reuse=False) as run:
+        mlflow.log_metrics({k.replace(".", "_"): float(v) for k, v in tags.items()
+                            if k.startswith("cv.") and (k.endswith(".miou") or k.endswith(".fb_iou"))})
+        mlflow.set_tags({k: v for k, v in tags.items() if not k.startswith("cv.f")})
+        uri = log_pyfunc(ckpt, name="model", metadata_={"model_name": model_name})
+        mv = mlflow.register_model(uri, name, tags=tags)
+    version = str(mv.version)
+    try:
+        stored = cl.get_model_version(name, version).tags
+        missing = sorted(set(tags) - set(stored))
+        if missing:
+            raise RegistryError(f"{name} v{version}: tags {missing[:5]} were not stored")
+        cl.set_registered_model_alias(name, CHALLENGER, version)
+    except Exception:
+        log.error("registering %s v%s failed; deleting the version so none is left without metrics", name, version)
+        _safe(lambda: cl.delete_model_version(name, version))
+        raise
+    log.info("registered %s v%s (run %s) as %s", name, version, run.info.run_id, CHALLENGER)
+    return version
+
+
+def _safe(fn) -> None:
+    try:
+        fn()
+    except Exception as exc:  # noqa: BLE001 -- best-effort cleanup, the original error is re-raised
+        log.warning("cleanup step failed: %s", exc)
+
+
+def promote(params: Params, version: str | int, *, force: bool = False) -> PromotionDecision:
+    """Gate ``version`` against the current champion and move ``champion`` to it if it passes.
+
+    Rule (module docstring): mean mIoU over the cells both versions were scored on with identical
+    saved episodes; promoted iff challenger >= champion + ``params.mlflow.promotion_margin``; the
+    first model is promoted; ``force`` promotes whatever the scores (recorded in the reason).
+    Calling it again on the current champion is a no-op that reports so.
+
+    Returns:
+        The decision; also written on the version as tags ``decision``, ``decision.reason``,
+        ``decision.compared``, ``decision.champion_before``, ``decision.challenger_miou``,
+        ``decision.champion_miou``, ``decision.margin``, ``decision.time``.
+
+    Raises:
+        RegistryError: the version does not exist or has no ``cv.*`` metric tags.
+        MlflowException: the registry failed (tag ``decision`` is then ``error`` if it could be written).
+    """
+    from mlflow.exceptions import MlflowException
+
+    cl = client(params)
+    name, version, margin = params.mlflow.registered_model, str(version), float(params.mlflow.promotion_margin)
+    try:
+        mv = cl.get_model_version(name, version)
+    except MlflowException as exc:
+        raise RegistryError(f"{name} v{version} does not exist in {params.mlflow.tracking_uri}: {exc}") from None
+    mine = cells_from_tags(mv.tags)
+    if not mine:
+        raise RegistryError(f"{name} v{version} has no cv.* metric tags; it cannot be gated (register it with "
+                            "pipeline.registry.register)")
+    before = alias_version(params, CHAMPION)
+    compared: list[str] = []
+    ch_score = champ_score = None
+    if before == version:
+        promoted, reason = True, f"v{version} is already the champion"
+    elif before is None:
+        promoted, reason = True, "first model: no champion yet"
+        ch_score = _mean(v[0] for v in mine.values())
+    else:
+        theirs = cells_from_tags(cl.get_model_version(name, before).tags)
+        compared = sorted(k for k in mine if k in theirs and mine[k][1] == theirs[k][1])
+        if compared:
+            ch_score = _mean(mine[k][0] for k in compared)
+            champ_score = _mean(theirs[k][0] for k in compared)
+            promoted = ch_score >= champ_score + margin - 1e-9  # float noise must not decide a tie
+            reason = (f"CV mIoU {ch_score:.4f} {'>=' if promoted else '<'} champion v{before} {champ_score:.4f} "
+                      f"+ margin {margin:g} on {len(compared)} identical episode set(s)")
+        else:
+            promoted = False
+            reason = (f"no saved episodes in common with champion v{before} (fold table or data changed): "
+                      "scores are not comparable; promote by hand with `lerenet promote --force`")
+        if force and not promoted:
+            promoted, reason = True, f"forced by operator ({reason})"
+    decision = PromotionDecision(name, version, promoted, reason, before, ch_score, champ_score, margin, compared)
+    tags = {
+        "decision": "promoted" if promoted else "not promoted",
+        "decision.reason": reason,
+        "decision.compared": ",".join(compared) or "-",
+        "decision.champion_before": before or "-",
+        "decision.challenger_miou": "-" if ch_score is None else f"{ch_score:.6f}",
+        "decision.champion_miou": "-" if champ_score is None else f"{champ_score:.6f}",
+        "decision.margin": f"{margin:g}",
+        "decision.time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    try:
+        for k, v in tags.items():
+            cl.set_model_version_tag(name, version, k, v)
+        if promoted and before != version:
+            cl.set_registered_model_alias(name, CHAMPION, version)  # single-valued: moves atomically
+            if alias_version(params, CHALLENGER) == version:
+                cl.delete_registered_model_alias(name, CHALLENGER)
+            if before is not None:
+                _safe(lambda: cl.set_model_version_tag(name, before, "superseded_by", version))
+    except Exception:
+        _safe(lambda: cl.set_model_version_tag(name, version, "decision", "error"))
+        raise
+    log.info("%s v%s: %s (%s)", name, version, tags["decision"], reason)
+    return decision
+
+
+def _mean(values: Iterable[float]) -> float:
+    vals = list(values)
+    return sum(vals) / len(vals)
+
+
+def write_record(path: Path, decision: PromotionDecision, extra: Mapping[str, Any] | None = None) -> Path:
+    """Write the decision record JSON (the ``register`` stage's output) atomically; returns ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump({**decision.as_dict(), **(extra or {})}, fh, indent=2, sort_keys=True)
+            fh.write("\n")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

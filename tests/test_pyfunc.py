@@ -1,0 +1,119 @@
+"""The MLflow pyfunc wrapper: codec, logging to SQLite MLflow, load, predict == direct model prediction."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.augment import clean_pair, to_tensor_pair
+from pipeline.images import read_image, read_mask, resize_image
+from pipeline.pyfunc import PyfuncInputError, decode_image, decode_mask, encode_png, parse_input
+
+from conftest import REAL_DATA
+
+SUPPORTS = ["exp1_num_109232", "exp1_num_124236"]  # MT_Uneven, gray JPEG, soft masks
+QUERY = "exp1_num_129031"
+
+
+def _pair(stem: str) -> tuple[np.ndarray, np.ndarray]:
+    if not REAL_DATA.is_dir():
+        pytest.skip(f"real data {REAL_DATA} not available")
+    return (read_image(REAL_DATA / "MT_Uneven" / "Images" / f"{stem}.jpg"),
+            read_mask(REAL_DATA / "MT_Uneven" / "GT" / f"{stem}.png"))
+
+
+def _b64_file(path: Path) -> str:
+    import base64
+
+    return base64.b64encode(path.read_bytes()).decode()
+
+
+def test_codec_round_trip_is_lossless():
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (13, 17, 3), dtype=np.uint8)
+    gray = rng.integers(0, 256, (13, 17), dtype=np.uint8)
+    mask = rng.random((13, 17)) > 0.5
+    assert np.array_equal(decode_image(encode_png(rgb)), rgb)
+    assert np.array_equal(decode_image(encode_png(gray)), np.repeat(gray[:, :, None], 3, 2))
+    assert np.array_equal(decode_mask(encode_png(mask)), mask)
+    with pytest.raises(ValueError, match="encode_png expects"):
+        encode_png(np.zeros((4, 4), np.float32))
+
+
+def test_parse_input_names_row_and_column():
+    img = encode_png(np.zeros((8, 8, 3), np.uint8))
+    msk = encode_png(np.zeros((8, 8), bool))
+    bad_size = encode_png(np.zeros((9, 8), bool))
+    with pytest.raises(PyfuncInputError, match="missing column"):
+        parse_input(pd.DataFrame({"support_images": [[img]], "query_image": [img]}))
+    with pytest.raises(PyfuncInputError, match=r"row 1, support_masks\[0\]: mask size"):
+        parse_input(pd.DataFrame({"support_images": [[img], [img]], "support_masks": [[msk], [bad_size]],
+                                  "query_image": [img, img]}))
+    with pytest.raises(PyfuncInputError, match=r"row 0, query_image: not valid base64"):
+        parse_input(pd.DataFrame({"support_images": [[img]], "support_masks": [[msk]], "query_image": ["@@@"]}))
+    with pytest.raises(PyfuncInputError, match="1 support_images but 2 support_masks"):
+        parse_input(pd.DataFrame({"support_images": [[img]], "support_masks": [[msk, msk]], "query_image": [img]}))
+
+
+def _direct_prediction(net, image_size, supports, query) -> np.ndarray:
+    """Reference: preprocessing as in training, model.forward_features asked for the query's size."""
+    imgs, msks = zip(*(to_tensor_pair(*clean_pair(i, m, image_size)) for i, m in supports))
+    q = torch.from_numpy(resize_image(query, image_size)).permute(2, 0, 1).float().div(255)
+    with torch.no_grad():
+        sf = net.encode(torch.stack(imgs)).unsqueeze(0)
+        qf = net.encode(q[None])
+        logits = net.forward_features(sf, torch.stack(msks)[None], qf, query.shape[:2])
+    return (logits[0, 0] > 0).numpy()
+
+
+@pytest.mark.parametrize("model_name", ["prototype", "lerenet"])
+def test_pyfunc_round_trip_equals_direct_prediction(tmp_path, model_name):
+    import mlflow
+
+    from model import build_model
+    from pipeline.checkpoint import load_model, save_model
+    from pipeline.evaluate import load_net
+
+    torch.manual_seed(0)
+    net = build_model(model_name, pretrained=True, channels=32)
+    ckpt = tmp_path / "model.pt"
+    save_model(ckpt, net, {"model": model_name, "backbone": "efficientnet_lite0", "variant": "mpr+mpe*",
+                           "channels": 32, "freeze_backbone": True, "image_size": 96})
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlruns.db'}")
+    exp = mlflow.create_experiment("pyfunc-test", artifact_location=(tmp_path / "artifacts").as_uri())
+    from pipeline.pyfunc import log_pyfunc
+
+    with mlflow.start_run(experiment_id=exp):
+        uri = log_pyfunc(ckpt, name="model", registered_model_name="pyfunc-test-model")
+    loaded = mlflow.pyfunc.load_model(uri)
+
+    supports = [_pair(s) for s in SUPPORTS]
+    query, _ = _pair(QUERY)
+    imgs = [_b64_file(REAL_DATA / "MT_Uneven" / "Images" / f"{s}.jpg") for s in SUPPORTS]
+    msks = [_b64_file(REAL_DATA / "MT_Uneven" / "GT" / f"{s}.png") for s in SUPPORTS]
+    q64 = _b64_file(REAL_DATA / "MT_Uneven" / "Images" / f"{QUERY}.jpg")
+    # row 0: 2-shot; row 1: 1-shot with the second support only
+    frame = pd.DataFrame({"support_images": [imgs, imgs[1:]], "support_masks": [msks, msks[1:]],
+                          "query_image": [q64, q64]})
+    out = loaded.predict(frame)
+    assert list(out.columns) == ["mask", "defect_fraction", "max_score"] and len(out) == 2
+
+    ref_net, meta = load_model(ckpt)
+    for row, sup in enumerate([supports, supports[1:]]):
+        expected = _direct_prediction(ref_net, meta["image_size"], sup, query)
+        got = decode_mask(out["mask"][row])
+        assert got.shape == query.shape[:2]  # the query's original size
+        assert np.array_equal(got, expected)
+        assert out["defect_fraction"][row] == pytest.approx(expected.mean())
+        assert 0.0 <= out["max_score"][row] <= 1.0
+
+    # the registered model URI loads back to the same network for evaluation
+    net2, size2 = load_net("models:/pyfunc-test-model/1")
+    assert size2 == 96
+    sd1, sd2 = ref_net.state_dict(), net2.state_dict()
+    assert all(torch.equal(sd1[k], sd2[k]) for k in sd1)

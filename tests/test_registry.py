@@ -1,0 +1,171 @@
+"""Model registry: versions carry their CV metrics; the champion/challenger gate moves aliases safely.
+
+Real MLflow (SQLite registry in tmp_path) and real, tiny checkpoints (the prototype model needs no
+training). Each test gets its own registry.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from pipeline import registry as R
+from pipeline.config import load_params
+
+PROTOTYPE_META = dict(model="prototype", backbone="efficientnet_lite0", freeze_backbone=True, variant="mpr+mpe*",
+                      channels=256, image_size=64)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A real prototype-model checkpoint (random backbone weights: no training, no download)."""
+    from model import build_model
+    from pipeline.checkpoint import save_model
+
+    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
+    save_model(path, build_model("prototype", pretrained=False), dict(PROTOTYPE_META))
+    return path
+
+
+@pytest.fixture
+def params(small_params_file, tmp_path):
+    """Small params with an SQLite registry in tmp_path and a margin of 0.01."""
+    return load_params(small_params_file, overrides={"mlflow": {"promotion_margin": 0.01}}, env={})
+
+
+def cells(*mious: float, episodes: str = "e") -> list[R.CvCell]:
+    """One paper-protocol K=1 cell per fold with the given mIoU; episode hashes ``<episodes><fold>``."""
+    return [R.CvCell(f, "paper", 1, m, min(1.0, m + 0.2), f"{episodes}{f}") for f, m in enumerate(mious)]
+
+
+def version_tags(params, version: str) -> dict[str, str]:
+    return R.client(params).get_model_version(params.mlflow.registered_model, version).tags
+
+
+def test_register_writes_metric_tags_and_challenger_alias(params, checkpoint):
+    v = R.register(params, checkpoint, cells(0.30, 0.50), model_name="prototype")
+    tags = version_tags(params, v)
+    assert tags["cv.f0.paper.k1.miou"] == "0.300000" and tags["cv.f1.paper.k1.episodes"] == "e1"
+    assert tags["cv.paper.k1.miou"] == "0.400000"  # mean over folds: the CV estimate per K
+    assert tags["protocol"] == "paper" and tags["decision"] == "pending"
+    for key in ("data_version", "git_commit", "params_hash"):
+        assert tags[key]
+    assert R.alias_version(params, R.CHALLENGER) == v
+    assert R.alias_version(params, R.CHAMPION) is None
+
+
+def test_promotion_both_ways_and_tie_within_margin(params, checkpoint):
+    v1 = R.register(params, checkpoint, cells(0.40, 0.40))
+    d1 = R.promote(params, v1)
+    assert d1.promoted and "first model" in d1.reason
+    assert R.alias_version(params, R.CHAMPION) == v1 and R.alias_version(params, R.CHALLENGER) is None
+
+    worse = R.register(params, checkpoint, cells(0.30, 0.35))
+    d = R.promote(params, worse)
+    assert not d.promoted and d.champion_before == v1
+    assert R.alias_version(params, R.CHAMPION) == v1 and R.alias_version(params, R.CHALLENGER) == worse
+    assert version_tags(params, worse)["decision"] == "not promoted"
+
+    tie = R.register(params, checkpoint, cells(0.405, 0.405))  # +0.005 < margin 0.01
+    d = R.promote(params, tie)
+    assert not d.promoted and d.challenger_miou == pytest.approx(0.405) and d.champion_miou == pytest.approx(0.40)
+    assert R.alias_version(params, R.CHAMPION) == v1
+
+    better = R.register(params, checkpoint, cells(0.45, 0.44))
+    d = R.promote(params, better)
+    assert d.promoted and d.compared == ["cv.f0.paper.k1", "cv.f1.paper.k1"]
+    assert R.alias_version(params, R.CHAMPION) == better
+    tags = version_tags(params, better)
+    assert tags["decision"] == "promoted" and tags["decision.champion_before"] == v1
+    assert version_tags(params, v1)["superseded_by"] == better
+    # exactly one champion: the alias is single-valued and only `better` reports it
+    c, name = R.client(params), params.mlflow.registered_model
+    holders = [v for v in (v1, worse, tie, better) if "champion" in c.get_model_version(name, v).aliases]
+    assert holders == [better]
+    # gating the champion again is a no-op
+    again = R.promote(params, better)
+    assert again.promoted and "already the champion" in again.reason
+
+
+def test_gate_compares_only_identical_episodes(params, checkpoint):
+    v1 = R.register(params, checkpoint, cells(0.40, 0.40))
+    R.promote(params, v1)
+    # fold 0's episodes changed (e.g. a class joined it): only fold 1 is comparable, and there it is worse
+    mixed = [R.CvCell(0, "paper", 1, 0.90, 0.9, "changed"), R.CvCell(1, "paper", 1, 0.30, 0.5, "e1")]
+    v2 = R.register(params, checkpoint, mixed)
+    d = R.promote(params, v2)
+    assert not d.promoted and d.compared == ["cv.f1.paper.k1"]
+    # nothing in common: refused, unless forced (recorded as such)
+    v3 = R.register(params, checkpoint, cells(0.9, 0.9, episodes="new"))
+    d = R.promote(params, v3)
+    assert not d.promoted and "no saved episodes in common" in d.reason
+    d = R.promote(params, v3, force=True)
+    assert d.promoted and d.reason.startswith("forced")
+    assert R.alias_version(params, R.CHAMPION) == v3
+
+
+def test_failed_alias_leaves_no_half_registered_version(params, checkpoint, monkeypatch):
+    """Fault injection: the registry fails right after the version exists -> the version is deleted."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    def broken(self, name, alias, version):
+        raise MlflowException("simulated registry outage", error_code="TEMPORARILY_UNAVAILABLE")
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", broken)
+    with pytest.raises(MlflowException, match="simulated"):
+        R.register(params, checkpoint, cells(0.4, 0.4))
+    monkeypatch.undo()
+    versions = R.client(params).search_model_versions(f"name='{params.mlflow.registered_model}'")
+    assert versions == []
+    assert R.alias_version(params, R.CHALLENGER) is None
+
+
+def test_refuses_bad_metrics_and_versions_without_metrics(params, checkpoint):
+    with pytest.raises(R.RegistryError, match="no cross-validation metrics"):
+        R.register(params, checkpoint, [])
+    with pytest.raises(R.RegistryError, match=r"outside \[0, 1\]"):
+        R.register(params, checkpoint, cells(1.5))
+    with pytest.raises(FileNotFoundError, match="production checkpoint not found"):
+        R.register(params, checkpoint.parent / "missing.pt", cells(0.4))
+    # a version created by hand, without cv.* tags, cannot become champion
+    c = R.client(params)
+    c.create_registered_model(params.mlflow.registered_model)
+    mv = c.create_model_version(params.mlflow.registered_model, source=str(checkpoint.parent))
+    with pytest.raises(R.RegistryError, match="no cv"):
+        R.promote(params, mv.version)
+    assert R.alias_version(params, R.CHAMPION) is None
+
+
+def test_collect_cv_cells_reads_evaluation_output_and_hashes_episodes(params):
+    """metrics/fold<f>.json in pipeline.evaluate's format + saved episode files -> cells."""
+    from pipeline.evaluate import metrics_paths
+    from pipeline.images import episodes_path
+
+    for fold in params.folds:
+        m = {"lerenet": {"k1": {"paper": {"miou": 0.1 * (fold + 1), "fbiou": 0.5, "episodes": 3},
+                                "standard": {"miou_mean": 0.2, "miou_std": 0.01, "fbiou_mean": 0.6,
+                                             "fbiou_std": 0.0, "seeds": 2, "episodes": 4}},
+                         "latency_ms": {"k1": 3.0}}, "device": "cpu"}
+        path = metrics_paths(params, fold)["json"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(m))
+        for protocol in ("paper", "standard"):
+            ep = episodes_path(params.data.dir, fold, protocol, 1)
+            ep.parent.mkdir(parents=True, exist_ok=True)
+            pd.DataFrame({"episode": [0], "seed": [fold], "class_name": ["X"], "support_ids": [["a"]],
+                          "query_id": ["b"]}).to_parquet(ep)
+    got = R.collect_cv_cells(params, "lerenet")
+    assert len(got) == 2 * len(params.folds)
+    paper0 = next(c for c in got if c.fold == 0 and c.protocol == "paper")
+    assert paper0.miou == pytest.approx(0.1) and paper0.fb_iou == pytest.approx(0.5)
+    std1 = next(c for c in got if c.fold == 1 and c.protocol == "standard")
+    assert std1.miou == pytest.approx(0.2) and std1.fb_iou == pytest.approx(0.6)
+    # the hash is of the content: equal rows -> equal hash; different seed -> different hash
+    assert paper0.episodes == R.episodes_hash(episodes_path(params.data.dir, 0, "paper", 1))
+    assert paper0.episodes != next(c for c in got if c.fold == 1 and c.protocol == "paper").episodes
+    with pytest.raises(R.RegistryError, match="no results for model 'baseline'"):
+        R.collect_cv_cells(params, "baseline")

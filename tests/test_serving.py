@@ -1,0 +1,152 @@
+"""Serving the registered champion over REST with the real ``mlflow models serve``.
+
+Registers a real prototype model (no training needed) in a SQLite MLflow registry under tmp_path, sets
+alias ``champion``, starts ``mlflow models serve -m models:/<name>@champion --env-manager local`` on a
+free loopback port, posts real HTTP requests (httpx) and checks the returned masks against
+``pipeline.predict.predict_folder`` (the code behind ``lerenet predict``) on the same files. The server
+is always stopped by the fixture's finalizer. About 20-40 s.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+import pipeline.predict as P
+from _registry import REAL_DATA, copy_class, prototype_checkpoint, register_champion
+
+if not REAL_DATA.is_dir():  # pragma: no cover
+    pytest.skip(f"real data folder {REAL_DATA} not available", allow_module_level=True)
+
+START_TIMEOUT = 180.0
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM the server's process group (it was started in its own session), SIGKILL if it lingers."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    except ProcessLookupError:
+        pass
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """``(base_url, registry info, data folder)`` of a live scoring server for the champion."""
+    root = tmp_path_factory.mktemp("serving")
+    ckpt = prototype_checkpoint(root / "ckpt" / "model.pt")
+    reg = register_champion(root, ckpt, name="lerenet-serving-test")
+    copy_class(root / "src", "Steel_In", 3)
+    copy_class(root / "src", "MT_Uneven", ["exp0_num_461"])
+    copy_class(root / "src", "Leather_Color", 1)
+    port = _free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": reg["tracking_uri"], "MLFLOW_ENABLE_TELEMETRY": "false",
+           "DO_NOT_TRACK": "1"}
+    mlflow_cli = Path(sys.executable).parent / "mlflow"
+    log = (root / "server.log").open("wb")
+    proc = subprocess.Popen(
+        [str(mlflow_cli), "models", "serve", "-m", f"models:/{reg['name']}@champion", "--host", "127.0.0.1",
+         "--port", str(port), "--env-manager", "local", "--workers", "1"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=root)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"mlflow models serve exited with {proc.returncode}:\n"
+                            f"{(root / 'server.log').read_text()[-4000:]}")
+            try:
+                if httpx.get(f"{url}/ping", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"server not healthy after {START_TIMEOUT} s:\n{(root / 'server.log').read_text()[-4000:]}")
+            time.sleep(0.5)
+        yield url, reg, root
+    finally:
+        _stop(proc)
+        log.close()
+
+
+def _b64(path: Path) -> str:
+    return base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def test_served_champion_matches_lerenet_predict(served, tmp_path):
+    url, reg, root = served
+    src = root / "src"
+    support_img, support_mask = src / "Steel_In" / "Images" / "In_1.png", src / "Steel_In" / "GT" / "In_1.png"
+    queries = [src / "Steel_In" / "Images" / "In_10.png", src / "MT_Uneven" / "Images" / "exp0_num_461.jpg",
+               next((src / "Leather_Color" / "Images").iterdir())]
+    payload = {"dataframe_split": {
+        "columns": ["support_images", "support_masks", "query_image"],
+        "data": [[[_b64(support_img)], [_b64(support_mask)], _b64(q)] for q in queries]}}
+    r = httpx.post(f"{url}/invocations", json=payload, timeout=120)
+    assert r.status_code == 200, r.text[-2000:]
+    preds = r.json()["predictions"]
+    assert len(preds) == len(queries)
+
+    # the same request through the CLI's code path, with the champion resolved from the registry
+    model = P.resolve_model(f"models:/{reg['name']}@champion", tracking_uri=reg["tracking_uri"])
+    qdir = tmp_path / "q"
+    qdir.mkdir()
+    for i, q in enumerate(queries):  # keep the request order in file-name order
+        (qdir / f"{i}_{q.name}").write_bytes(q.read_bytes())
+    summary = P.predict_folder(model, [(support_img, support_mask)], [qdir], tmp_path / "out", progress=False)
+    for pred, rec, q in zip(preds, summary["images"], queries):
+        served_mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(pred["mask"]))))
+        cli_mask = np.asarray(Image.open(tmp_path / "out" / rec["mask"]))
+        with Image.open(q) as im:
+            assert served_mask.shape == cli_mask.shape == (im.height, im.width)
+        assert (served_mask != cli_mask).mean() <= 1e-4, f"{q.name}: served and CLI masks differ"
+        assert pred["defect_fraction"] == pytest.approx(rec["defect_fraction"], abs=1e-4)
+        assert pred["max_score"] == pytest.approx(rec["max_score"], abs=1e-4)
+
+
+def test_served_records_format_and_errors(served):
+    url, _, root = served
+    img = root / "src" / "Steel_In" / "Images" / "In_1.png"
+    mask = root / "src" / "Steel_In" / "GT" / "In_1.png"
+    row = {"support_images": [_b64(img)], "support_masks": [_b64(mask)], "query_image": _b64(img)}
+    r = httpx.post(f"{url}/invocations", json={"dataframe_records": [row]}, timeout=120)
+    assert r.status_code == 200, r.text[-2000:]
+    assert set(r.json()["predictions"][0]) == {"mask", "defect_fraction", "max_score"}
+
+    # too many queries in one request: refused with the documented limit
+    r = httpx.post(f"{url}/invocations", json={"dataframe_records": [row] * (P.MAX_QUERIES_PER_REQUEST + 1)},
+                   timeout=120)
+    assert r.status_code == 400
+    assert f"the limit is {P.MAX_QUERIES_PER_REQUEST} per request" in r.text
+
+    # a support mask of another size than its image
+    small = io.BytesIO()
+    Image.new("L", (10, 10), 255).save(small, format="PNG")
+    bad = dict(row, support_masks=[base64.b64encode(small.getvalue()).decode()])
+    r = httpx.post(f"{url}/invocations", json={"dataframe_records": [bad]}, timeout=120)
+    assert r.status_code == 400 and "support_masks[0]" in r.text
+    assert json.loads(r.text)["error_code"] == "BAD_REQUEST"
