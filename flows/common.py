@@ -3,8 +3,8 @@
 Transient (retried): network and tracking-server trouble -- ``ConnectionError``, ``TimeoutError``,
 other ``OSError`` except the ones that mean "wrong path" (``FileNotFoundError``,
 ``NotADirectoryError``, ``IsADirectoryError``, ``PermissionError``), SQLite "database is locked",
-and :class:`mlflow.exceptions.MlflowException` with a server-side error code (``INTERNAL_ERROR``,
-``TEMPORARILY_UNAVAILABLE``, ``REQUEST_LIMIT_EXCEEDED``, ...). Everything else -- bad data
+and :class:`mlflow.exceptions.MlflowException` with a "try again" error code
+(``TEMPORARILY_UNAVAILABLE``, ``REQUEST_LIMIT_EXCEEDED``, ...) or caused by a connection error. Everything else -- bad data
 (``DataValidationError``), bad parameters (``ValueError``), a missing input file -- fails at once,
 because a retry would fail the same way.
 """
@@ -17,8 +17,10 @@ from typing import Any
 from prefect.cache_policies import NO_CACHE
 
 PERMANENT_OS_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
-TRANSIENT_MLFLOW_CODES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED",
-                          "DEADLINE_EXCEEDED", "ABORTED", "IO_ERROR", "RESOURCE_EXHAUSTED"}
+TRANSIENT_MLFLOW_CODES = {"TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED", "ABORTED",
+                          "IO_ERROR", "RESOURCE_EXHAUSTED"}
+"""``MlflowException.error_code`` values worth a retry. ``INTERNAL_ERROR`` (the default code of a bare
+``MlflowException``) is not: an HTTP failure reaches us chained from the ``requests`` error instead."""
 RETRIES = int(os.environ.get("LERENET_TASK_RETRIES", "2"))
 RETRY_DELAYS = [float(x) for x in os.environ.get("LERENET_RETRY_DELAYS", "2,10").split(",")]
 """Seconds before retry 1, 2, ... (backoff); env ``LERENET_RETRY_DELAYS`` overrides (e.g. tests: ``0.1,0.2``)."""

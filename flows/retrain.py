@@ -4,21 +4,24 @@ Steps (orchestration only; the work is done by ``pipeline/`` functions):
 
 1. **Detect** (``pipeline.classes.new_classes``): class folders in ``data.source`` + ``data.incoming``
    that the current data version does not hold. Nothing new: log it and return (no training).
-2. **New data version**: ingest the accepted classes plus the new ones (a folder of symlinks), validate,
-   and -- in a DVC project -- ``dvc commit --force ingest validate`` so ``data/raw`` is re-versioned and
-   the ``dvc.lock`` change is ready to commit with git.
-3. **Probe the champion**: ``models:/<name>@champion`` is evaluated on each new class as a novel class
-   (K in ``split.shots``, e.g. 1 and 5; ``pipeline.evaluate`` folder evaluation), logged to MLflow as
-   run ``probe-<class>`` (tags: champion version, data version): how well the deployed model already
-   handles the new defect, before any retraining.
-4. **Fold table**: the new classes join folds by the rule of ``pipeline.classes.extend_folds`` (fold
-   with the fewest test images), written back to the params file with comments kept (ruamel.yaml).
+2. **Fold table** (in memory): the new classes join folds by the rule of
+   ``pipeline.classes.extend_folds`` (fold with the fewest test images; new classes counted by their
+   image files), because validation requires every class to be in the table.
+3. **New data version**: ingest the accepted classes plus the new ones (a folder of symlinks), validate
+   against the extended table; then write the table back to the params file (comments kept,
+   ruamel.yaml) and -- in a DVC project -- ``dvc commit --force ingest validate``, so ``data/raw`` is
+   re-versioned and the ``params.yaml``/``dvc.lock`` changes are ready to commit with git. Bad data
+   fails here and leaves the params file untouched.
+4. **Probe the champion**: ``models:/<name>@champion`` is evaluated on each new class as a novel class
+   (K in ``split.shots``, e.g. 1 and 5; ``pipeline.evaluate.evaluate_folder``), logged to MLflow as
+   run ``probe-<class>``: how well the deployed model already handles the new defect, before any
+   retraining.
 5. **Retrain**: the ``training_pipeline`` flow as a subflow (CV, production model, register as
    challenger, promotion gate).
 
-Resuming: a class that was ingested but never placed in a fold is new again on the next run. If a run
-failed after step 4 (fold table written), the class is no longer new: re-run ``training_pipeline``
-(or ``dvc repro``).
+Resuming: a class held by the data version but not in the fold table, or the reverse, is new again on
+the next run. If a run failed after step 3 (table written, data ingested), the class is no longer new:
+re-run ``training_pipeline`` (or ``dvc repro``).
 """
 
 from __future__ import annotations
@@ -36,6 +39,12 @@ from pipeline.config import DEFAULT_PARAMS, Params, load_params
 PROBE_MODEL_ALIAS = "champion"
 
 
+def _merge(a: dict[str, Any] | None, b: dict[str, Any]) -> dict[str, Any]:
+    from pipeline.config import _deep_merge
+
+    return _deep_merge(a or {}, b)
+
+
 def params_file(params_path: str | os.PathLike[str] | None) -> Path:
     """The params file :func:`pipeline.config.load_params` reads for ``params_path`` (arg, env, default)."""
     return Path(params_path or os.environ.get("LERENET_PARAMS") or DEFAULT_PARAMS).resolve()
@@ -45,26 +54,35 @@ def params_file(params_path: str | os.PathLike[str] | None) -> Path:
 def probe_task(params: Params, class_name: str, version: str) -> dict[str, Any]:
     """Evaluate the champion on one new class (all ``split.shots``) and log a ``probe-<class>`` run.
 
-    Returns ``{"k1": {"miou": ..., "fbiou": ..., "episodes": n}, ...}`` as the evaluation returns it.
+    Episodes: ``split.standard_episodes`` per K, seed ``split.paper_seed``, drawn from the class as
+    ingested into the new data version (``data/raw/<class>``); ``pipeline.evaluate.evaluate_folder``.
+
+    Returns ``{"k1": {"miou": ..., "fbiou": ..., "episodes": n}, ...}`` (mIoU/FB-IoU in [0, 1]).
     """
+    import tempfile
+
     import mlflow
 
     from pipeline import tracking
+    from pipeline.classes import source_view
     from pipeline.evaluate import evaluate_folder
 
+    tracking.configure(params)
     uri = f"models:/{params.mlflow.registered_model}@{PROBE_MODEL_ALIAS}"
-    results = evaluate_folder(params, params.data.dir, uri, shots=list(params.split.shots), classes=[class_name])
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="lerenet-probe-") as tmp:
+        # the class as ingested into the new data version, alone in a Surface Defects-4i folder
+        folder = source_view(params, {class_name: params.data.dir / "raw" / class_name}, view=Path(tmp) / "view")
+        for k in params.split.shots:
+            results[f"k{k}"] = evaluate_folder(folder, uri, k, episodes=params.split.standard_episodes,
+                                               seed=params.split.paper_seed, threshold=params.data.mask_threshold,
+                                               device=params.train.device)
     parent = tracking.parent_run_id(params)
     with tracking.nested_run(params, parent, f"probe-{class_name}", reuse=False,
                              tags={"lerenet.step": "probe", "class_name": class_name, "model_uri": uri,
                                    "champion_version": version}):
-        flat = {}
-        for kk, m in results.items():
-            for name, value in (m.items() if isinstance(m, dict) else []):
-                if isinstance(value, (int, float)):
-                    flat[f"probe_{kk}_{name}"] = float(value)
-        mlflow.log_metrics(flat)
-    return results
+        mlflow.log_metrics({f"probe_{kk}_{m}": float(r[m]) for kk, r in results.items() for m in ("miou", "fbiou")})
+    return {kk: {"miou": r["miou"], "fbiou": r["fbiou"], "episodes": r["episodes"]} for kk, r in results.items()}
 
 
 @flow(name="retrain_on_new_classes", log_prints=True)
@@ -86,8 +104,8 @@ def retrain_on_new_classes(params_path: str | None = None, overrides: dict[str, 
         The original exception of a failing step (ingest, validation, probe, training, registry).
     """
     from pipeline import registry, tracking
-    from pipeline.classes import accepted_classes, available_classes, extend_folds, new_classes, write_folds
-    from pipeline.images import load_validated
+    from pipeline.classes import (accepted_classes, available_classes, class_image_counts, count_class_images,
+                                  extend_folds, new_classes, write_folds)
 
     logger = get_run_logger()
     path = params_file(params_path)
@@ -100,34 +118,34 @@ def retrain_on_new_classes(params_path: str | None = None, overrides: dict[str, 
     logger.info("new classes: %s", new)
     before = tracking.data_version(params)
 
-    # 2. new data version: accepted classes + the new ones
+    # 2. fold table: place the new classes (by their image count in the source folder) -- in memory
     available = available_classes(params)
+    to_place = [c for c in new if c not in params.all_classes]
+    folds = {f: list(cs) for f, cs in params.folds.items()}
+    if to_place:
+        counts = {**class_image_counts(params), **{c: count_class_images(available[c]) for c in to_place}}
+        folds = extend_folds(params.folds, counts, to_place)
+    staged = load_params(path, _merge(overrides, {"folds": folds}))
+
+    # 3. new data version: accepted classes + the new ones, validated against the extended table;
+    #    only then is the table written back to the params file and the data version committed
     view = {**{c: str(p) for c, p in accepted_classes(params).items()}, **{c: str(available[c]) for c in new}}
-    ingest_task(params, view)
-    validate_task(params)
+    ingest_task(staged, view)
+    validate_task(staged)
+    if to_place:
+        write_folds(path, folds)
+    params = load_params(path, overrides)
     commit = dvc_commit(params.root, ["ingest", "validate"])
     after = tracking.data_version(params)
-    logger.info("data version %s -> %s (dvc commit: %s)", before, after, commit)
+    logger.info("data version %s -> %s (dvc commit: %s); folds %s", before, after, commit, folds)
 
-    # 3. probe the deployed model on each new class, before retraining
+    # 4. probe the deployed model on each new class, before retraining
     champion = registry.alias_version(params, registry.CHAMPION)
     probe: dict[str, Any] = {}
     for c in new:
         probe[c] = probe_task(params, c, champion) if champion else None
     if not champion:
         logger.info("no champion registered yet: nothing to probe")
-
-    # 4. fold table
-    usable = load_validated(params.data.dir, kind="defect")
-    counts = usable.groupby("class_name").size().to_dict()
-    to_place = [c for c in new if c not in params.all_classes]
-    missing = [c for c in to_place if c not in counts]
-    if missing:
-        raise ValueError(f"new class(es) {missing} have no usable defect image after validation "
-                         f"({params.data.dir / 'validation/report.json'}); fix the images or remove the folder")
-    folds = extend_folds(params.folds, counts, to_place) if to_place else {f: list(c) for f, c in params.folds.items()}
-    if to_place:
-        write_folds(path, folds)
 
     # 5. retrain + gate
     result = training_pipeline(str(path), overrides, fold_workers)

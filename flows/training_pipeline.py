@@ -124,11 +124,11 @@ def evaluate_task(params: Params, fold: int) -> dict[str, Any]:
 
 
 @task(name="report", **TASK_OPTIONS)
-def report_task(params: Params) -> Any:
-    """``pipeline.report.report``: aggregate the folds into the results table."""
-    from pipeline.report import report
+def report_task(params: Params) -> str:
+    """``pipeline.report.write_report``: aggregate the folds into the results table; returns its path."""
+    from pipeline.report import write_report
 
-    return report(params)
+    return str(write_report(params))
 
 
 @task(name="train_production", **TASK_OPTIONS)
@@ -179,7 +179,7 @@ def dvc_commit(root: Path, stages: list[str] | None = None) -> str:
     if not (root / ".dvc").is_dir() or not (root / "dvc.yaml").is_file():
         return "skipped (not a DVC project)"
     env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
-    cmd = ["dvc", "commit", "--force", "--quiet", *(stages or [])]
+    cmd = ["dvc", "commit", "--force", *(stages or [])]
     dvc = Path(sys.executable).parent / "dvc"
     if dvc.is_file():
         cmd[0] = str(dvc)

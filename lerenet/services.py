@@ -50,6 +50,9 @@ SERVICE_ORDER: tuple[str, ...] = ("seaweedfs", "mlflow", "prefect")
 
 REQUIRES: dict[str, tuple[str, ...]] = {"seaweedfs": (), "mlflow": ("seaweedfs",), "prefect": ()}
 
+START_STAGES: tuple[tuple[str, ...], ...] = (("seaweedfs",), ("mlflow", "prefect"))
+"""``up`` starts stage by stage; the services of one stage start concurrently."""
+
 QUIET_ENV = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DVC_NO_ANALYTICS": "1",
              "GX_ANALYTICS_ENABLED": "false", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
@@ -158,6 +161,8 @@ def _executable(name: str, package: str) -> str:
 
 def _port_free(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # like the servers themselves: connections in TIME_WAIT (after a recent `down`) do not block
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
@@ -331,22 +336,21 @@ def _log_tail(path: Path, lines: int = 15) -> str:
 
 # ---- generic process start/stop (also used by `lerenet serve`) ----------------
 
-def start_process(params: Params, name: str, argv: list[str], *, env: Mapping[str, str] | None = None,
-                  health: Callable[[], bool] | None = None, url: str | None = None,
-                  ports: Mapping[str, int] | None = None, timeout: float | None = None,
-                  cwd: str | os.PathLike[str] | None = None) -> ServiceStatus:
-    """Start ``argv`` in its own session as service ``name``, unless it already runs.
+@dataclass
+class _Pending:
+    """A process launched by :func:`_launch`, not yet confirmed healthy."""
 
-    Output goes to ``<state_dir>/logs/<name>.log``; the pid file is written as soon
-    as the process exists. Waits up to ``timeout`` (default ``services.start_timeout``)
-    seconds for ``health()`` to return True (if given). ``env`` is added to the
-    current environment (plus telemetry opt-outs).
+    name: str
+    popen: subprocess.Popen
+    record: dict
+    health: Callable[[], bool] | None
+    t0: float
+    deadline: float
 
-    Raises:
-        ServiceError: a port in ``ports`` is taken (names it), the process exits
-            early or stays unhealthy (the process is stopped; message has the log tail).
-    """
-    timeout = params.services.start_timeout if timeout is None else timeout
+
+def _launch(params: Params, name: str, argv: list[str], *, env: Mapping[str, str] | None, url: str | None,
+            ports: Mapping[str, int] | None, health: Callable[[], bool] | None, timeout: float,
+            cwd: str | os.PathLike[str] | None) -> ServiceStatus | _Pending:
     proc = running_process(params, name)
     if proc is not None:
         rec = _read_record(params, name) or {}
@@ -366,27 +370,63 @@ def start_process(params: Params, name: str, argv: list[str], *, env: Mapping[st
         fh.flush()
         popen = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                  env=full_env, cwd=str(cwd or state_dir(params)), start_new_session=True)
-    ps = psutil.Process(popen.pid)
-    record = {"name": name, "pid": popen.pid, "create_time": ps.create_time(), "argv": argv, "url": url,
-              "ports": dict(ports or {}), "log": str(log), "started_at": time.time()}
+    record = {"name": name, "pid": popen.pid, "create_time": psutil.Process(popen.pid).create_time(),
+              "argv": argv, "url": url, "ports": dict(ports or {}), "log": str(log), "started_at": time.time()}
     _atomic_write(_pid_path(params, name), json.dumps(record, indent=2))
-    if health is not None:
-        while True:
-            if popen.poll() is not None:
-                _pid_path(params, name).unlink(missing_ok=True)
-                raise ServiceError(f"{name} exited with status {popen.returncode} during start-up; "
-                                   f"log {log}:\n{_log_tail(log)}")
-            if health():
-                break
-            if time.monotonic() - t0 > timeout:
-                stop_process(params, name)
-                raise ServiceError(f"{name} not healthy after {timeout:.0f} s (url {url}); stopped it; "
-                                   f"log {log}:\n{_log_tail(log)}")
-            time.sleep(0.2)
-    record["startup_s"] = round(time.monotonic() - t0, 2)
-    _atomic_write(_pid_path(params, name), json.dumps(record, indent=2))
-    return ServiceStatus(name, "running", popen.pid, url, startup_s=record["startup_s"], log=str(log),
-                         note="started")
+    return _Pending(name, popen, record, health, t0, t0 + timeout)
+
+
+def _await_healthy(params: Params, pending: list[_Pending]) -> list[ServiceStatus]:
+    """Poll the health checks of ``pending`` together; on any failure stop all of them and raise."""
+    done: dict[str, ServiceStatus] = {}
+    try:
+        while len(done) < len(pending):
+            for pd in pending:
+                if pd.name in done:
+                    continue
+                log = pd.record["log"]
+                if pd.popen.poll() is not None:
+                    raise ServiceError(f"{pd.name} exited with status {pd.popen.returncode} during start-up; "
+                                       f"log {log}:\n{_log_tail(Path(log))}")
+                if pd.health is None or pd.health():
+                    pd.record["startup_s"] = round(time.monotonic() - pd.t0, 2)
+                    _atomic_write(_pid_path(params, pd.name), json.dumps(pd.record, indent=2))
+                    done[pd.name] = ServiceStatus(pd.name, "running", pd.popen.pid, pd.record["url"],
+                                                  startup_s=pd.record["startup_s"], log=log, note="started")
+                elif time.monotonic() > pd.deadline:
+                    raise ServiceError(f"{pd.name} not healthy after {pd.deadline - pd.t0:.0f} s "
+                                       f"(url {pd.record['url']}); stopped it; log {log}:\n{_log_tail(Path(log))}")
+            if len(done) < len(pending):
+                time.sleep(0.2)
+    except BaseException:  # unhealthy, exited, or interrupted: leave nothing of this batch running
+        for pd in pending:
+            stop_process(params, pd.name)
+            pd.popen.poll()
+        raise
+    return [done[pd.name] for pd in pending]
+
+
+def start_process(params: Params, name: str, argv: list[str], *, env: Mapping[str, str] | None = None,
+                  health: Callable[[], bool] | None = None, url: str | None = None,
+                  ports: Mapping[str, int] | None = None, timeout: float | None = None,
+                  cwd: str | os.PathLike[str] | None = None) -> ServiceStatus:
+    """Start ``argv`` in its own session as service ``name``, unless it already runs.
+
+    Output goes to ``<state_dir>/logs/<name>.log``; the pid file is written as soon
+    as the process exists. Waits up to ``timeout`` (default ``services.start_timeout``)
+    seconds for ``health()`` to return True (if given). ``env`` is added to the
+    current environment (plus telemetry opt-outs). ``lerenet serve`` registers its
+    long-running process this way, so ``lerenet services down`` stops it first.
+
+    Raises:
+        ServiceError: a port in ``ports`` is taken (names it), the process exits
+            early or stays unhealthy (the process is stopped; message has the log tail).
+    """
+    timeout = params.services.start_timeout if timeout is None else timeout
+    launched = _launch(params, name, argv, env=env, url=url, ports=ports, health=health, timeout=timeout, cwd=cwd)
+    if isinstance(launched, ServiceStatus):
+        return launched
+    return _await_healthy(params, [launched])[0]
 
 
 def stop_process(params: Params, name: str, timeout: float | None = None) -> str:
@@ -455,8 +495,9 @@ def up(params: Params, only: Iterable[str] | None = None, *, env: Mapping[str, s
     """Start the services (``only`` a subset; their requirements are added) and wait until healthy.
 
     Already running services are left alone (no duplicates); stale pid files are
-    removed. After SeaweedFS is healthy the buckets of :func:`buckets` are
-    ensured. If a service fails, the ones this call started are stopped again.
+    removed. SeaweedFS starts first (MLflow needs it); MLflow and Prefect then
+    start concurrently. After SeaweedFS is healthy the buckets of :func:`buckets`
+    are ensured. If a service fails, the ones this call started are stopped again.
 
     Raises:
         ServiceError: a port is taken, a program is missing, or a service does not
@@ -464,29 +505,37 @@ def up(params: Params, only: Iterable[str] | None = None, *, env: Mapping[str, s
     """
     names = _select(only)
     creds = ensure_credentials(params, env)
+    timeout = params.services.start_timeout if timeout is None else timeout
     for sub in ("logs", "pids", "seaweedfs", "mlflow", "prefect"):
         (state_dir(params) / sub).mkdir(parents=True, exist_ok=True)
     specs = service_specs(params, creds)
     started: list[str] = []
     out: list[ServiceStatus] = []
     try:
-        for n in names:
-            spec = specs[n]
-            st = start_process(params, n, spec.argv, env=spec.env, health=spec.health, url=spec.url,
-                               ports=spec.ports, timeout=timeout)
-            if st.note == "started":
-                started.append(n)
-            if spec.after_start is not None:
-                try:
-                    spec.after_start()
-                except StorageError as exc:
-                    raise ServiceError(f"{n}: post-start step failed: {exc}") from exc
-            out.append(st)
+        for stage in START_STAGES:  # services of one stage start concurrently
+            batch = [n for n in stage if n in names]
+            pending: list[_Pending] = []
+            for n in batch:
+                spec = specs[n]
+                launched = _launch(params, n, spec.argv, env=spec.env, url=spec.url, ports=spec.ports,
+                                   health=spec.health, timeout=timeout, cwd=None)
+                if isinstance(launched, ServiceStatus):
+                    out.append(launched)
+                else:
+                    pending.append(launched)
+                    started.append(n)
+            out += _await_healthy(params, pending)
+            for n in batch:
+                if specs[n].after_start is not None:
+                    try:
+                        specs[n].after_start()
+                    except StorageError as exc:
+                        raise ServiceError(f"{n}: post-start step failed: {exc}") from exc
     except BaseException:
         for n in reversed(started):
             stop_process(params, n)
         raise
-    return out
+    return sorted(out, key=lambda r: SERVICE_ORDER.index(r.name))
 
 
 def down(params: Params, only: Iterable[str] | None = None, *, timeout: float | None = None) -> list[tuple[str, str]]:
@@ -506,7 +555,19 @@ def down(params: Params, only: Iterable[str] | None = None, *, timeout: float | 
     extras = [n for n in registered_names(params) if n not in SERVICE_ORDER]
     order = [n for n in extras if not only or "prefect" in names or n in names]
     order += [n for n in reversed(SERVICE_ORDER) if n in names]
-    return [(n, stop_process(params, n, timeout)) for n in order]
+    results = [(n, stop_process(params, n, timeout)) for n in order]
+    if "seaweedfs" in names and running_process(params, "seaweedfs") is None:
+        _remove_weed_sockets(params)
+    return results
+
+
+def _remove_weed_sockets(params: Params) -> None:
+    """Remove the gRPC unix sockets ``weed mini`` creates in /tmp (no flag moves them) once it has exited."""
+    s = params.services
+    for path in (Path(f"/tmp/seaweedfs-s3-grpc-{s.s3_grpc_port}.sock"),
+                 Path(f"/tmp/seaweedfs-admin-grpc-{s.admin_grpc_port}.sock")):
+        if path.is_socket():
+            path.unlink(missing_ok=True)
 
 
 def status(params: Params) -> list[ServiceStatus]:

@@ -109,7 +109,7 @@ class Classifier(nn.Sequential):
 class ChannelAttention(nn.Module):
     """CBAM channel attention (Woo et al. 2018, Eq. 2).
 
-    ``M_c = sigmoid(MLP(avgpool(x)) + MLP(maxpool(x)))``, shared MLP ``C -> C/r -> C``;
+    ``M_c = sigmoid(MLP(avgpool(x)) + MLP(maxpool(x)))``, shared MLP ``C -> max(C/r, 8) -> C``;
     returns ``x * M_c``, ``(N, C, h, w)`` -> same shape.
     """
 

@@ -135,6 +135,24 @@ def source_view(params: Params, classes: Mapping[str, Path] | None = None, data_
     return view
 
 
+def count_class_images(folder: Path) -> int:
+    """Defect images with a mask in one class folder (``Images/<stem>.*`` with ``GT/<stem>.png``)."""
+    from pipeline.images import IMAGE_SUFFIXES
+
+    folder = Path(folder)
+    return sum(1 for p in (folder / "Images").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
+               and not p.name.startswith(".") and (folder / "GT" / f"{p.stem}.png").is_file())
+
+
+def class_image_counts(params: Params, data_dir: Path | None = None) -> dict[str, int]:
+    """Usable defect images per class of the current data version (``validated.parquet``); ``{}`` if none."""
+    path = Path(data_dir or params.data.dir) / "validated.parquet"
+    if not path.is_file():
+        return {}
+    rows = pd.read_parquet(path, columns=["class_name", "kind"])
+    return rows[rows["kind"] == "defect"].groupby("class_name").size().astype(int).to_dict()
+
+
 def extend_folds(folds: Mapping[int, Iterable[str]], image_counts: Mapping[str, int],
                  new: Iterable[str]) -> dict[int, list[str]]:
     """Place new classes into the fold table (rule in the module docstring).

@@ -113,11 +113,17 @@ class TrainParams(_Section):
 
 
 class EvaluateParams(_Section):
-    """Scoring on the saved episodes; latency; overlay pictures."""
+    """Scoring on the saved episodes; latency; overlay pictures.
+
+    ``batch_size``: episodes per forward pass. ``log_pyfunc``: also log each evaluated model as an
+    MLflow pyfunc (``pipeline/pyfunc.py``) in its nested run, loadable as ``runs:/<run_id>/model``.
+    """
 
     protocols: list[Literal["paper", "standard"]] = Field(default_factory=lambda: ["paper", "standard"])
     latency_queries: int = Field(20, ge=1)
     overlay_episodes_per_class: int = Field(2, ge=0)
+    batch_size: int = Field(64, ge=1)
+    log_pyfunc: bool = True
 
 
 class MlflowParams(_Section):

@@ -340,7 +340,8 @@ def _upsample_threshold(logits: torch.Tensor, sizes: Sequence[tuple[int, int]]) 
 
 
 def score_episodes(net: torch.nn.Module, src: FeatureSource, episodes: pd.DataFrame, batch_size: int = 64,
-                   keep: set[int] | None = None) -> tuple[IoUAccumulator, dict[int, torch.Tensor]]:
+                   keep: set[int] | None = None, desc: str | None = None
+                   ) -> tuple[IoUAccumulator, dict[int, torch.Tensor]]:
     """Score episodes (rows with ``class_name``, ``support_ids``, ``query_id``) at the original resolution.
 
     Args:
@@ -349,18 +350,23 @@ def score_episodes(net: torch.nn.Module, src: FeatureSource, episodes: pd.DataFr
         episodes: the saved episode rows of one (fold, protocol, K[, seed]).
         batch_size: episodes per forward pass.
         keep: positional episode indices whose predicted mask to return (for overlay pictures).
+        desc: label of a progress bar (episodes/s; shown on a terminal only), or None for none.
 
     Returns:
         ``(accumulator, {index: (H, W) bool prediction})``.
     """
+    from tqdm.auto import tqdm
+
     acc = IoUAccumulator()
     kept: dict[int, torch.Tensor] = {}
     sup = episodes["support_ids"].tolist()
     qry = episodes["query_id"].tolist()
     cls = episodes["class_name"].tolist()
-    with torch.inference_mode():
+    bar = tqdm(total=len(qry), desc=desc, unit="ep", disable=None if desc else True, leave=False)
+    with torch.inference_mode(), bar:
         for s in range(0, len(qry), batch_size):
             q = qry[s:s + batch_size]
+            bar.update(len(q))
             logits = _episode_logits(net, src, sup[s:s + batch_size], q)
             gts = [src.table.gt(i) for i in q]
             preds = _upsample_threshold(logits, [tuple(g.shape) for g in gts])
@@ -486,7 +492,8 @@ def evaluate_model(net: torch.nn.Module, image_size: int, src: FeatureSource, fo
         if protocol == "standard":
             mious, fbious, per_seed = [], [], []
             for seed, part in eps.groupby("seed", sort=True):
-                acc, _ = score_episodes(net, src, part.reset_index(drop=True), batch_size)
+                acc, _ = score_episodes(net, src, part.reset_index(drop=True), batch_size,
+                                        desc=f"{model_name} {kk} standard seed {seed}")
                 mious.append(acc.miou(test_classes))
                 fbious.append(acc.fbiou())
                 per_seed.append(acc.class_iou(test_classes))
@@ -501,7 +508,8 @@ def evaluate_model(net: torch.nn.Module, image_size: int, src: FeatureSource, fo
                              "iou": cm, "iou_std": cs, "episodes": int((eps["class_name"] == c).sum())})
         else:
             keep = _overlay_indices(eps, overlay_per_class)
-            acc, kept = score_episodes(net, src, eps.reset_index(drop=True), batch_size, keep)
+            acc, kept = score_episodes(net, src, eps.reset_index(drop=True), batch_size, keep,
+                                       desc=f"{model_name} {kk} {protocol}")
             slot[protocol] = {"miou": acc.miou(test_classes), "fbiou": acc.fbiou(), "episodes": int(len(eps))}
             for c, v in acc.class_iou(test_classes).items():
                 rows.append({"fold": fold, "model": model_name, "shots": k, "protocol": protocol, "class_name": c,
@@ -560,7 +568,7 @@ def _device_label(device: torch.device) -> str:
 
 
 def evaluate(params: Params, fold: int, model_names: Sequence[str] | None = None, data_dir: Path | None = None,
-             *, track: bool = True, batch_size: int = 64) -> dict[str, Any]:
+             *, track: bool = True, batch_size: int | None = None) -> dict[str, Any]:
     """Evaluate the trained models of ``fold`` on its saved test episodes (the DVC stage ``evaluate``).
 
     Args:
@@ -569,8 +577,9 @@ def evaluate(params: Params, fold: int, model_names: Sequence[str] | None = None
         model_names: models to score (default ``params.model.names``); each needs
             ``models/fold<f>/<model>/model.pt``.
         data_dir: data folder (default ``params.data.dir``).
-        track: log metrics, per-class table and pictures into each model's nested MLflow run.
-        batch_size: episodes per forward pass.
+        track: log metrics, per-class table and pictures (and, with ``evaluate.log_pyfunc``, the model
+            as a pyfunc) into each model's nested MLflow run.
+        batch_size: episodes per forward pass (default ``params.evaluate.batch_size``).
 
     Returns:
         The content written to ``metrics/fold<f>.json``:
@@ -599,6 +608,7 @@ def evaluate(params: Params, fold: int, model_names: Sequence[str] | None = None
     if missing:
         raise EvaluationError(f"model file(s) missing: {[str(p) for p in missing]}; train them first "
                               f"(`lerenet train --fold {fold} --model NAME` or `dvc repro train`)")
+    batch_size = batch_size or params.evaluate.batch_size
     device = resolve_device(params.train.device)
     configure_threads(device)
     out: dict[str, Any] = {}
@@ -623,7 +633,10 @@ def evaluate(params: Params, fold: int, model_names: Sequence[str] | None = None
         t0 = time.perf_counter()
         res = evaluate_model(net, size, src, fold, name, test_classes, episodes, normal_ids,
                              params.evaluate.latency_queries, params.evaluate.overlay_episodes_per_class, batch_size)
-        log.info("fold %d %s evaluated in %.1f s", fold, name, time.perf_counter() - t0)
+        n_eps = sum(len(e) for e in episodes.values())
+        dt = time.perf_counter() - t0
+        log.info("fold %d %s: %d episodes evaluated in %.1f s (%.1f episodes/s incl. false alarms and latency)",
+                 fold, name, n_eps, dt, n_eps / dt)
         out[name] = res.metrics
         frames.append(res.per_class)
         if track:
@@ -665,8 +678,14 @@ def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 def _log_to_mlflow(params: Params, fold: int, name: str, ckpt: Path, res: ModelResult) -> None:
-    """Log final metrics, per-class table and pictures into the model's nested run (from run.json)."""
+    """Log final metrics, per-class table, pictures (and the pyfunc model) into the model's nested run.
+
+    The run is the one named by ``run.json`` next to the checkpoint (written by training); without
+    it (or if that run no longer exists) the nested run training would have used is found or created
+    under the pipeline's parent run (name ``fold<f>/<model>/<backbone>/k<train shots>``).
+    """
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     from pipeline import tracking
     from pipeline.plots import overlay_grid, per_class_bar
@@ -677,15 +696,22 @@ def _log_to_mlflow(params: Params, fold: int, name: str, ckpt: Path, res: ModelR
     if run_json.is_file():
         try:
             run_id = json.loads(run_json.read_text()).get("run_id")
-        except (OSError, ValueError) as exc:
-            log.warning("%s unreadable (%s): logging evaluation into a new nested run", run_json, exc)
+            if run_id:
+                tracking.client(params).get_run(run_id)
+        except (OSError, ValueError, MlflowException) as exc:
+            log.warning("%s: run not usable (%s): logging evaluation into the nested run by name", run_json, exc)
+            run_id = None
     if run_id:
         ctx = tracking.resume_run(params, run_id)
     else:
-        ctx = tracking.nested_run(params, tracking.parent_run_id(params), f"fold{fold}-{name}",
-                                  tags={"fold": str(fold), "model": name})
+        run_name = f"fold{fold}/{name}/{params.model.backbone}/k{params.train.shots}"
+        ctx = tracking.nested_run(params, tracking.parent_run_id(params), run_name,
+                                  tags={"model": name, "backbone": params.model.backbone, "shots": params.train.shots,
+                                        "fold": f"fold{fold}", "variant": params.model.variant})
+    flat = flat_metrics(res.metrics)
     with ctx:
-        mlflow.log_metrics(flat_metrics(res.metrics))
+        mlflow.set_tag("evaluated", "true")
+        mlflow.log_metrics(flat)
         mlflow.log_table(res.per_class, artifact_file="evaluation/per_class_iou.json")
         with tempfile.TemporaryDirectory() as tmp:
             tmpd = Path(tmp)
@@ -697,124 +723,8 @@ def _log_to_mlflow(params: Params, fold: int, name: str, ckpt: Path, res: ModelR
             for tag, items in res.overlays.items():
                 overlay_grid(items, tmpd / f"overlays_{tag}.png", f"{name} fold {fold} {tag}")
             mlflow.log_artifacts(str(tmpd), artifact_path="evaluation")
+        if params.evaluate.log_pyfunc:
+            from pipeline.pyfunc import log_pyfunc
 
-
-# ---------------------------------------------------------------------------
-# any folder in the Surface Defects-4i layout, all classes novel
-# ---------------------------------------------------------------------------
-def folder_table(folder: Path, threshold: int = 127) -> tuple[ImageTable, list[str]]:
-    """Read a Surface Defects-4i-layout folder directly (no ingest) into an :class:`ImageTable`.
-
-    Defect images without a mask or with an empty mask are left out (as validation does), and so
-    are files Pillow cannot decode; each is named in the returned notes.
-
-    Returns:
-        ``(table, notes)``; ids are ``<Class>/<Images|Nd>/<file name>``.
-
-    Raises:
-        EvaluationError: the folder is missing, has no class folders, or a class folder lacks
-            ``Images/`` (message from :func:`pipeline.ingest.scan_source`).
-    """
-    from pipeline.ingest import IngestError, scan_source
-
-    try:
-        items = scan_source(Path(folder))
-    except IngestError as exc:
-        raise EvaluationError(str(exc)) from None
-    rows, notes = [], []
-    for it in items:
-        rid = f"{it.class_name}/{'Images' if it.kind == 'defect' else 'Nd'}/{it.src_image.name}"
-        if it.kind == "defect":
-            if it.src_mask is None:
-                notes.append(f"{rid}: no mask GT/{it.src_image.stem}.png, left out")
-                continue
-            try:
-                m = read_mask(it.src_mask, threshold)
-                h, w = m.shape
-            except Exception as exc:  # noqa: BLE001 - any undecodable mask is left out, named
-                notes.append(f"{rid}: mask not readable ({exc}), left out")
-                continue
-            if not m.any():
-                notes.append(f"{rid}: empty mask (no pixel > {threshold}), left out")
-                continue
-        else:
-            h = w = None
-        rows.append({"id": rid, "class_name": it.class_name, "kind": it.kind, "image_path": str(it.src_image),
-                     "mask_path": str(it.src_mask) if it.src_mask else None, "height": h, "width": w})
-    if not rows:
-        raise EvaluationError(f"{folder}: no usable defect image with a non-empty mask")
-    return ImageTable(pd.DataFrame(rows), Path(folder), threshold), notes
-
-
-def folder_episodes(table: ImageTable, shots: int, episodes: int, seed: int) -> pd.DataFrame:
-    """``episodes`` random K-shot episodes over every class of ``table`` with >= K+1 defect images.
-
-    Episode ``i`` draws a class uniformly, then K+1 distinct images (supports + query) with the RNG
-    ``numpy.random.default_rng([seed, i])`` (:func:`pipeline.episodes.training_episode`), so the same
-    seed gives the same episodes. Columns as the saved episode files: ``episode``, ``seed``,
-    ``class_name``, ``support_ids``, ``query_id``.
-
-    Raises:
-        EvaluationError: no class has K+1 usable images.
-    """
-    from pipeline.episodes import training_episode
-
-    defects = table.rows[table.rows["kind"] == "defect"]
-    pools = {c: sorted(g["id"]) for c, g in defects.groupby("class_name")}
-    if not any(len(v) > shots for v in pools.values()):
-        raise EvaluationError(f"no class has {shots + 1} usable images for {shots}-shot episodes "
-                              f"(class sizes: { {c: len(v) for c, v in pools.items()} })")
-    out = []
-    for i in range(episodes):
-        ep = training_episode(pools, shots, seed, i)
-        out.append({"episode": i, "seed": seed, "class_name": ep.class_name, "support_ids": list(ep.support_ids),
-                    "query_id": ep.query_id})
-    return pd.DataFrame(out)
-
-
-def evaluate_folder(folder: Path, model: str, shots: int, episodes: int = 1000, seed: int = 0, *,
-                    threshold: int = 127, device: str = "auto", batch_size: int = 64,
-                    image_size: int | None = None) -> dict[str, Any]:
-    """Score a model on any Surface Defects-4i-layout folder, treating every class as novel.
-
-    Args:
-        folder: ``<folder>/<Class>/{Images,GT[,Nd]}``, read directly (no ingest, no DVC).
-        model: checkpoint path, MLflow model URI (``models:/NAME@champion``, ``runs:/ID/model``), or
-            ``prototype`` (the untrained PANet-style prototype model on ImageNet EfficientNet-Lite0).
-        shots: K supports per episode. episodes: number of episodes (classes drawn uniformly).
-        seed: episode seed. threshold: mask binarisation (defect where value > threshold).
-        device: ``auto`` | ``cpu`` | ``cuda``. image_size: ``S`` for the ``prototype`` model (default 200).
-
-    Returns:
-        ``{"data", "model", "shots", "episodes", "seed", "per_class_iou": {class: iou}, "miou",
-        "fbiou", "fp": {...} (if the folder has Nd images), "classes_skipped", "left_out"}``.
-
-    Raises:
-        EvaluationError: unusable folder or model.
-    """
-    from pipeline.device import configure_threads, resolve_device
-
-    dev = resolve_device(device)
-    configure_threads(dev)
-    if model == "prototype":
-        from model import build_model
-
-        net, size = build_model("prototype", pretrained=True).to(dev).eval(), int(image_size or 200)
-    else:
-        net, size = load_net(model, dev)
-    table, notes = folder_table(Path(folder), threshold)
-    eps = folder_episodes(table, shots, episodes, seed)
-    src = FeatureSource(net, table, size)
-    acc, _ = score_episodes(net, src, eps, batch_size)
-    classes = sorted(eps["class_name"].unique())
-    all_classes = sorted(table.rows.loc[table.rows["kind"] == "defect", "class_name"].unique())
-    normal = table.rows[table.rows["kind"] == "normal"]
-    sets = {c: g["support_ids"].tolist() for c, g in eps.groupby("class_name")}
-    fa = false_alarms(net, src, sets, {c: g["id"].tolist() for c, g in normal.groupby("class_name")}, batch_size)
-    out: dict[str, Any] = {"data": str(folder), "model": str(model), "shots": shots, "episodes": episodes, "seed": seed,
-                           "per_class_iou": acc.class_iou(classes), "miou": acc.miou(classes), "fbiou": acc.fbiou()}
-    if fa:
-        out["fp"] = fa
-    out["classes_skipped"] = [c for c in all_classes if c not in classes]
-    out["left_out"] = notes
-    return out
+            log_pyfunc(ckpt, name="model", metadata_={"model_name": name, "fold": fold,
+                                                      **{k: v for k, v in flat.items() if k.endswith("miou")}})

@@ -73,6 +73,16 @@ def _is_image(p: Path) -> bool:
     return p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
 
 
+def check_source(source: Path) -> None:
+    """Raise :class:`IngestError` naming ``source`` and the fix if it is not an existing folder."""
+    if not source.exists():
+        raise IngestError(
+            f"source folder {source} does not exist: pass --source DIR, set LERENET_SOURCE, "
+            "or fix data.source in params.yaml")
+    if not source.is_dir():
+        raise IngestError(f"source {source} is not a folder (expected <source>/<Class>/Images, GT, Nd)")
+
+
 def scan_source(source: Path) -> list[_Item]:
     """List the images of a Surface Defects-4i-layout folder (no pixels read).
 
@@ -80,12 +90,7 @@ def scan_source(source: Path) -> list[_Item]:
         IngestError: ``source`` missing or not a folder, it holds no class folder, or a
             class folder has no ``Images/`` subfolder.
     """
-    if not source.exists():
-        raise IngestError(
-            f"source folder {source} does not exist: pass --source DIR, set LERENET_SOURCE, "
-            "or fix data.source in params.yaml")
-    if not source.is_dir():
-        raise IngestError(f"source {source} is not a folder (expected <source>/<Class>/Images, GT, Nd)")
+    check_source(source)
     class_dirs = sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not class_dirs:
         raise IngestError(f"source folder {source} holds no class folders (expected <source>/<Class>/Images/...)")

@@ -344,7 +344,7 @@ def train(params: Params, fold: int | None, model_name: str, out_dir: Path | Non
     ph = params_hash(params)
     start, best, best_step, best_state, curve, run_id = 0, -1.0, 0, None, [], None
     state = load_state(ckpt) if trainable else None
-    if state is not None and (state.get("params_hash"), state.get("fold"), state.get("model")) == (ph, fold, model_name):
+    if state is not None and (state.get("params_hash"), state.get("fold"), state.get("model_name")) == (ph, fold, model_name):
         net.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -412,7 +412,7 @@ def train(params: Params, fold: int | None, model_name: str, out_dir: Path | Non
                 curve.append(row)
                 if done % t.checkpoint_every == 0 or done == steps:
                     save_state(ckpt, {
-                        "params_hash": ph, "fold": fold, "model": model_name, "step": done,
+                        "params_hash": ph, "fold": fold, "model_name": model_name, "step": done,
                         "model": net.state_dict(), "optimizer": opt.state_dict(),
                         "scheduler": sched.state_dict(), "scaler": scaler.state_dict(), "rng": dev.rng_state(),
                         "best_val_miou": best, "best_step": best_step, "best_state": best_state,

@@ -227,7 +227,7 @@ def _gx_failures(vr: Any, manifest: pd.DataFrame, params: Params) -> list[Failur
                 same = manifest.index[(manifest["sha256"] == rec["sha256"]) & (manifest.index != row)]
                 detail = "identical (sha256) to " + ", ".join(f"row {i} {manifest.loc[i, 'image_path']}" for i in same)
             else:
-                detail = f"{col}={rec[col]!r} violates {cfg.type}"
+                detail = f"{col}={rec[col]} violates {cfg.type}"
             out.append(Failure(rule, row, str(rec["image_path"]), detail))
     return out
 
@@ -317,6 +317,21 @@ def _class_counts(manifest: pd.DataFrame, usable: pd.Series, params: Params) -> 
     return fails, per_class
 
 
+def _for_message(failures: list[Failure]) -> list[Failure]:
+    """Failures worth printing: one per (rule, row, detail); for a row whose file does not decode
+    (or changed after ingest) only that, since its other measurements are meaningless.
+    The report keeps them all."""
+    root_cause = {f.row for f in failures if f.rule in ("decodes", "file_unchanged") and f.row is not None}
+    seen, out = set(), []
+    for f in failures:
+        key = (f.rule, f.row, f.detail)
+        if key in seen or (f.row in root_cause and f.rule not in ("decodes", "file_unchanged")):
+            continue
+        seen.add(key)
+        out.append(f)
+    return out
+
+
 # ---------------------------------------------------------------------------
 # step
 # ---------------------------------------------------------------------------
@@ -329,7 +344,8 @@ def validate(params: Params, data_dir: Path | None = None) -> dict[str, Any]:
 
     Returns:
         The report (also written to ``validation/report.json``): ``success``, counts per
-        class, ``excluded`` rows (empty masks), near-duplicate listings, ``failures`` and the
+        class, ``excluded`` rows (empty masks, repeated copies of an image within a class) with
+        the reason, near-duplicate listings, ``failures`` and the
         GX summary; ``docs`` is the Data Docs index path relative to ``data_dir``.
 
     Raises:
@@ -375,12 +391,13 @@ def validate(params: Params, data_dir: Path | None = None) -> dict[str, Any]:
     atomic_write_text(report_path, json.dumps(report, indent=2, sort_keys=False, default=str) + "\n")
     if failures:
         (data_dir / VALIDATED).unlink(missing_ok=True)
-        lines = "\n".join("  " + f.line() for f in failures)
+        shown = _for_message(failures)
+        lines = "\n".join("  " + f.line() for f in shown)
         raise DataValidationError(
-            f"data validation failed ({len(failures)} problems) for {data_dir / MANIFEST}:\n{lines}\n"
+            f"data validation failed ({len(shown)} problems) for {data_dir / MANIFEST}:\n{lines}\n"
             f"report: {report_path}; Data Docs: {data_dir / DOCS_DIR / 'index.html'}", failures, report_path)
     validated = manifest[~manifest.index.isin(sorted(excluded_rows))].reset_index(drop=True)
     atomic_write_parquet(data_dir / VALIDATED, validated)
-    log.info("validation passed: %d rows, %d usable, %d excluded (empty masks)",
+    log.info("validation passed: %d rows, %d usable, %d excluded (see report)",
              len(manifest), len(validated), len(excluded_rows))
     return report

@@ -94,3 +94,15 @@ def small_params(small_params_file: Path):
     from pipeline.config import load_params
 
     return load_params(small_params_file, env={})
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One temporary Prefect API (SQLite) for the whole session (~13 s to start; ../shared/STACK.md).
+
+    The start-up timeout is generous because a loaded 2-core CI machine can take over 30 s.
+    """
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield

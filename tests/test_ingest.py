@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 
 import imagehash
 import numpy as np
@@ -138,3 +139,25 @@ def test_image_helpers(small_source):
     assert small.shape == (50, 60, 3) and small.dtype == np.uint8
     m = resize_mask(mask, 64)
     assert m.shape == (64, 64) and m.dtype == bool and m.any()
+
+
+def test_cli_ingest_default_is_the_accepted_class_view(small_params_file, small_source, tmp_path):
+    """Without --source: every class of data.source + incoming classes named in the fold table."""
+    incoming = tmp_path / "incoming"
+    fold_src = small_source / "Leather_Color"
+    shutil.copytree(fold_src, incoming / "Leather_New")
+    raw = yaml.safe_load(small_params_file.read_text())
+    raw["data"]["incoming"] = str(incoming)
+    small_params_file.write_text(yaml.safe_dump(raw))
+    res = runner.invoke(_cli(), ["ingest", "--params", str(small_params_file)])
+    assert res.exit_code == 0, res.output
+    assert set(load_manifest(tmp_path / "data")["class_name"]) == {"Steel_In", "MT_Uneven", "Leather_Color"}
+
+    raw["folds"][2].append("Leather_New")
+    small_params_file.write_text(yaml.safe_dump(raw))
+    res = runner.invoke(_cli(), ["ingest", "--params", str(small_params_file)])
+    assert res.exit_code == 0, res.output
+    assert "Leather_New" in res.output
+    m = load_manifest(tmp_path / "data")
+    assert (m["class_name"] == "Leather_New").sum() == 7
+    assert (tmp_path / "data" / "raw" / "Leather_New" / "GT" / "color0.png").is_file()

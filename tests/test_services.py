@@ -175,6 +175,9 @@ def test_down_stops_everything_in_order(running):
     assert_no_process(trees)
     assert all(r.state == "stopped" for r in svc.status(params))
     assert svc.registered_names(params) == []
+    s = params.services
+    assert not Path(f"/tmp/seaweedfs-s3-grpc-{s.s3_grpc_port}.sock").exists()
+    assert not Path(f"/tmp/seaweedfs-admin-grpc-{s.admin_grpc_port}.sock").exists()
     assert svc.down(params) == [("prefect", "not running"), ("mlflow", "not running"), ("seaweedfs", "not running")]
 
 
@@ -219,3 +222,16 @@ def test_unknown_service_and_bad_host_are_clear_errors(tmp_path):
 
     with pytest.raises(ConfigError, match="services.host.*loopback"):
         load_params(overrides={"services": {"host": "0.0.0.0"}}, env={})
+
+
+def test_start_failure_and_health_timeout_leave_nothing_running(tmp_path):
+    params = services_params(tmp_path / "state")
+    crash = [sys.executable, "-c", "import sys; print('boom: bad flag'); sys.exit(3)"]
+    with pytest.raises(svc.ServiceError, match=r"(?s)crasher exited with status 3 during start-up.*boom: bad flag"):
+        svc.start_process(params, "crasher", crash, health=lambda: False)
+    hang = [sys.executable, "-c", "import time; time.sleep(600)"]
+    with pytest.raises(svc.ServiceError, match=r"hanger not healthy after 1 s"):
+        svc.start_process(params, "hanger", hang, health=lambda: False, timeout=1.0)
+    assert svc.registered_names(params) == []
+    leftovers = [p for p in psutil.Process().children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE]
+    assert not leftovers, leftovers

@@ -27,18 +27,31 @@ def ingest_cmd(
     out: Path = typer.Option(None, "--out", help="data folder to write raw/ and manifest.parquet into; default data.dir"),
     params_file: Path = ParamsOption,
 ) -> None:
-    """Copy the source folder into <data>/raw and write <data>/manifest.parquet (one row per image)."""
-    from pipeline.ingest import IngestError, ingest
+    """Copy the source into <data>/raw and write <data>/manifest.parquet (one row per image).
+
+    Without --source, the accepted classes are ingested (``pipeline.classes``): every class of
+    data.source plus the classes of data.incoming named in the fold table, as the Prefect flow does.
+    """
+    from pipeline.classes import ClassTableError, accepted_classes, source_view
+    from pipeline.ingest import IngestError, ingest, scan_source
 
     params = params_or_exit(params_file, _data_override(out))
     try:
-        manifest = ingest(params, source=source.resolve() if source else None)
-    except IngestError as exc:
+        if source is not None:
+            origin = str(source.resolve())
+            manifest = ingest(params, source=source.resolve())
+        else:
+            scan_source(params.data.source)  # clear errors for a missing source or a malformed class folder
+            classes = accepted_classes(params)
+            extra = sorted(set(classes) - {p.name for p in params.data.source.iterdir()})
+            origin = str(params.data.source) + (f" + {extra} from {params.data.incoming}" if extra else "")
+            manifest = ingest(params, source=source_view(params, classes))
+    except (IngestError, ClassTableError) as exc:
         fail(str(exc))
         return
     n_err = int(manifest["error"].notna().sum())
     typer.echo(f"ingested {len(manifest)} images of {manifest['class_name'].nunique()} classes from "
-               f"{source or params.data.source} into {params.data.dir}" + (f" ({n_err} do not decode: `lerenet validate` lists them)" if n_err else ""))
+               f"{origin} into {params.data.dir}" + (f" ({n_err} do not decode: `lerenet validate` lists them)" if n_err else ""))
 
 
 @app.command("validate")

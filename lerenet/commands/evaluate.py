@@ -58,6 +58,10 @@ def evaluate_cmd(
             return
         typer.echo(json.dumps(result, indent=2))
         return
+    import logging
+
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
     params = params_or_exit(params_file)
     names = [m.strip() for m in models.split(",") if m.strip()] if models else None
     try:

@@ -1,0 +1,200 @@
+"""Episodic training on a few real images: outputs, resume == uninterrupted, determinism,
+feature-cache reuse, MLflow parent/nested runs, the fine-tuned (image) path and the CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import mlflow
+import pytest
+import torch
+
+from _train_data import load, make_project
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """Small real project (3 classes x 7 images, fold 0 tests Steel_In) with its feature store built."""
+    from pipeline.features import build_feature_store
+
+    pf = make_project(tmp_path_factory.mktemp("train"))
+    build_feature_store(load(pf), progress=False)
+    return pf
+
+
+@pytest.fixture(scope="module")
+def reference(project):
+    """One uninterrupted, tracked LERENet run on fold 0 (12 steps, checkpoint every 4)."""
+    from pipeline.train import train
+
+    params = load(project)
+    return params, train(params, 0, "lerenet", progress=False)
+
+
+def _state(path):
+    from pipeline.checkpoint import load_model
+
+    net, meta = load_model(path)
+    return net.state_dict(), meta
+
+
+def _curve(path):
+    with open(path, newline="") as fh:
+        return [{k: v for k, v in r.items() if k != "episodes_per_s"} for r in csv.DictReader(fh)]
+
+
+def test_training_writes_model_curve_and_run_json(reference):
+    from pipeline.checkpoint import load_model
+    from pipeline.train import checkpoint_path
+
+    params, res = reference
+    assert res.steps == 12 and res.resumed_from == 0
+    assert res.model_path == params.root / "models" / "fold0" / "lerenet" / "model.pt"
+    net, meta = load_model(res.model_path)
+    assert meta["model"] == "lerenet" and meta["backbone"] == "efficientnet_lite0"
+    assert meta["fold"] == 0 and meta["image_size"] == 64 and meta["train_shots"] == 1
+    assert meta["best_step"] in (4, 8, 12) and meta["best_val_miou"] == pytest.approx(res.best_val_miou)
+    assert 0.0 <= res.best_val_miou <= 1.0
+    rows = list(csv.DictReader(open(res.curve_path)))
+    assert [int(r["step"]) for r in rows] == list(range(1, 13))
+    assert [int(r["step"]) for r in rows if r["val_miou"]] == [4, 8, 12]
+    assert all(float(r["loss"]) > 0 for r in rows)
+    lrs = [float(r["lr"]) for r in rows]
+    assert lrs[0] == pytest.approx(0.01) and all(a > b for a, b in zip(lrs, lrs[1:]))  # poly decay
+    run = json.loads(res.run_json.read_text())
+    assert run["run_id"] == res.run_id and run["fold"] == 0 and run["model"] == "lerenet"
+    assert checkpoint_path(params, 0, "lerenet").is_file()
+    # the loaded model runs on a 1-shot episode
+    x = torch.rand(1, 1, 3, 64, 64)
+    out = net(x, (x[:, :, :1] > 0.5).float(), torch.rand(1, 3, 64, 64))
+    assert out.shape == (1, 1, 64, 64)
+
+
+def test_mlflow_parent_and_nested_run(reference):
+    from pipeline.tracking import PARENT_TAG, TAG_ROLE, tracking_uri
+
+    params, res = reference
+    client = mlflow.MlflowClient(tracking_uri(params))
+    run = client.get_run(res.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == "fold0/lerenet/efficientnet_lite0/k1"
+    parent = client.get_run(run.data.tags[PARENT_TAG])
+    assert parent.data.tags[TAG_ROLE] == "parent"
+    assert run.data.tags["model"] == "lerenet" and run.data.tags["fold"] == "fold0" and run.data.tags["shots"] == "1"
+    assert run.data.params["train.lr"] == "0.01"
+    assert run.data.tags["data_version"].startswith("manifest-sha256:")  # no dvc.lock in the test project
+    assert len(client.get_metric_history(res.run_id, "loss")) == 12
+    assert [m.step for m in client.get_metric_history(res.run_id, "val_miou")] == [4, 8, 12]
+    assert run.data.metrics["best_val_miou"] == pytest.approx(res.best_val_miou)
+    assert "training" in [a.path for a in client.list_artifacts(res.run_id)]
+
+
+def test_resume_after_kill_equals_uninterrupted_run(reference, tmp_path):
+    from pipeline.train import TrainingStopped, train
+
+    params, ref = reference
+    kw = dict(out_dir=tmp_path / "out", checkpoint_file=tmp_path / "state.pt", curve_file=tmp_path / "curve.csv",
+              track=False, progress=False)
+    with pytest.raises(TrainingStopped):
+        train(params, 0, "lerenet", stop_after=6, **kw)  # "killed" after step 6; last checkpoint at step 4
+    assert not (tmp_path / "out" / "model.pt").exists()
+    res = train(params, 0, "lerenet", **kw)
+    assert res.resumed_from == 4
+    a, meta_a = _state(ref.model_path)
+    b, meta_b = _state(res.model_path)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert meta_b["best_val_miou"] == meta_a["best_val_miou"] and meta_b["best_step"] == meta_a["best_step"]
+    assert _curve(res.curve_path) == _curve(ref.curve_path)
+
+
+def test_same_seed_same_result_other_seed_differs(reference, tmp_path):
+    from pipeline.train import train
+
+    params, ref = reference
+    same = train(params, 0, "lerenet", out_dir=tmp_path / "a", checkpoint_file=tmp_path / "a.pt",
+                 curve_file=tmp_path / "a.csv", track=False, progress=False)
+    a, _ = _state(ref.model_path)
+    b, _ = _state(same.model_path)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert same.best_val_miou == ref.best_val_miou
+    other = train(load(params.root / "params.yaml", train={"seed": 1}), 0, "lerenet", out_dir=tmp_path / "b",
+                  checkpoint_file=tmp_path / "b.pt", curve_file=tmp_path / "b.csv", track=False, progress=False)
+    c, _ = _state(other.model_path)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_training_reuses_cached_features(project, tmp_path, monkeypatch):
+    """Two models trained on the store: the backbone runs once per run (the staleness check), not per episode."""
+    from model.base import FewShotSegmenter
+    from pipeline.train import train
+
+    calls = []
+    real = FewShotSegmenter.encode
+
+    def counting(self, images):
+        calls.append(images.shape[0])
+        return real(self, images)
+
+    monkeypatch.setattr(FewShotSegmenter, "encode", counting)
+    params = load(project)
+    for name in ("baseline", "lerenet"):
+        train(params, 1, name, out_dir=tmp_path / name, checkpoint_file=tmp_path / f"{name}.pt",
+              curve_file=tmp_path / f"{name}.csv", track=False, progress=False)
+    assert calls == [1, 1]  # 2 runs x (12 steps x 2 episodes x 2 images) would be 96 without the cache
+
+
+def test_prototype_writes_its_model_at_once(project, tmp_path):
+    from pipeline.checkpoint import load_model
+    from pipeline.train import train
+
+    res = train(load(project), 2, "prototype", out_dir=tmp_path / "p", curve_file=tmp_path / "p.csv",
+                checkpoint_file=tmp_path / "p.pt", track=False, progress=False)
+    assert res.steps == 0 and not (tmp_path / "p.pt").exists()
+    _, meta = load_model(res.model_path)
+    assert meta["model"] == "prototype" and meta["step"] == 0
+    rows = list(csv.DictReader(open(res.curve_path)))
+    assert len(rows) == 1 and 0.0 <= float(rows[0]["val_miou"]) <= 1.0
+
+
+def test_fine_tuned_backbone_trains_on_images(project, tmp_path):
+    """Paper-profile path (no cache): images augmented on the fly in a DataLoader, backbone updated."""
+    from pipeline.checkpoint import build_net
+    from pipeline.train import train
+
+    params = load(project, model={"freeze_backbone": False},
+                  train={"episodes": 4, "checkpoint_every": 2, "val_every": 2, "val_episodes": 2})
+    before = build_net(params, "baseline").backbone.state_dict()
+    res = train(params, None, "baseline", out_dir=tmp_path / "ft", checkpoint_file=tmp_path / "ft.pt",
+                curve_file=tmp_path / "ft.csv", track=False, progress=False)
+    assert res.model_path.parent.name == "ft" and res.steps == 2
+    net, meta = _state(res.model_path)
+    assert meta["freeze_backbone"] is False and meta["fold"] is None
+    changed = [k for k, v in before.items() if v.is_floating_point() and not torch.equal(v, net[f"backbone.{k}"])]
+    assert changed  # the backbone was fine-tuned
+
+
+def test_bad_inputs_fail_clearly(project):
+    from pipeline.train import train
+
+    params = load(project)
+    with pytest.raises(ValueError, match="unknown model"):
+        train(params, 0, "unet", track=False)
+    with pytest.raises(ValueError, match="fold 7 is not in params.yaml"):
+        train(params, 7, "lerenet", track=False)
+
+
+def test_cli_train_and_errors(project):
+    from typer.testing import CliRunner
+
+    from lerenet.cli import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["train", "--fold", "all", "--model", "prototype", "--params", str(project), "--no-track"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output[res.output.index("{"):])
+    assert out["model_path"].endswith("models/all/prototype/model.pt")
+    res = runner.invoke(app, ["train", "--fold", "x", "--model", "lerenet", "--params", str(project)])
+    assert res.exit_code == 2 and "--fold" in res.output
