@@ -6,14 +6,19 @@ PANet-style prototype model, on ResNet-50 / VGG-16-BN / EfficientNet-Lite0 backb
 
 from model.backbones import BACKBONES, WeightsError, build_backbone, torchvision_state_dict_shapes
 from model.base import FewShotSegmenter
-from model.lerenet import VARIANTS
+from model.baseline import Baseline
+from model.lerenet import VARIANTS, LERENet
+from model.prototype import PrototypeNet
 from model.registry import MODELS, build_model
 
 __all__ = [
     "BACKBONES",
     "MODELS",
     "VARIANTS",
+    "Baseline",
     "FewShotSegmenter",
+    "LERENet",
+    "PrototypeNet",
     "WeightsError",
     "build_backbone",
     "build_model",

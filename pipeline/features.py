@@ -16,7 +16,7 @@ Store layout (a folder, ``<data>/features/<backbone>_<S>/``, DVC stage ``feature
 View 0 of every validated image (defect and defect-free ``normal``) is the clean image resized
 to ``S x S`` (:func:`pipeline.augment.clean_pair`). Views ``1..V`` (``params.train.feature_views``)
 exist for defect images only and are augmented with :mod:`pipeline.augment`, the seed of view
-``v`` of image ``id`` being derived from ``(train.seed, id, v)``: independent of build order.
+``v`` of image ``id`` being derived from ``(FEATURE_SEED, id, v)``: independent of build order.
 """
 
 from __future__ import annotations
@@ -40,6 +40,9 @@ from pipeline.config import Params
 from pipeline.images import load_validated, read_image, read_mask, resolve
 
 STORE_VERSION = 1
+#: seed of the cached augmented views: fixed, so that runs with other ``train.seed`` values (which
+#: draw other episodes and other views per episode) share one store instead of rebuilding it
+FEATURE_SEED = 0
 FEATS, MASKS, INDEX = "feats.npy", "masks.npy", "index.json"
 
 
@@ -65,7 +68,7 @@ def _settings(params: Params) -> dict[str, Any]:
         "weights": str(params.model.weights) if params.model.weights else None,
         "image_size": params.train.image_size,
         "feature_views": params.train.feature_views if params.train.augment else 0,
-        "augment_seed": params.train.seed,
+        "augment_seed": FEATURE_SEED,
         "mask_threshold": params.data.mask_threshold,
     }
 
@@ -97,7 +100,7 @@ def _views_of_row(row: Any, params: Params, data_dir: Path, n_aug: int, pipeline
     views = [clean_pair(image, mask, params.train.image_size)]
     if row.kind == "defect":
         for v in range(1, n_aug + 1):
-            views.append(augment_pair(pipeline, image, mask, view_seed(params.train.seed, row.id, v)))
+            views.append(augment_pair(pipeline, image, mask, view_seed(FEATURE_SEED, row.id, v)))
     return views
 
 

@@ -352,6 +352,9 @@ def train(params: Params, fold: int | None, model_name: str, out_dir: Path | Non
         dev.set_rng_state(state["rng"])
         start, best, best_step = state["step"], state["best_val_miou"], state["best_step"]
         best_state, curve, run_id = state["best_state"], state["curve"], state.get("run_id")
+    elif state is not None:
+        tqdm.write(f"note: ignoring {ckpt}: it belongs to other params/fold/model (params hash "
+                   f"{state.get('params_hash')} != {ph}); training from step 0")
 
     tracker = _Tracker(params, fold, model_name, run_id) if track else None
     run_id = tracker.run_id if tracker else None

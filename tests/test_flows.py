@@ -266,3 +266,18 @@ def test_training_then_new_class_retrain_end_to_end(prefect_harness, tmp_path, s
     assert again["status"] == "nothing new"
     versions = R.client(params).search_model_versions(f"name='{params.mlflow.registered_model}'")
     assert len(versions) == 2
+
+
+def test_deployments_schedule_and_concurrency(tmp_path, small_source):
+    from flows.deploy import build_deployments
+
+    pfile = tiny_params_file(tmp_path, small_source)
+    retrain, training = build_deployments(pfile)
+    params = load_params(pfile, env={})
+    assert retrain.name == "retrain-on-new-classes" and training.name == "training-pipeline"
+    assert [s.schedule.cron for s in retrain.schedules] == [params.retrain.cron]
+    assert training.schedules in (None, [])
+    for d in (retrain, training):
+        limit = d.concurrency_limit if isinstance(d.concurrency_limit, int) else d.concurrency_limit.limit
+        assert limit == 1
+        assert d.parameters == {"params_path": str(pfile)}
