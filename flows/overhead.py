@@ -71,7 +71,8 @@ def _bin(name: str) -> str:
 def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "LERENET_PARAMS")}
     env.update({"DVC_NO_ANALYTICS": "1", "GX_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                "DO_NOT_TRACK": "1", "MLFLOW_ENABLE_TELEMETRY": "false"})
+                "DO_NOT_TRACK": "1", "MLFLOW_ENABLE_TELEMETRY": "false",
+                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"})
     return env
 
 

@@ -81,6 +81,12 @@ def to_tensor_pair(image: np.ndarray, mask: np.ndarray):
     """(S, S, 3) uint8 + (S, S) bool -> torch ``(3, S, S)`` float in [0, 1] and ``(1, S, S)`` float {0, 1}."""
     import torch
 
-    img = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
-    m = torch.from_numpy(np.ascontiguousarray(mask)).float().unsqueeze(0)
+    image = np.ascontiguousarray(image)
+    mask = np.ascontiguousarray(mask)
+    if not image.flags.writeable:  # Pillow arrays are read-only; torch wants writable memory
+        image = image.copy()
+    if not mask.flags.writeable:
+        mask = mask.copy()
+    img = torch.from_numpy(image).permute(2, 0, 1).float().div_(255.0)
+    m = torch.from_numpy(mask).float().unsqueeze(0)
     return img, m

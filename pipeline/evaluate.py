@@ -47,10 +47,9 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from pipeline.augment import clean_pair, to_tensor_pair
 from pipeline.config import Params
 from pipeline.images import (atomic_write_text, load_episodes, load_split, load_validated, read_image, read_mask,
-                             resize_image, resolve)
+                             resize_image, resize_mask, resolve)
 from pipeline.metrics import IoUAccumulator, mean_std
 
 log = logging.getLogger(__name__)
@@ -101,6 +100,25 @@ def load_net(model: str | os.PathLike[str], device: torch.device | str = "cpu") 
     return net.eval(), int(meta["image_size"])
 
 
+def clean_tensors(image: np.ndarray, mask: np.ndarray | None, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The un-augmented ``S x S`` view as tensors, identical to the feature store's view 0.
+
+    Same as ``pipeline.augment.to_tensor_pair(*pipeline.augment.clean_pair(image, mask, S))`` (checked in
+    tests/test_evaluate.py) without importing the augmentation stack, so the served pyfunc stays small.
+
+    Args:
+        image: ``(H, W, 3)`` uint8 RGB. mask: ``(H, W)`` bool or None (all background).
+        image_size: ``S``.
+
+    Returns:
+        ``(3, S, S)`` float in [0, 1] (bilinear resize) and ``(1, S, S)`` float {0, 1} (nearest resize).
+    """
+    img = torch.from_numpy(np.array(resize_image(image, image_size))).permute(2, 0, 1).float().div_(255.0)
+    m = (np.zeros((image_size, image_size), bool) if mask is None
+         else resize_mask(np.asarray(mask, bool), image_size))
+    return img, torch.from_numpy(np.array(m)).float().unsqueeze(0)
+
+
 def _device_of(net: torch.nn.Module) -> torch.device:
     for p in net.parameters():
         return p.device
@@ -137,10 +155,10 @@ def predict_query(net: torch.nn.Module, support_images: Sequence[np.ndarray], su
     for k, (im, m) in enumerate(zip(support_images, support_masks)):
         if im.shape[:2] != np.asarray(m).shape:
             raise ValueError(f"support {k}: mask size {np.asarray(m).shape} != image size {im.shape[:2]}")
-        t_img, t_msk = to_tensor_pair(*clean_pair(im, np.asarray(m, bool), image_size))
+        t_img, t_msk = clean_tensors(im, np.asarray(m, bool), image_size)
         imgs.append(t_img)
         msks.append(t_msk)
-    q, _ = to_tensor_pair(resize_image(query_image, image_size), np.zeros((image_size, image_size), bool))
+    q, _ = clean_tensors(query_image, None, image_size)
     h, w = query_image.shape[:2]
     with torch.inference_mode():
         sup = torch.stack(imgs).to(device)
@@ -261,7 +279,7 @@ class FeatureSource:
             chunk = todo[s:s + self.batch_size]
             imgs, msks = [], []
             for i in chunk:
-                img, m = to_tensor_pair(*clean_pair(self.table.image(i), self.table.mask(i), self.image_size))
+                img, m = clean_tensors(self.table.image(i), self.table.mask(i), self.image_size)
                 imgs.append(img)
                 msks.append(m)
             with torch.inference_mode():

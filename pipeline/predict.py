@@ -166,22 +166,51 @@ def _registry_version(client: Any, uri: str) -> tuple[str, str, str | None, Any]
     return name, str(mv.version), alias, mv
 
 
-def _checkpoint_in_model_dir(model_dir: Path) -> Path:
-    """The checkpoint file of a downloaded pyfunc folder (``MLmodel`` -> python_function artifacts)."""
+def _checkpoint_entry(mlmodel: Path) -> str:
+    """Relative path of the ``checkpoint`` artifact named in a pyfunc ``MLmodel`` file (or its folder)."""
     from mlflow.models import Model
 
     try:
-        flavor = Model.load(str(model_dir)).flavors.get("python_function", {})
+        flavor = Model.load(str(mlmodel)).flavors.get("python_function", {})
     except Exception as exc:  # noqa: BLE001 - any unreadable MLmodel is the same user error
-        raise ModelNotFoundError(f"{model_dir}: not an MLflow model folder ({exc})") from None
+        raise ModelNotFoundError(f"{mlmodel}: not an MLflow model ({exc})") from None
     art = (flavor.get("artifacts") or {}).get("checkpoint")
     if not art:
-        raise ModelNotFoundError(f"{model_dir}: the logged pyfunc has no 'checkpoint' artifact; log it with "
+        raise ModelNotFoundError(f"{mlmodel}: the logged pyfunc has no 'checkpoint' artifact; log it with "
                                  "pipeline.pyfunc.log_pyfunc")
-    path = model_dir / (art["path"] if isinstance(art, dict) else art)
+    return str(art["path"] if isinstance(art, dict) else art)
+
+
+def _checkpoint_in_model_dir(model_dir: Path) -> Path:
+    """The checkpoint file of a local pyfunc folder (``MLmodel`` -> python_function artifacts)."""
+    path = model_dir / _checkpoint_entry(model_dir)
     if not path.is_file():
         raise ModelNotFoundError(f"{path}: checkpoint artifact listed in MLmodel is missing")
     return path
+
+
+def _model_location(client: Any, text: str) -> tuple[str, str | None, str | None, str | None, str]:
+    """Artifact location of a ``models:/`` or ``runs:/`` URI -> (location, name, version, alias, run_id).
+
+    Resolved with the given client only (``mlflow.artifacts.download_artifacts`` on a ``models:/`` URI
+    ignores an explicit registry URI in MLflow 3.17, and ``runs:/`` falls back to the global store).
+    """
+    from mlflow.exceptions import MlflowException
+
+    if text.startswith("models:/"):
+        name, version, alias, mv = _registry_version(client, text)
+        return client.get_model_version_download_uri(name, version), name, version, alias, mv.run_id
+    run_id, _, path = text[len("runs:/"):].partition("/")
+    path = path.strip("/") or "model"
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise ModelNotFoundError(f"{text}: no run {run_id!r} in {client.tracking_uri}") from None
+    logged = [m for m in client.search_logged_models(experiment_ids=[run.info.experiment_id],
+                                                     filter_string=f"source_run_id = '{run_id}'")
+              if m.name == path]
+    location = logged[0].artifact_location if logged else f"{run.info.artifact_uri.rstrip('/')}/{path}"
+    return location, None, None, None, run_id
 
 
 def _local_checkpoint(path: Path) -> Path:
@@ -229,27 +258,19 @@ def resolve_model(spec: str | os.PathLike[str], tracking_uri: str | None = None,
                                      "nothing is registered; train and register a model first (or set "
                                      "MLFLOW_TRACKING_URI, or pass a checkpoint path)")
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-        if text.startswith("models:/"):
-            name, version, alias, mv = _registry_version(client, text)
-            run_id = mv.run_id
-            download_uri = f"models:/{name}/{version}"
-        else:
-            run_id = text[len("runs:/"):].split("/", 1)[0]
-            try:
-                client.get_run(run_id)
-            except MlflowException:
-                raise ModelNotFoundError(f"{text}: no run {run_id!r} in {client.tracking_uri}") from None
-            download_uri = text
+        location, name, version, alias, run_id = _model_location(client, text)
         tmp = Path(tempfile.mkdtemp(prefix="lerenet-model-"))
-        try:
-            if tracking_uri:
-                mlflow.set_tracking_uri(tracking_uri)
-                mlflow.set_registry_uri(tracking_uri)
+        try:  # only MLmodel and the checkpoint are fetched, with explicit URIs (no global MLflow state)
             try:
-                local = Path(mlflow.artifacts.download_artifacts(artifact_uri=download_uri, dst_path=str(tmp)))
+                mlmodel = mlflow.artifacts.download_artifacts(artifact_uri=f"{location}/MLmodel", dst_path=str(tmp),
+                                                              tracking_uri=uri)
+                entry = _checkpoint_entry(Path(mlmodel))
+                ckpt = mlflow.artifacts.download_artifacts(artifact_uri=f"{location}/{entry}",
+                                                           dst_path=str(tmp / "ckpt"), tracking_uri=uri)
             except MlflowException as exc:
-                raise ModelNotFoundError(f"{text}: could not download the model ({exc.message})") from None
-            net, meta = load_model(_checkpoint_in_model_dir(local))
+                raise ModelNotFoundError(f"{text}: could not download the model from {location} "
+                                         f"({exc.message})") from None
+            net, meta = load_model(ckpt)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     else:

@@ -7,7 +7,10 @@ package) is a genuine model without any training.
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 from pipeline.checkpoint import save_model
@@ -27,30 +30,44 @@ def prototype_checkpoint(path: Path) -> Path:
     return path
 
 
+_REGISTER = """
+import sys
+from pathlib import Path
+import mlflow
+from mlflow import MlflowClient
+from pipeline.pyfunc import log_pyfunc
+
+uri, root, ckpt, name = sys.argv[1:5]
+client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+exp = client.create_experiment("inference-tests", artifact_location=(Path(root) / "mlartifacts").as_uri())
+with mlflow.start_run(experiment_id=exp) as run:
+    log_pyfunc(ckpt, name="model", registered_model_name=name)
+version = max(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
+client.set_registered_model_alias(name, "champion", str(version))
+print(version, run.info.run_id)
+"""
+
+
 def register_champion(root: Path, checkpoint: Path, name: str = "lerenet-test") -> dict[str, str]:
     """Log ``checkpoint`` with ``pipeline.pyfunc.log_pyfunc`` into ``<root>/mlruns.db`` (SQLite; artifacts
-    under ``<root>/mlartifacts``), register it as version 1 of ``name`` and point alias ``champion`` at it.
+    under ``<root>/mlartifacts``), register it as a version of ``name`` and point alias ``champion`` at it.
 
-    Returns ``{"tracking_uri", "name", "version", "run_id"}``. Restores MLflow's previous tracking URI.
+    Runs in a subprocess with ``MLFLOW_TRACKING_URI`` / ``MLFLOW_REGISTRY_URI`` set, because MLflow's
+    fluent API keeps the tracking URI in process-global state and in ``os.environ``: the test process's
+    MLflow state is left untouched. Returns ``{"tracking_uri", "name", "version", "run_id"}``.
+
+    Raises:
+        RuntimeError: the registration failed (its output is in the message).
     """
-    import mlflow
-    from mlflow import MlflowClient
-
-    from pipeline.pyfunc import log_pyfunc
-
     uri = f"sqlite:///{root / 'mlruns.db'}"
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
-        client = MlflowClient(uri)
-        exp = client.create_experiment("inference-tests", artifact_location=(root / "mlartifacts").as_uri())
-        with mlflow.start_run(experiment_id=exp) as run:
-            log_pyfunc(checkpoint, name="model", registered_model_name=name)
-        version = max(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
-        client.set_registered_model_alias(name, "champion", str(version))
-    finally:
-        mlflow.set_tracking_uri(previous)
-    return {"tracking_uri": uri, "name": name, "version": str(version), "run_id": run.info.run_id}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_REGISTRY_URI": uri, "DO_NOT_TRACK": "1",
+           "MLFLOW_ENABLE_TELEMETRY": "false"}
+    proc = subprocess.run([sys.executable, "-c", _REGISTER, uri, str(root), str(checkpoint), name], env=env,
+                          cwd=root, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        raise RuntimeError(f"registering {checkpoint} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    version, run_id = proc.stdout.split()[-2:]
+    return {"tracking_uri": uri, "name": name, "version": version, "run_id": run_id}
 
 
 def copy_class(dest: Path, cls: str, stems_or_count: int | list[str]) -> Path:

@@ -10,7 +10,6 @@ import base64
 import io
 import json
 import shutil
-import warnings
 from pathlib import Path
 
 import cv2
@@ -280,8 +279,10 @@ def test_resolve_registry_alias_version_and_errors(registry):
         P.resolve_model("runs:/deadbeef/model", tracking_uri=uri)
 
 
-def test_cli_predict_champion_by_default(registry, work, queries, tmp_path):
+def test_cli_predict_champion_by_default(registry, work, queries, tmp_path, monkeypatch):
     from lerenet.cli import app
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the params file names the registry
 
     params = write_small_params(tmp_path / "params.yaml", work / "src", tmp_path / "data",
                                 mlflow={"tracking_uri": registry["tracking_uri"], "registered_model": registry["name"]})
@@ -306,8 +307,10 @@ def test_cli_predict_champion_by_default(registry, work, queries, tmp_path):
     assert json.loads((tmp_path / "out2" / "summary.json").read_text())["shots"] == 2
 
 
-def test_cli_bad_input_exit_codes(registry, work, queries, tmp_path):
+def test_cli_bad_input_exit_codes(registry, work, queries, tmp_path, monkeypatch):
     from lerenet.cli import app
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
     params = write_small_params(tmp_path / "params.yaml", work / "src", tmp_path / "data",
                                 mlflow={"tracking_uri": registry["tracking_uri"], "registered_model": registry["name"]})
@@ -347,23 +350,3 @@ def test_request_limits():
     total = pd.DataFrame({"support_images": [[big, big]], "support_masks": [[big, big]], "query_image": [big]})
     with pytest.raises(P.RequestTooLargeError, match="pixels in all"):
         P.check_request_frame(total)
-
-
-def test_pyfunc_enforces_limits(registry):
-    """The logged pyfunc refuses an oversized request in its predict path."""
-    import mlflow
-
-    prev = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(registry["tracking_uri"])
-    try:
-        pf = mlflow.pyfunc.load_model(f"models:/{registry['name']}@champion")
-    finally:
-        mlflow.set_tracking_uri(prev)
-    img = _b64_png(np.zeros((20, 30), np.uint8))
-    frame = pd.DataFrame({"support_images": [[img]] * (P.MAX_QUERIES_PER_REQUEST + 1),
-                          "support_masks": [[img]] * (P.MAX_QUERIES_PER_REQUEST + 1),
-                          "query_image": [img] * (P.MAX_QUERIES_PER_REQUEST + 1)})
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with pytest.raises(Exception, match="the limit is 32 per request"):
-            pf.predict(frame)

@@ -65,7 +65,8 @@ def served(tmp_path_factory):
     copy_class(root / "src", "Leather_Color", 1)
     port = _free_port()
     bin_dir = Path(sys.executable).parent  # the server runs `uvicorn` from PATH: the venv's bin first
-    env = {**os.environ, "MLFLOW_TRACKING_URI": reg["tracking_uri"], "MLFLOW_ENABLE_TELEMETRY": "false",
+    env = {**os.environ, "MLFLOW_TRACKING_URI": reg["tracking_uri"], "MLFLOW_REGISTRY_URI": reg["tracking_uri"],
+           "MLFLOW_ENABLE_TELEMETRY": "false",
            "DO_NOT_TRACK": "1", "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
     mlflow_cli = bin_dir / "mlflow"
     log = (root / "server.log").open("wb")

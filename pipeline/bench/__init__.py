@@ -1,0 +1,10 @@
+"""Benchmarks: training throughput, inference latency, pipeline overhead, ingest throughput, memory.
+
+``lerenet bench`` / ``make bench`` -> :func:`pipeline.bench.runner.run_bench`, which prints a table
+and writes ``bench/results.json``. Modules: :mod:`~pipeline.bench.harness` (timing, statistics,
+peak memory, machine), :mod:`~pipeline.bench.workspace` (throw-away projects on a small copy of
+the real data), one module per case (``train_case``, ``infer_case``, ``data_case``,
+``overhead_case``), :mod:`~pipeline.bench.plain` (the pipeline as plain Python) and
+:mod:`~pipeline.bench.runner`. Benchmarks are never run by the unit tests' timing assertions:
+``tests/test_bench.py`` checks the statistics and that a tiny case writes valid JSON.
+"""

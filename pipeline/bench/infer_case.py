@@ -1,0 +1,123 @@
+"""Benchmark case ``inference``: ms per query and queries/s, supports cached vs not, batch 1 and 16.
+
+Model: LERENet with the EfficientNet-Lite0 backbone (packaged ImageNet weights, untrained head:
+speed does not depend on the head's weights), eval mode, no autograd, ``S x S`` input (200), K
+support pairs (1) and ``queries`` query images, all real images of ``data.source`` decoded
+beforehand (decoding is not timed; resizing, the network and the upsampling of each probability
+map to its query's original size are).
+
+* **cached**: what ``lerenet predict`` does (:mod:`pipeline.predict`): the support set is encoded
+  once per pass (:func:`pipeline.predict.encode_supports`), then every batch of queries runs
+  ``encode(queries)`` + ``forward_features`` (:func:`pipeline.predict.predict_probabilities`).
+* **not cached**: the same computation, except that the K supports are encoded again for every
+  query of every batch (``encode`` of ``n*K`` support images + ``n`` queries, then
+  ``forward_features``), as a service that does not reuse the support set would.
+
+One pass = all queries in batches of ``batch``; a figure is the median (min, max) over repeated
+passes after warm-up passes. ``speed-up`` is the per-repeat ratio not-cached / cached pass time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.bench.harness import ratio_stats, summarize, time_calls
+from pipeline.images import IMAGE_SUFFIXES, read_image, read_mask, resize_mask
+
+
+def load_images(source: Path, cls: str, shots: int, queries: int,
+                threshold: int = 127) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+    """First ``shots`` image/mask pairs with a non-empty mask of ``source/cls`` (file-name order) as
+    supports, the next ``queries`` images as queries: ``(H, W, 3)`` uint8 arrays and ``(H, W)`` bool masks.
+
+    Raises:
+        FileNotFoundError: the class folder is missing or has too few images (names folder and counts).
+    """
+    images_dir = Path(source) / cls / "Images"
+    if not images_dir.is_dir():
+        raise FileNotFoundError(f"benchmark data: {images_dir} does not exist (set data.source / LERENET_SOURCE)")
+    files = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    sup_img, sup_msk, rest = [], [], []
+    for p in files:
+        mask_path = Path(source) / cls / "GT" / f"{p.stem}.png"
+        if len(sup_img) < shots and mask_path.is_file():
+            m = read_mask(mask_path, threshold)
+            if m.any():
+                sup_img.append(read_image(p))
+                sup_msk.append(m)
+                continue
+        if len(rest) < queries:
+            rest.append(p)
+        if len(sup_img) == shots and len(rest) == queries:
+            break
+    if len(sup_img) < shots or len(rest) < queries:
+        raise FileNotFoundError(f"benchmark data: {images_dir} gives {len(sup_img)} supports and {len(rest)} queries; "
+                                f"{shots} and {queries} are needed")
+    return sup_img, sup_msk, [read_image(p) for p in rest]
+
+
+def make_passes(net: torch.nn.Module, supports: list[np.ndarray], masks: list[np.ndarray],
+                queries: list[np.ndarray], size: int, batch: int, device: torch.device):
+    """``(cached_pass, uncached_pass)``: callables that process every query once (module docstring)."""
+    from pipeline.predict import encode_supports, predict_probabilities, to_batch
+
+    def cached() -> None:
+        sup = encode_supports(net, supports, masks, size, device)
+        for i in range(0, len(queries), batch):
+            predict_probabilities(net, sup, queries[i:i + batch], device)
+
+    s_img = to_batch(supports, size).to(device)
+    s_msk = torch.from_numpy(np.stack([resize_mask(m, size) for m in masks])).float()[:, None].to(device)
+
+    @torch.inference_mode()
+    def uncached() -> None:
+        for i in range(0, len(queries), batch):
+            chunk = queries[i:i + batch]
+            q = to_batch(chunk, size).to(device)
+            n, k = q.shape[0], s_img.shape[0]
+            sf = net.encode(s_img[None].expand(n, *s_img.shape).flatten(0, 1)).unflatten(0, (n, k))
+            qf = net.encode(q)
+            logits = net.forward_features(sf, s_msk[None].expand(n, *s_msk.shape), qf, tuple(qf.shape[-2:]))
+            for j, im in enumerate(chunk):
+                up = F.interpolate(logits[j:j + 1].float(), size=im.shape[:2], mode="bilinear", align_corners=False)
+                torch.sigmoid(up)[0, 0].cpu().numpy()
+
+    return cached, uncached
+
+
+def run(ctx: Any) -> dict[str, Any]:
+    """Measure inference (module docstring) with ``ctx`` (:class:`pipeline.bench.runner.Context`)."""
+    from model import build_model
+
+    s, device = ctx.settings, ctx.device
+    supports, masks, queries = load_images(ctx.source, s.infer_class, s.shots, s.infer_queries)
+    torch.manual_seed(0)
+    net = build_model("lerenet", "efficientnet_lite0", freeze_backbone=True, pretrained=True).to(device).eval()
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
+    n = len(queries)
+    rows: list[dict[str, Any]] = []
+    for batch in s.infer_batches:
+        cached, uncached = make_passes(net, supports, masks, queries, s.image_size, batch, device)
+        t_c, t_u = [], []
+        for _ in range(s.warmup):
+            cached()
+            uncached()
+        for _ in range(s.repeats):  # alternate, so both see the same machine state
+            t_c += time_calls(cached, warmup=0, repeats=1, sync=sync)
+            t_u += time_calls(uncached, warmup=0, repeats=1, sync=sync)
+        for tag, times in (("supports cached", t_c), ("not cached", t_u)):
+            rows.append({"label": f"batch {batch}, {tag}: ms/query",
+                         **summarize([1000 * t / n for t in times], "ms/query").as_dict()})
+            rows.append({"label": f"batch {batch}, {tag}: queries/s",
+                         **summarize([n / t for t in times], "queries/s").as_dict()})
+        rows.append({"label": f"batch {batch}: caching speed-up", **ratio_stats(t_u, t_c).as_dict()})
+    info = {"model": "lerenet", "backbone": "efficientnet_lite0 (ImageNet, frozen), head untrained",
+            "image_size": s.image_size, "shots": s.shots, "queries_per_pass": n, "class": s.infer_class,
+            "batches": list(s.infer_batches), "warmup_passes": s.warmup, "repeats": s.repeats,
+            "timed": "resize + network + upsampling to original size (decoding excluded)"}
+    return {"rows": rows, "info": info}

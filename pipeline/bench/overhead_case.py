@@ -1,0 +1,158 @@
+"""Benchmark case ``overhead``: one tiny training pipeline run three ways, side by side.
+
+A throw-away git + DVC project (``git init``, ``dvc init``) holds a copy of the project's
+``dvc.yaml``, links to the code folders, a small copy of the real data (one class per fold) and a
+tiny ``params.yaml`` (:func:`pipeline.bench.workspace.tiny_overrides`: ``lerenet`` only, K = 1,
+2 training steps of 2 episodes at 64 px). From a clean state each time (no data, models,
+metrics, MLflow store, DVC cache or ``dvc.lock``) it runs, as separate processes:
+
+* ``plain``   -- ``python -m pipeline.bench.plain``: the step functions in order, one process;
+* ``dvc``     -- ``dvc repro --no-run-cache``: every stage a ``lerenet ...`` process;
+* ``prefect`` -- ``lerenet flow training``: the Prefect flow, no server configured (Prefect starts
+  its temporary local API; ``PREFECT_HOME`` inside the project), ``dvc commit`` at its end.
+
+Rounds rotate the order of the three modes; warm-up rounds are untimed (they also create the
+Prefect database). Figures: wall seconds per mode, the per-round ratios dvc/plain, prefect/plain
+and prefect/dvc, and the peak RSS of the largest process of each run (``os.wait4`` rusage).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline.bench import workspace
+from pipeline.bench.harness import ratio_stats, summarize
+from pipeline.config import DEFAULT_PARAMS
+
+MODES = ("plain", "dvc", "prefect")
+CODE_DIRS = ("pipeline", "model", "lerenet", "flows")
+OUTPUTS = ("data", "models", "metrics", "docs", "reports", "checkpoints", "mlruns.db", "mlartifacts", "dvc.lock",
+           ".dvc/cache", ".dvc/tmp")
+RUN_TIMEOUT_S = 1800
+
+
+class OverheadError(RuntimeError):
+    """A pipeline run of the overhead case failed; the message names the mode and the log file."""
+
+
+def _bin(name: str) -> str:
+    return str(Path(sys.executable).parent / name)
+
+
+def run_env(root: Path) -> dict[str, str]:
+    """Environment of every run: telemetry off, no external Prefect/MLflow server, venv first on PATH."""
+    drop = {"MLFLOW_TRACKING_URI", "PREFECT_API_URL", "LERENET_PARAMS", "LERENET_PARENT_RUN_ID", "LERENET_PROFILE",
+            "LERENET_SOURCE", "LERENET_INCOMING"}
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env.update({"DVC_NO_ANALYTICS": "1", "GX_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                "DO_NOT_TRACK": "1", "MLFLOW_ENABLE_TELEMETRY": "false", "PREFECT_HOME": str(root / ".prefect"),
+                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"})
+    return env
+
+
+def commands() -> dict[str, list[str]]:
+    """The command line of each mode (run in the project folder)."""
+    return {
+        "plain": [sys.executable, "-m", "pipeline.bench.plain", "--params", "params.yaml"],
+        "dvc": [_bin("dvc"), "repro", "--no-run-cache", "-q"],
+        "prefect": [_bin("lerenet"), "flow", "training", "--params", "params.yaml"],
+    }
+
+
+def make_project(root: Path, source: Path, classes: tuple[str, ...], images_per_class: int) -> Path:
+    """Create the throw-away git + DVC project in ``root`` (module docstring); returns its params file.
+
+    Raises:
+        subprocess.CalledProcessError: ``git init`` or ``dvc init`` failed.
+    """
+    project = DEFAULT_PARAMS.parent
+    root.mkdir(parents=True, exist_ok=True)
+    src = workspace.make_small_source(source, root / "source", classes, images_per_class, normals_per_class=2)
+    for name in CODE_DIRS:
+        if not (root / name).exists():
+            os.symlink(project / name, root / name)
+    shutil.copy(project / "dvc.yaml", root / "dvc.yaml")
+    pf = workspace.write_params(root / "params.yaml", src, workspace.tiny_overrides(classes))
+    env = run_env(root)
+    if not (root / ".git").exists():
+        subprocess.run(["git", "init", "-q"], cwd=root, env=env, check=True)
+    if not (root / ".dvc").is_dir():
+        subprocess.run([_bin("dvc"), "init", "-q"], cwd=root, env=env, check=True)
+    return pf
+
+
+def clean(root: Path) -> None:
+    """Remove every output (and the DVC cache) so that the next run starts from nothing."""
+    for name in OUTPUTS:
+        p = root / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
+
+
+def run_once(cmd: list[str], root: Path, log: Path) -> tuple[float, float]:
+    """Run ``cmd`` in ``root`` (output appended to ``log``); returns ``(wall seconds, peak RSS MiB)``.
+
+    The peak RSS is ``ru_maxrss`` of the ``os.wait4`` rusage: the largest resident set of the
+    process and of the descendants it waited for.
+
+    Raises:
+        OverheadError: non-zero exit status or no ``reports/registry.json`` at the end (names the log).
+    """
+    with log.open("a") as fh:
+        fh.write(f"\n$ {' '.join(cmd)}\n")
+        fh.flush()
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=root, env=run_env(root), stdout=fh, stderr=subprocess.STDOUT)
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise OverheadError(f"`{' '.join(cmd)}` exited with status {proc.returncode}; see {log}")
+    if not (root / "reports" / "registry.json").is_file():
+        raise OverheadError(f"`{' '.join(cmd)}` ended without writing reports/registry.json; see {log}")
+    return wall, usage.ru_maxrss / 1024.0
+
+
+def run(ctx: Any) -> dict[str, Any]:
+    """Measure the three modes (module docstring) with ``ctx`` (:class:`pipeline.bench.runner.Context`)."""
+    s = ctx.settings
+    root = ctx.workdir / "overhead"
+    make_project(root, ctx.source, tuple(s.overhead_classes), s.overhead_images_per_class)
+    log = root / "overhead.log"
+    cmds = commands()
+    wall: dict[str, list[float]] = {m: [] for m in MODES}
+    rss: dict[str, list[float]] = {m: [] for m in MODES}
+    for r in range(s.overhead_warmup + s.overhead_repeats):
+        order = MODES[r % 3:] + MODES[:r % 3]
+        for mode in order:
+            clean(root)
+            w, m = run_once(cmds[mode], root, log)
+            if r >= s.overhead_warmup:
+                wall[mode].append(w)
+                rss[mode].append(m)
+    rows: list[dict[str, Any]] = []
+    for mode in MODES:
+        rows.append({"label": f"{mode}: seconds per pipeline run", **summarize(wall[mode], "s").as_dict()})
+    for a, b in (("dvc", "plain"), ("prefect", "plain"), ("prefect", "dvc")):
+        rows.append({"label": f"{a} / {b} time", **ratio_stats(wall[a], wall[b]).as_dict()})
+    for mode in MODES:
+        rows.append({"label": f"{mode}: peak RSS of largest process", **summarize(rss[mode], "MiB").as_dict()})
+    info = {"project": str(root), "log": str(log), "commands": {m: " ".join(c) for m, c in cmds.items()},
+            "classes": list(s.overhead_classes), "images_per_class": s.overhead_images_per_class,
+            "config": "one class per fold (3 folds), lerenet only, K=1, 2 steps x 2 episodes at 64 px, "
+                      "10 standard episodes; every run from a clean state (no outputs, MLflow store, DVC cache)",
+            "warmup_rounds": s.overhead_warmup, "repeats": s.overhead_repeats}
+    return {"rows": rows, "info": info}

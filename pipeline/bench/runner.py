@@ -1,0 +1,214 @@
+"""Run the benchmark cases, print a table and write ``bench/results.json``.
+
+Cases (one module each; see their docstrings for exactly what is timed):
+
+| case | module | figures |
+| --- | --- | --- |
+| ``train`` | :mod:`pipeline.bench.train_case` | episodes/s, data-wait share (and AMP speed-up on CUDA) |
+| ``inference`` | :mod:`pipeline.bench.infer_case` | ms/query, queries/s; supports cached vs not; batch 1, 16 |
+| ``ingest`` | :mod:`pipeline.bench.data_case` | ingest / validate images/s on ``data.source`` |
+| ``overhead`` | :mod:`pipeline.bench.overhead_case` | plain Python vs ``dvc repro`` vs Prefect flow, ratios |
+
+Every case also reports its peak memory (:class:`pipeline.bench.harness.PeakMemory`). A case
+that fails is recorded with its error and the others still run; :func:`run_bench` returns the
+results and the caller decides the exit status.
+
+Presets (:data:`PRESETS`): ``full`` (what ``make bench`` runs; sized for <= 10 minutes on a quiet
+2-core CPU) and ``quick`` (smoke run: one repeat, smaller workloads).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.bench import data_case, harness, infer_case, overhead_case, train_case
+from pipeline.config import Params
+
+SCHEMA = "lerenet-bench/1"
+RESULTS = Path("bench") / "results.json"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Workload sizes and repetitions of one benchmark run (see the case modules).
+
+    ``warmup``/``repeats`` apply to ``train`` (blocks of ``train_steps`` steps) and ``inference``
+    (passes over ``infer_queries`` queries); ``data_*`` to ``ingest`` (whole runs over the source);
+    ``overhead_*`` to ``overhead`` (rounds of the three pipeline runs). ``workers``: DataLoader workers
+    of the image-based training configuration (``None`` = ``params.train.num_workers``).
+    """
+
+    warmup: int = 1
+    repeats: int = 5
+    image_size: int = 200
+    shots: int = 1
+    train_steps: int = 4
+    train_classes: tuple[str, ...] = ("Steel_In", "MT_Blowhole", "Leather_Color")
+    train_images_per_class: int = 8
+    infer_class: str = "MT_Break"
+    infer_queries: int = 16
+    infer_batches: tuple[int, ...] = (1, 16)
+    data_warmup: int = 1
+    data_repeats: int = 2
+    overhead_warmup: int = 1
+    overhead_repeats: int = 2
+    overhead_classes: tuple[str, ...] = ("Steel_In", "MT_Blowhole", "Leather_Color")
+    overhead_images_per_class: int = 6
+    workers: int | None = None
+
+
+PRESETS: dict[str, Settings] = {
+    "full": Settings(),
+    "quick": Settings(warmup=1, repeats=1, train_steps=2, infer_queries=4, infer_batches=(1, 4),
+                      data_warmup=0, data_repeats=1, overhead_warmup=0, overhead_repeats=1),
+}
+
+CASES: dict[str, Callable[[Any], dict[str, Any]]] = {
+    "train": train_case.run,
+    "inference": infer_case.run,
+    "ingest": data_case.run,
+    "overhead": overhead_case.run,
+}
+
+
+@dataclass
+class Context:
+    """What a case gets: settings, validated project params, device, data source, a scratch folder."""
+
+    settings: Settings
+    params: Params
+    device: torch.device
+    source: Path
+    workdir: Path
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _row_line(case: str, row: dict[str, Any]) -> str:
+    def num(x: float) -> str:
+        return f"{x:.3g}" if abs(x) < 1000 else f"{x:.0f}"
+
+    return (f"| {case} | {row['label']} | {num(row['median'])} | {num(row['min'])} | {num(row['max'])} | "
+            f"{row['unit']} | {row['n']} |")
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """Markdown table of every figure: case, figure, median, min, max, unit, n (plus failed cases)."""
+    lines = ["| case | figure | median | min | max | unit | n |", "| --- | --- | ---: | ---: | ---: | --- | ---: |"]
+    for name, case in results["cases"].items():
+        for row in case.get("rows", []):
+            lines.append(_row_line(name, row))
+        if case.get("error"):
+            lines.append(f"| {name} | FAILED: {case['error'].splitlines()[0][:150]} | | | | | |")
+    return "\n".join(lines)
+
+
+def run_case(name: str, ctx: Context) -> dict[str, Any]:
+    """Run one case under :class:`~pipeline.bench.harness.PeakMemory`; never raises for the case's own errors.
+
+    Returns ``{"rows", "info", "memory", "seconds", "error"}`` (``error`` is ``None`` on success,
+    else the exception text; the traceback goes to ``info["traceback"]``). The peak RSS is
+    appended to ``rows`` as ``peak RSS (whole case)`` (and CUDA max allocated on CUDA).
+    """
+    t0 = time.perf_counter()
+    out: dict[str, Any] = {"rows": [], "info": {}, "memory": {}, "seconds": 0.0, "error": None}
+    with harness.PeakMemory(ctx.device) as mem:
+        try:
+            res = CASES[name](ctx)
+            out["rows"], out["info"] = res["rows"], res.get("info", {})
+        except Exception as exc:  # noqa: BLE001 -- recorded; the other cases still run
+            out["error"] = f"{type(exc).__name__}: {exc}"
+            out["info"]["traceback"] = traceback.format_exc()
+    out["memory"] = mem.result()
+    if out["error"] is None:
+        out["rows"].append({"label": "peak RSS of this process (whole case)",
+                            **harness.summarize([out["memory"]["rss_peak_mib"]], "MiB").as_dict()})
+        if out["memory"]["cuda_max_allocated_mib"] is not None:
+            out["rows"].append({"label": "CUDA max allocated (whole case)",
+                                **harness.summarize([out["memory"]["cuda_max_allocated_mib"]], "MiB").as_dict()})
+    out["seconds"] = round(time.perf_counter() - t0, 2)
+    return out
+
+
+def run_bench(params: Params, *, cases: Sequence[str] | None = None, preset: str = "full",
+              settings: Settings | None = None, device: str = "auto", out: Path | None = None,
+              workdir: Path | None = None, keep: bool = False,
+              echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the benchmark and write its JSON results.
+
+    Args:
+        params: validated project params (``data.source`` is the benchmark data; ``folds`` the fold table).
+        cases: names from :data:`CASES` (default: all, in table order).
+        preset: ``"full"`` or ``"quick"`` (:data:`PRESETS`); ignored when ``settings`` is given.
+        settings: explicit sizes (tests pass tiny ones).
+        device: ``"auto"`` | ``"cpu"`` | ``"cuda"`` (:func:`pipeline.device.resolve_device`).
+        out: results file (default ``<params.root>/bench/results.json``); written atomically.
+        workdir: scratch folder (default a new temporary folder, removed at the end unless ``keep``).
+        echo: progress lines go here.
+
+    Returns:
+        The results dict (also written to ``out``): ``schema``, ``created`` (UTC ISO), ``preset``,
+        ``settings``, ``device``, ``machine``, ``load_average_start``/``_end``, ``cases`` (per case
+        ``rows`` [{label, median, min, max, n, unit}], ``info``, ``memory``, ``seconds``, ``error``),
+        ``total_seconds``, ``table`` (markdown).
+
+    Raises:
+        ValueError: unknown case or preset name; device ``cuda`` without CUDA.
+    """
+    from pipeline import device as dev
+    from pipeline.images import atomic_write_text
+
+    names = list(cases) if cases else list(CASES)
+    unknown = [c for c in names if c not in CASES]
+    if unknown:
+        raise ValueError(f"unknown benchmark case(s) {unknown}; choose from {list(CASES)}")
+    if settings is None:
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose from {list(PRESETS)}")
+        settings = PRESETS[preset]
+    dev_ = dev.resolve_device(device)
+    dev.configure_threads(dev_)
+    out = Path(out) if out is not None else params.root / RESULTS
+    own_tmp = workdir is None
+    work = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="lerenet-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    ctx = Context(settings=settings, params=params, device=dev_, source=Path(params.data.source), workdir=work)
+    results: dict[str, Any] = {
+        "schema": SCHEMA, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv), "preset": preset if settings is PRESETS.get(preset) else "custom",
+        "settings": asdict(settings), "device": str(dev_), "machine": harness.machine_info(dev_),
+        "load_average_start": harness.load_average(), "cases": {},
+    }
+    t0 = time.perf_counter()
+    try:
+        for name in names:
+            echo(f"bench: {name} ...")
+            res = run_case(name, ctx)
+            results["cases"][name] = res
+            echo(f"bench: {name} {'FAILED: ' + res['error'] if res['error'] else 'done'} in {res['seconds']:.1f} s")
+    finally:
+        if own_tmp and not keep:
+            shutil.rmtree(work, ignore_errors=True)
+    results["load_average_end"] = harness.load_average()
+    results["total_seconds"] = round(time.perf_counter() - t0, 1)
+    results["table"] = format_table(results)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, json.dumps(results, indent=2, default=str) + "\n")
+    return results
+
+
+def with_overrides(settings: Settings, **changes: Any) -> Settings:
+    """``settings`` with the non-``None`` ``changes`` applied (CLI flags such as ``--repeats``)."""
+    changes = {k: v for k, v in changes.items() if v is not None}
+    return replace(settings, **changes) if changes else settings
