@@ -36,8 +36,9 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
+## Benchmarks -> table + bench/results.json (docs/performance.md). `make bench BENCH_ARGS="--quick"`, `--only train`.
 bench: install
-	$(BIN)/lerenet bench
+	$(BIN)/lerenet bench $(BENCH_ARGS)
 
 serve: install
 	$(BIN)/lerenet serve

@@ -71,8 +71,14 @@ def available_classes(params: Params) -> dict[str, Path]:
 
 
 def accepted_classes(params: Params) -> dict[str, Path]:
-    """The accepted source view: all ``data.source`` classes + incoming classes named in the folds."""
-    base = source_classes(params.data.source)
+    """The accepted source view: all ``data.source`` classes + incoming classes named in the folds.
+
+    Every non-hidden folder of ``data.source`` is kept, even one without ``Images/``, so the ingest
+    step still reports a malformed class folder instead of silently skipping it.
+    """
+    src = params.data.source
+    base = {p.name: p for p in sorted(Path(src).iterdir()) if p.is_dir() and not p.name.startswith(".")} \
+        if src is not None and Path(src).is_dir() else {}
     incoming = source_classes(params.data.incoming)
     named = set(params.all_classes)
     return {**base, **{c: p for c, p in incoming.items() if c in named}}

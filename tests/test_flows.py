@@ -281,3 +281,58 @@ def test_deployments_schedule_and_concurrency(tmp_path, small_source):
         limit = d.concurrency_limit if isinstance(d.concurrency_limit, int) else d.concurrency_limit.limit
         assert limit == 1
         assert d.parameters == {"params_path": str(pfile)}
+
+
+# ---------------------------------------------------------------------------
+# new-class detection and the fold-table rule (pipeline/classes.py)
+# ---------------------------------------------------------------------------
+def test_extend_folds_rule_fewest_images_then_lowest_fold():
+    from pipeline.classes import ClassTableError, extend_folds
+
+    folds = {0: ["A"], 1: ["B"], 2: ["C"]}
+    counts = {"A": 50, "B": 10, "C": 10, "N1": 30, "N2": 5}
+    # N1 first (alphabetical): folds 1 and 2 tie at 10 -> fold 1 (now 40); N2 -> fold 2 (10 < 40 < 50)
+    assert extend_folds(folds, counts, ["N2", "N1"]) == {0: ["A"], 1: ["B", "N1"], 2: ["C", "N2"]}
+    assert folds == {0: ["A"], 1: ["B"], 2: ["C"]}  # input untouched
+    with pytest.raises(ClassTableError, match="already in fold 0"):
+        extend_folds(folds, counts, ["A"])
+    with pytest.raises(ClassTableError, match="no image count"):
+        extend_folds(folds, counts, ["Z"])
+
+
+def test_write_folds_keeps_comments_and_validates(tmp_path):
+    from pipeline.classes import write_folds
+
+    path = tmp_path / "params.yaml"
+    shutil.copy(ROOT / "params.yaml", path)
+    before = load_params(path, env={})
+    folds = {f: list(c) for f, c in before.folds.items()}
+    folds[2].append("Leather_Fold")
+    write_folds(path, folds)
+    text = path.read_text()
+    assert "# test (novel) classes per fold" in text and "# K values for saved test episodes" in text
+    after = load_params(path, env={})
+    assert after.folds == folds and after.model_dump(exclude={"folds"}) == before.model_dump(exclude={"folds"})
+
+
+def test_new_class_detection_and_source_view(tmp_path, small_source):
+    from pipeline.classes import accepted_classes, new_classes, source_view
+
+    incoming = tmp_path / "incoming"
+    (incoming / "Leather_Fold").mkdir(parents=True)
+    os.symlink(INCOMING / "Leather_Fold" / "Images", incoming / "Leather_Fold" / "Images")
+    params = load_params(tiny_params_file(tmp_path, small_source, incoming), env={})
+    # nothing ingested yet: every class is new
+    assert new_classes(params) == ["Leather_Color", "Leather_Fold", "MT_Uneven", "Steel_In"]
+    # the data version holds the three base classes -> only the incoming one is new
+    params.data.dir.mkdir(parents=True)
+    import pandas as pd
+
+    pd.DataFrame({"class_name": ["Leather_Color", "MT_Uneven", "Steel_In"]}).to_parquet(
+        params.data.dir / "manifest.parquet")
+    assert new_classes(params) == ["Leather_Fold"]
+    # the accepted view (what ingest reads) has the base classes only, until the fold table names it
+    assert sorted(accepted_classes(params)) == ["Leather_Color", "MT_Uneven", "Steel_In"]
+    view = source_view(params)
+    assert sorted(p.name for p in view.iterdir()) == ["Leather_Color", "MT_Uneven", "Steel_In"]
+    assert (view / "Steel_In").resolve() == (small_source / "Steel_In").resolve()

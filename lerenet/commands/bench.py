@@ -20,6 +20,8 @@ def bench_cmd(
     warmup: int = typer.Option(None, "--warmup", min=0, help="warm-up runs of train/inference (default: preset)"),
     workers: int = typer.Option(None, "--workers", min=0, help="DataLoader workers of the image-based training case "
                                 "(default: params train.num_workers)"),
+    threads: int = typer.Option(None, "--threads", min=1, help="torch CPU threads of the in-process cases "
+                                "(default: all cores)"),
     out: Path = typer.Option(None, "--out", help="results JSON (default <project>/bench/results.json)"),
     workdir: Path = typer.Option(None, "--workdir", help="scratch folder (default: a temporary one, removed)"),
     keep: bool = typer.Option(False, "--keep", help="keep the scratch folder (logs of the pipeline runs)"),
@@ -40,7 +42,7 @@ def bench_cmd(
     settings = with_overrides(PRESETS[preset], repeats=repeats, warmup=warmup, workers=workers)
     try:
         results = run_bench(params, cases=only or None, preset=preset, settings=settings, device=device, out=out,
-                            workdir=workdir, keep=keep, echo=lambda m: typer.echo(m, err=True))
+                            workdir=workdir, keep=keep, threads=threads, echo=lambda m: typer.echo(m, err=True))
     except ValueError as exc:
         fail(str(exc), code=2)
         return

@@ -182,6 +182,12 @@ class PeakMemory:
                 "cuda_max_allocated_mib": None if self._cuda_peak is None else round(self._cuda_peak, 1)}
 
 
+def cpu_seconds() -> float:
+    """User + system CPU seconds used so far by this process and its waited-for children."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def load_average() -> list[float] | None:
     """1, 5 and 15 minute load averages (``os.getloadavg``), ``None`` where unsupported."""
     try:

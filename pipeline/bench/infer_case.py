@@ -104,10 +104,10 @@ def run(ctx: Any) -> dict[str, Any]:
     for batch in s.infer_batches:
         cached, uncached = make_passes(net, supports, masks, queries, s.image_size, batch, device)
         t_c, t_u = [], []
-        for _ in range(s.warmup):
+        for _ in range(s.infer_warmup):
             cached()
             uncached()
-        for _ in range(s.repeats):  # alternate, so both see the same machine state
+        for _ in range(s.infer_repeats):  # alternate, so both see the same machine state
             t_c += time_calls(cached, warmup=0, repeats=1, sync=sync)
             t_u += time_calls(uncached, warmup=0, repeats=1, sync=sync)
         for tag, times in (("supports cached", t_c), ("not cached", t_u)):
@@ -118,6 +118,6 @@ def run(ctx: Any) -> dict[str, Any]:
         rows.append({"label": f"batch {batch}: caching speed-up", **ratio_stats(t_u, t_c).as_dict()})
     info = {"model": "lerenet", "backbone": "efficientnet_lite0 (ImageNet, frozen), head untrained",
             "image_size": s.image_size, "shots": s.shots, "queries_per_pass": n, "class": s.infer_class,
-            "batches": list(s.infer_batches), "warmup_passes": s.warmup, "repeats": s.repeats,
+            "batches": list(s.infer_batches), "warmup_passes": s.infer_warmup, "repeats": s.infer_repeats,
             "timed": "resize + network + upsampling to original size (decoding excluded)"}
     return {"rows": rows, "info": info}

@@ -52,6 +52,9 @@ def run_env(root: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in drop}
     env.update({"DVC_NO_ANALYTICS": "1", "GX_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                 "DO_NOT_TRACK": "1", "MLFLOW_ENABLE_TELEMETRY": "false", "PREFECT_HOME": str(root / ".prefect"),
+                # Prefect's default 20 s for its temporary API to start is too short on a loaded 2-core machine
+                "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": env.get(
+                    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300"),
                 "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"})
     return env
 

@@ -44,14 +44,16 @@ RESULTS = Path("bench") / "results.json"
 class Settings:
     """Workload sizes and repetitions of one benchmark run (see the case modules).
 
-    ``warmup``/``repeats`` apply to ``train`` (blocks of ``train_steps`` steps) and ``inference``
-    (passes over ``infer_queries`` queries); ``data_*`` to ``ingest`` (whole runs over the source);
-    ``overhead_*`` to ``overhead`` (rounds of the three pipeline runs). ``workers``: DataLoader workers
+    ``train_warmup``/``train_repeats`` count blocks of ``train_steps`` optimiser steps;
+    ``infer_warmup``/``infer_repeats`` passes over ``infer_queries`` queries; ``data_*`` whole ingest +
+    validate runs over the source; ``overhead_*`` rounds of the three pipeline runs. ``workers``: DataLoader workers
     of the image-based training configuration (``None`` = ``params.train.num_workers``).
     """
 
-    warmup: int = 1
-    repeats: int = 5
+    train_warmup: int = 1
+    train_repeats: int = 3
+    infer_warmup: int = 1
+    infer_repeats: int = 5
     image_size: int = 200
     shots: int = 1
     train_steps: int = 4
@@ -71,8 +73,8 @@ class Settings:
 
 PRESETS: dict[str, Settings] = {
     "full": Settings(),
-    "quick": Settings(warmup=1, repeats=1, train_steps=2, infer_queries=4, infer_batches=(1, 4),
-                      data_warmup=0, data_repeats=1, overhead_warmup=0, overhead_repeats=1),
+    "quick": Settings(train_warmup=1, train_repeats=1, train_steps=2, infer_warmup=1, infer_repeats=1, infer_queries=4,
+                      infer_batches=(1, 4), data_warmup=0, data_repeats=1, overhead_warmup=0, overhead_repeats=1),
 }
 
 CASES: dict[str, Callable[[Any], dict[str, Any]]] = {
@@ -117,12 +119,13 @@ def format_table(results: dict[str, Any]) -> str:
 def run_case(name: str, ctx: Context) -> dict[str, Any]:
     """Run one case under :class:`~pipeline.bench.harness.PeakMemory`; never raises for the case's own errors.
 
-    Returns ``{"rows", "info", "memory", "seconds", "error"}`` (``error`` is ``None`` on success,
+    Returns ``{"rows", "info", "memory", "seconds", "cpu_seconds", "error"}`` (wall and CPU seconds of
+    this process and its children; ``error`` is ``None`` on success,
     else the exception text; the traceback goes to ``info["traceback"]``). The peak RSS is
     appended to ``rows`` as ``peak RSS (whole case)`` (and CUDA max allocated on CUDA).
     """
-    t0 = time.perf_counter()
-    out: dict[str, Any] = {"rows": [], "info": {}, "memory": {}, "seconds": 0.0, "error": None}
+    t0, c0 = time.perf_counter(), harness.cpu_seconds()
+    out: dict[str, Any] = {"rows": [], "info": {}, "memory": {}, "seconds": 0.0, "cpu_seconds": 0.0, "error": None}
     with harness.PeakMemory(ctx.device) as mem:
         try:
             res = CASES[name](ctx)
@@ -138,12 +141,13 @@ def run_case(name: str, ctx: Context) -> dict[str, Any]:
             out["rows"].append({"label": "CUDA max allocated (whole case)",
                                 **harness.summarize([out["memory"]["cuda_max_allocated_mib"]], "MiB").as_dict()})
     out["seconds"] = round(time.perf_counter() - t0, 2)
+    out["cpu_seconds"] = round(harness.cpu_seconds() - c0, 2)
     return out
 
 
 def run_bench(params: Params, *, cases: Sequence[str] | None = None, preset: str = "full",
               settings: Settings | None = None, device: str = "auto", out: Path | None = None,
-              workdir: Path | None = None, keep: bool = False,
+              workdir: Path | None = None, keep: bool = False, threads: int | None = None,
               echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the benchmark and write its JSON results.
 
@@ -155,13 +159,16 @@ def run_bench(params: Params, *, cases: Sequence[str] | None = None, preset: str
         device: ``"auto"`` | ``"cpu"`` | ``"cuda"`` (:func:`pipeline.device.resolve_device`).
         out: results file (default ``<params.root>/bench/results.json``); written atomically.
         workdir: scratch folder (default a new temporary folder, removed at the end unless ``keep``).
+        threads: torch CPU threads of this process (default: every core, as training uses); the
+            pipeline runs of ``overhead`` are separate processes and keep their own default.
         echo: progress lines go here.
 
     Returns:
         The results dict (also written to ``out``): ``schema``, ``created`` (UTC ISO), ``preset``,
         ``settings``, ``device``, ``machine``, ``load_average_start``/``_end``, ``cases`` (per case
         ``rows`` [{label, median, min, max, n, unit}], ``info``, ``memory``, ``seconds``, ``error``),
-        ``total_seconds``, ``table`` (markdown).
+        ``total_seconds``, ``total_cpu_seconds`` (this process + children: on a loaded machine a
+        better guide than wall time to how long a quiet one needs), ``table`` (markdown).
 
     Raises:
         ValueError: unknown case or preset name; device ``cuda`` without CUDA.
@@ -179,6 +186,8 @@ def run_bench(params: Params, *, cases: Sequence[str] | None = None, preset: str
         settings = PRESETS[preset]
     dev_ = dev.resolve_device(device)
     dev.configure_threads(dev_)
+    if threads:
+        torch.set_num_threads(threads)
     out = Path(out) if out is not None else params.root / RESULTS
     own_tmp = workdir is None
     work = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="lerenet-bench-"))
@@ -190,7 +199,7 @@ def run_bench(params: Params, *, cases: Sequence[str] | None = None, preset: str
         "settings": asdict(settings), "device": str(dev_), "machine": harness.machine_info(dev_),
         "load_average_start": harness.load_average(), "cases": {},
     }
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), harness.cpu_seconds()
     try:
         for name in names:
             echo(f"bench: {name} ...")
@@ -202,13 +211,20 @@ def run_bench(params: Params, *, cases: Sequence[str] | None = None, preset: str
             shutil.rmtree(work, ignore_errors=True)
     results["load_average_end"] = harness.load_average()
     results["total_seconds"] = round(time.perf_counter() - t0, 1)
+    results["total_cpu_seconds"] = round(harness.cpu_seconds() - c0, 1)
     results["table"] = format_table(results)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, json.dumps(results, indent=2, default=str) + "\n")
     return results
 
 
-def with_overrides(settings: Settings, **changes: Any) -> Settings:
-    """``settings`` with the non-``None`` ``changes`` applied (CLI flags such as ``--repeats``)."""
+def with_overrides(settings: Settings, *, repeats: int | None = None, warmup: int | None = None,
+                   **changes: Any) -> Settings:
+    """``settings`` with the non-``None`` ``changes`` applied (CLI flags). ``repeats``/``warmup`` set
+    both the train and the inference counts."""
+    if repeats is not None:
+        changes.update(train_repeats=repeats, infer_repeats=repeats)
+    if warmup is not None:
+        changes.update(train_warmup=warmup, infer_warmup=warmup)
     changes = {k: v for k, v in changes.items() if v is not None}
     return replace(settings, **changes) if changes else settings

@@ -170,7 +170,7 @@ def run(ctx: Any) -> dict[str, Any]:
     amp_modes = [True, False] if device.type == "cuda" else [False]
     rows: list[dict[str, Any]] = []
     info: dict[str, Any] = {"image_size": s.image_size, "shots": s.shots, "steps_per_block": s.train_steps,
-                            "warmup_blocks": s.warmup, "repeats": s.repeats, "loader_workers": workers,
+                            "warmup_blocks": s.train_warmup, "repeats": s.train_repeats, "loader_workers": workers,
                             "classes": list(s.train_classes), "images_per_class": s.train_images_per_class,
                             "configs": {}}
     for name, over in CONFIGS.items():
@@ -180,10 +180,10 @@ def run(ctx: Any) -> dict[str, Any]:
         for amp in amp_modes:
             torch.manual_seed(params.train.seed)
             net = build_net(params, "lerenet", pretrained=cached).to(device).train()
-            n_steps = (s.warmup + s.repeats) * s.train_steps
+            n_steps = (s.train_warmup + s.train_repeats) * s.train_steps
             batches = _cached_batches(params) if cached else _image_batches(params, device, n_steps, workers)
             blocks = time_blocks(batches, make_step(net, params, device, amp, cached), device,
-                                 steps=s.train_steps, warmup=s.warmup, repeats=s.repeats)
+                                 steps=s.train_steps, warmup=s.train_warmup, repeats=s.train_repeats)
             bs = params.train.batch_size
             eps[amp] = [s.train_steps * bs / b["total_s"] for b in blocks]
             tag = name if device.type != "cuda" else f"{name} {'amp+channels_last' if amp else 'fp32'}"

@@ -1,0 +1,140 @@
+"""Benchmark harness and cases: statistics, peak memory, and tiny real runs that write valid JSON.
+
+No timing assertion anywhere: the figures themselves are only checked for shape and consistency
+(min <= median <= max, positive rates), never against a speed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.bench import harness
+from pipeline.bench.runner import Settings, format_table, run_bench
+
+
+# --------------------------------------------------------------------------- statistics
+def test_summarize_median_min_max_odd_and_even():
+    s = harness.summarize([3.0, 1.0, 2.0], "s")
+    assert (s.median, s.min, s.max, s.n, s.unit) == (2.0, 1.0, 3.0, 3, "s")
+    s = harness.summarize([4, 1, 3, 2], "ms")
+    assert (s.median, s.min, s.max, s.n) == (2.5, 1.0, 4.0, 4)
+    assert harness.summarize([7], "x").as_dict() == {"median": 7.0, "min": 7.0, "max": 7.0, "n": 1, "unit": "x"}
+
+
+@pytest.mark.parametrize("values", [[], [1.0, math.nan], [math.inf]])
+def test_summarize_rejects_empty_and_non_finite(values):
+    with pytest.raises(ValueError):
+        harness.summarize(values, "s")
+
+
+def test_ratio_stats_pairs_repeats_one_to_one():
+    r = harness.ratio_stats([2.0, 6.0, 8.0], [1.0, 2.0, 2.0])  # ratios 2, 3, 4
+    assert (r.median, r.min, r.max, r.unit) == (3.0, 2.0, 4.0, "x")
+    with pytest.raises(ValueError, match="pair"):
+        harness.ratio_stats([1.0, 2.0], [1.0])
+    with pytest.raises(ValueError, match="zero"):
+        harness.ratio_stats([1.0], [0.0])
+
+
+def test_time_calls_runs_warmup_untimed_then_repeats():
+    calls, syncs = [], []
+    times = harness.time_calls(lambda: calls.append(1), warmup=2, repeats=3, sync=lambda: syncs.append(1))
+    assert len(calls) == 5 and len(times) == 3 and all(t >= 0 for t in times)
+    assert len(syncs) == 6  # before and after each timed call, never around the warm-up
+    with pytest.raises(ValueError):
+        harness.time_calls(lambda: None, warmup=0, repeats=0)
+
+
+def test_peak_memory_sees_an_allocation_inside_the_block():
+    with harness.PeakMemory("cpu") as mem:
+        block = np.ones(40 * 2**20 // 8)  # 40 MiB, alive until after the block ends
+    res = mem.result()
+    assert block.sum() > 0
+    assert res["rss_peak_mib"] >= res["rss_start_mib"] + 30
+    assert res["process_maxrss_mib"] >= res["rss_peak_mib"] - 1
+    assert res["cuda_max_allocated_mib"] is None
+
+
+def test_machine_info_names_cpu_and_torch():
+    info = harness.machine_info("cpu")
+    assert info["cpu_count"] >= 1 and info["torch"] and info["gpu"] is None
+
+
+# --------------------------------------------------------------------------- tiny real runs
+def _check_rows(case: dict) -> None:
+    assert case["error"] is None, case["info"].get("traceback")
+    assert case["rows"]
+    for row in case["rows"]:
+        assert set(row) == {"label", "median", "min", "max", "n", "unit"}
+        assert row["min"] <= row["median"] <= row["max"]
+        assert row["n"] >= 1
+
+
+def test_inference_train_and_ingest_cases_write_valid_json(small_params, tmp_path: Path):
+    tiny = Settings(train_warmup=0, train_repeats=2, infer_warmup=0, infer_repeats=2, image_size=64, train_steps=1, train_classes=("Steel_In", "Leather_Color"),
+                    train_images_per_class=6, infer_class="Steel_In", infer_queries=2, infer_batches=(1, 2),
+                    data_warmup=0, data_repeats=1)
+    out = tmp_path / "bench" / "results.json"
+    res = run_bench(small_params, cases=["inference", "train", "ingest"], settings=tiny, device="cpu", out=out,
+                    workdir=tmp_path / "work", echo=lambda _m: None)
+    data = json.loads(out.read_text())
+    assert data == json.loads(json.dumps(res, default=str))
+    assert data["schema"] == "lerenet-bench/1" and data["device"] == "cpu" and data["preset"] == "custom"
+    assert list(data["cases"]) == ["inference", "train", "ingest"]
+    for case in data["cases"].values():
+        _check_rows(case)
+        assert case["memory"]["rss_peak_mib"] > 0
+    labels = {r["label"] for r in data["cases"]["inference"]["rows"]}
+    assert {"batch 1, supports cached: ms/query", "batch 2, not cached: queries/s", "batch 2: caching speed-up"} <= labels
+    train_rows = {r["label"]: r for r in data["cases"]["train"]["rows"]}
+    for cfg in ("lite0-frozen-cached", "r50-finetuned-images"):
+        assert train_rows[f"{cfg}: episodes/s"]["median"] > 0
+        assert 0 <= train_rows[f"{cfg}: data wait share"]["median"] <= 1
+    ingest = data["cases"]["ingest"]
+    assert ingest["info"]["images"] == 25  # the small source: 22 defect + 3 defect-free images
+    assert "| ingest | ingest: images/s |" in data["table"]
+    assert not list((tmp_path / "work").glob("*/data*/.ingest.tmp-*"))
+
+
+def test_failed_case_is_recorded_and_named_while_json_is_still_written(small_params, tmp_path: Path):
+    out = tmp_path / "r.json"
+    res = run_bench(small_params, cases=["inference"], settings=Settings(infer_class="NoSuchClass", infer_warmup=0, infer_repeats=1),
+                    device="cpu", out=out, workdir=tmp_path / "w", echo=lambda _m: None)
+    err = json.loads(out.read_text())["cases"]["inference"]["error"]
+    assert "NoSuchClass" in err and "does not exist" in err
+    assert "FAILED" in format_table(res)
+
+
+def test_unknown_case_is_refused(small_params, tmp_path: Path):
+    with pytest.raises(ValueError, match="unknown benchmark case"):
+        run_bench(small_params, cases=["nope"], out=tmp_path / "r.json")
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_cli_rejects_unknown_case(small_params_file: Path):
+    from typer.testing import CliRunner
+
+    from lerenet.cli import app
+
+    r = CliRunner().invoke(app, ["bench", "--only", "nope", "--params", str(small_params_file)])
+    assert r.exit_code == 2
+    assert "unknown case" in r.output
+
+
+@pytest.mark.slow
+def test_overhead_case_runs_plain_dvc_and_prefect(small_params, tmp_path: Path):
+    """One round of the three real pipeline runs (plain Python, dvc repro, Prefect flow): minutes."""
+    s = Settings(overhead_warmup=0, overhead_repeats=1, overhead_classes=("Steel_In", "MT_Uneven", "Leather_Color"),
+                 overhead_images_per_class=7)
+    res = run_bench(small_params, cases=["overhead"], settings=s, device="cpu", out=tmp_path / "r.json",
+                    workdir=tmp_path / "w", echo=lambda _m: None)
+    case = res["cases"]["overhead"]
+    _check_rows(case)
+    labels = {r["label"] for r in case["rows"]}
+    assert {"plain: seconds per pipeline run", "dvc / plain time", "prefect / dvc time"} <= labels
+    assert (tmp_path / "w" / "overhead" / "dvc.lock").is_file()
