@@ -136,5 +136,5 @@ def test_overhead_case_runs_plain_dvc_and_prefect(small_params, tmp_path: Path):
     case = res["cases"]["overhead"]
     _check_rows(case)
     labels = {r["label"] for r in case["rows"]}
-    assert {"plain: seconds per pipeline run", "dvc / plain time", "prefect / dvc time"} <= labels
+    assert {"plain: wall seconds per pipeline run", "dvc / plain wall time", "prefect / dvc CPU time"} <= labels
     assert (tmp_path / "w" / "overhead" / "dvc.lock").is_file()

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-import torch.nn.functional as F
 
 from pipeline.augment import clean_pair, to_tensor_pair
 from pipeline.images import read_image, read_mask, resize_image
@@ -73,7 +73,6 @@ def _direct_prediction(net, image_size, supports, query) -> np.ndarray:
 
 @pytest.mark.parametrize("model_name", ["prototype", "lerenet"])
 def test_pyfunc_round_trip_equals_direct_prediction(tmp_path, model_name):
-    import mlflow
 
     from model import build_model
     from pipeline.checkpoint import load_model, save_model
@@ -84,10 +83,19 @@ def test_pyfunc_round_trip_equals_direct_prediction(tmp_path, model_name):
     ckpt = tmp_path / "model.pt"
     save_model(ckpt, net, {"model": model_name, "backbone": "efficientnet_lite0", "variant": "mpr+mpe*",
                            "channels": 32, "freeze_backbone": True, "image_size": 96})
+    previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlruns.db'}")
-    exp = mlflow.create_experiment("pyfunc-test", artifact_location=(tmp_path / "artifacts").as_uri())
+    try:
+        _round_trip(tmp_path, ckpt, load_model, load_net)
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+def _round_trip(tmp_path, ckpt, load_model, load_net):
+    """Log ``ckpt`` as a pyfunc, load it back, predict, compare with the direct model prediction."""
     from pipeline.pyfunc import log_pyfunc
 
+    exp = mlflow.create_experiment("pyfunc-test", artifact_location=(tmp_path / "artifacts").as_uri())
     with mlflow.start_run(experiment_id=exp):
         uri = log_pyfunc(ckpt, name="model", registered_model_name="pyfunc-test-model")
     loaded = mlflow.pyfunc.load_model(uri)

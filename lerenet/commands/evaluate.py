@@ -67,7 +67,7 @@ def evaluate_cmd(
     try:
         result = evaluate(params, fold, names, track=not no_track)
     except (EvaluationError, CheckpointError, DataArtifactError, KeyError) as exc:
-        fail(str(exc).strip('"'))
+        fail(exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc))
         return
     paths = metrics_paths(params, fold)
     for name, m in result.items():

@@ -11,9 +11,14 @@ metrics, MLflow store, DVC cache or ``dvc.lock``) it runs, as separate processes
 * ``prefect`` -- ``lerenet flow training``: the Prefect flow, no server configured (Prefect starts
   its temporary local API; ``PREFECT_HOME`` inside the project), ``dvc commit`` at its end.
 
-Rounds rotate the order of the three modes; warm-up rounds are untimed (they also create the
-Prefect database). Figures: wall seconds per mode, the per-round ratios dvc/plain, prefect/plain
-and prefect/dvc, and the peak RSS of the largest process of each run (``os.wait4`` rusage).
+Set-up does each tool's one-time initialisation (``git init``, ``dvc init``, ``prefect server
+database upgrade`` in the project's ``PREFECT_HOME``). Warm-up: ``overhead_warmup`` untimed
+``plain`` runs, which read every code and data file that the three modes share (page cache,
+bytecode). Then ``overhead_repeats`` rounds, each running the three modes, in an order rotated from
+round to round. Figures per mode: wall seconds, CPU seconds (user + system of the process and all
+its descendants, from ``os.wait4``: much less sensitive than wall time to other load on the
+machine), the per-round ratios dvc/plain, prefect/plain and prefect/dvc of both, and the peak RSS of
+the largest process of a run.
 """
 
 from __future__ import annotations
@@ -87,6 +92,9 @@ def make_project(root: Path, source: Path, classes: tuple[str, ...], images_per_
         subprocess.run(["git", "init", "-q"], cwd=root, env=env, check=True)
     if not (root / ".dvc").is_dir():
         subprocess.run([_bin("dvc"), "init", "-q"], cwd=root, env=env, check=True)
+    if not (root / ".prefect").is_dir():
+        subprocess.run([_bin("prefect"), "server", "database", "upgrade", "-y"], cwd=root, env=env, check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return pf
 
 
@@ -100,11 +108,11 @@ def clean(root: Path) -> None:
             p.unlink()
 
 
-def run_once(cmd: list[str], root: Path, log: Path) -> tuple[float, float]:
-    """Run ``cmd`` in ``root`` (output appended to ``log``); returns ``(wall seconds, peak RSS MiB)``.
+def run_once(cmd: list[str], root: Path, log: Path) -> tuple[float, float, float]:
+    """Run ``cmd`` in ``root`` (output appended to ``log``); returns ``(wall s, CPU s, peak RSS MiB)``.
 
-    The peak RSS is ``ru_maxrss`` of the ``os.wait4`` rusage: the largest resident set of the
-    process and of the descendants it waited for.
+    CPU seconds and peak RSS come from the ``os.wait4`` rusage: user + system time of the process
+    and of the descendants it waited for, and ``ru_maxrss``, the largest resident set among them.
 
     Raises:
         OverheadError: non-zero exit status or no ``reports/registry.json`` at the end (names the log).
@@ -126,7 +134,7 @@ def run_once(cmd: list[str], root: Path, log: Path) -> tuple[float, float]:
         raise OverheadError(f"`{' '.join(cmd)}` exited with status {proc.returncode}; see {log}")
     if not (root / "reports" / "registry.json").is_file():
         raise OverheadError(f"`{' '.join(cmd)}` ended without writing reports/registry.json; see {log}")
-    return wall, usage.ru_maxrss / 1024.0
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024.0
 
 
 def run(ctx: Any) -> dict[str, Any]:
@@ -137,25 +145,32 @@ def run(ctx: Any) -> dict[str, Any]:
     log = root / "overhead.log"
     cmds = commands()
     wall: dict[str, list[float]] = {m: [] for m in MODES}
+    cpu: dict[str, list[float]] = {m: [] for m in MODES}
     rss: dict[str, list[float]] = {m: [] for m in MODES}
-    for r in range(s.overhead_warmup + s.overhead_repeats):
-        order = MODES[r % 3:] + MODES[:r % 3]
-        for mode in order:
+    for _ in range(s.overhead_warmup):
+        clean(root)
+        run_once(cmds["plain"], root, log)
+    for r in range(s.overhead_repeats):
+        for mode in MODES[r % 3:] + MODES[:r % 3]:
             clean(root)
-            w, m = run_once(cmds[mode], root, log)
-            if r >= s.overhead_warmup:
-                wall[mode].append(w)
-                rss[mode].append(m)
+            w, c, m = run_once(cmds[mode], root, log)
+            wall[mode].append(w)
+            cpu[mode].append(c)
+            rss[mode].append(m)
     rows: list[dict[str, Any]] = []
     for mode in MODES:
-        rows.append({"label": f"{mode}: seconds per pipeline run", **summarize(wall[mode], "s").as_dict()})
+        rows.append({"label": f"{mode}: wall seconds per pipeline run", **summarize(wall[mode], "s").as_dict()})
     for a, b in (("dvc", "plain"), ("prefect", "plain"), ("prefect", "dvc")):
-        rows.append({"label": f"{a} / {b} time", **ratio_stats(wall[a], wall[b]).as_dict()})
+        rows.append({"label": f"{a} / {b} wall time", **ratio_stats(wall[a], wall[b]).as_dict()})
+    for mode in MODES:
+        rows.append({"label": f"{mode}: CPU seconds per pipeline run", **summarize(cpu[mode], "s").as_dict()})
+    for a, b in (("dvc", "plain"), ("prefect", "plain"), ("prefect", "dvc")):
+        rows.append({"label": f"{a} / {b} CPU time", **ratio_stats(cpu[a], cpu[b]).as_dict()})
     for mode in MODES:
         rows.append({"label": f"{mode}: peak RSS of largest process", **summarize(rss[mode], "MiB").as_dict()})
     info = {"project": str(root), "log": str(log), "commands": {m: " ".join(c) for m, c in cmds.items()},
             "classes": list(s.overhead_classes), "images_per_class": s.overhead_images_per_class,
             "config": "one class per fold (3 folds), lerenet only, K=1, 2 steps x 2 episodes at 64 px, "
                       "10 standard episodes; every run from a clean state (no outputs, MLflow store, DVC cache)",
-            "warmup_rounds": s.overhead_warmup, "repeats": s.overhead_repeats}
+            "warmup_plain_runs": s.overhead_warmup, "rounds": s.overhead_repeats}
     return {"rows": rows, "info": info}

@@ -46,7 +46,8 @@ class Settings:
 
     ``train_warmup``/``train_repeats`` count blocks of ``train_steps`` optimiser steps;
     ``infer_warmup``/``infer_repeats`` passes over ``infer_queries`` queries; ``data_*`` whole ingest +
-    validate runs over the source; ``overhead_*`` rounds of the three pipeline runs. ``workers``: DataLoader workers
+    validate runs over the source; ``overhead_warmup`` untimed plain-Python pipeline runs and
+    ``overhead_repeats`` rounds of the three pipeline runs. ``workers``: DataLoader workers
     of the image-based training configuration (``None`` = ``params.train.num_workers``).
     """
 
@@ -56,14 +57,14 @@ class Settings:
     infer_repeats: int = 5
     image_size: int = 200
     shots: int = 1
-    train_steps: int = 4
+    train_steps: int = 3
     train_classes: tuple[str, ...] = ("Steel_In", "MT_Blowhole", "Leather_Color")
     train_images_per_class: int = 8
     infer_class: str = "MT_Break"
     infer_queries: int = 16
     infer_batches: tuple[int, ...] = (1, 16)
     data_warmup: int = 1
-    data_repeats: int = 2
+    data_repeats: int = 3
     overhead_warmup: int = 1
     overhead_repeats: int = 2
     overhead_classes: tuple[str, ...] = ("Steel_In", "MT_Blowhole", "Leather_Color")
