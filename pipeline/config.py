@@ -88,6 +88,7 @@ class ModelParams(_Section):
     weights: Path | None = None
     variant: Variant = "mpr+mpe*"
     channels: int = Field(256, ge=8)
+    dilated: bool = False  # ResNet-50 only: dilated layer3/layer4, output stride 8
 
 
 class TrainParams(_Section):

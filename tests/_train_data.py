@@ -39,3 +39,14 @@ def load(pf: Path, **overrides):
     from pipeline.config import load_params
 
     return load_params(pf, overrides=overrides or None, env={})
+
+
+_SHARED: dict[str, Path] = {}
+
+
+def shared_project(tmp_path_factory) -> Path:
+    """One small project per test session, shared by test_features and test_train (ingest + validate
+    + split take tens of seconds); tests must leave its data and feature store as they found them."""
+    if "pf" not in _SHARED:
+        _SHARED["pf"] = make_project(tmp_path_factory.mktemp("shared_project"))
+    return _SHARED["pf"]

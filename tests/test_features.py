@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from _train_data import load, make_project
+from _train_data import load, shared_project
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
-    return make_project(tmp_path_factory.mktemp("features"))
+    return shared_project(tmp_path_factory)
 
 
 class CountingEncoder(torch.nn.Module):
@@ -39,7 +39,7 @@ def built(project):
 
     params = load(project)
     enc = CountingEncoder(params)
-    path = build_feature_store(params, net=enc, progress=False, batch_size=8)
+    path = build_feature_store(params, net=enc, progress=False, batch_size=8, force=True)
     return params, path, enc
 
 

@@ -10,7 +10,7 @@ import mlflow
 import pytest
 import torch
 
-from _train_data import load, make_project
+from _train_data import load, shared_project
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +18,7 @@ def project(tmp_path_factory):
     """Small real project (3 classes x 7 images, fold 0 tests Steel_In) with its feature store built."""
     from pipeline.features import build_feature_store
 
-    pf = make_project(tmp_path_factory.mktemp("train"))
+    pf = shared_project(tmp_path_factory)
     build_feature_store(load(pf), progress=False)
     return pf
 
