@@ -52,7 +52,7 @@ from pipeline.augment import augment_pair, build_augment, clean_pair, to_tensor_
 from pipeline.checkpoint import build_net, load_state, save_model, save_state
 from pipeline.config import Params
 from pipeline.episodes import Episode, Pools, episode_rng, sample_episode, training_pools, validation_episodes
-from pipeline.features import FeatureStore, build_feature_store, feature_store_path, view_seed
+from pipeline.features import FeatureStore, build_feature_store, view_seed
 from pipeline.images import atomic_write_text, load_validated, read_image, read_mask, resolve
 from pipeline.metrics import IoUAccumulator
 
@@ -476,6 +476,11 @@ class _Tracker:
         name = f"{fold_tag(fold)}/{model_name}/{params.model.backbone}/k{params.train.shots}"
         tags = {"model": model_name, "backbone": params.model.backbone, "shots": params.train.shots,
                 "fold": fold_tag(fold), "stage": "train", "variant": params.model.variant}
+        if run_id is not None:  # resumed training: log into the run of the interrupted attempt if it still exists
+            try:
+                tracking.client(params).get_run(run_id)
+            except Exception:
+                run_id = None
         self._ctx = (tracking.resume_run(params, run_id) if run_id else
                      tracking.nested_run(params, self.parent_id, name, tags))
         self.run = self._ctx.__enter__()

@@ -76,9 +76,9 @@ def _check_rows(case: dict) -> None:
 
 
 def test_inference_train_and_ingest_cases_write_valid_json(small_params, tmp_path: Path):
-    tiny = Settings(train_warmup=0, train_repeats=2, infer_warmup=0, infer_repeats=2, image_size=64, train_steps=1, train_classes=("Steel_In", "Leather_Color"),
-                    train_images_per_class=6, infer_class="Steel_In", infer_queries=2, infer_batches=(1, 2),
-                    data_warmup=0, data_repeats=1)
+    tiny = Settings(train_warmup=0, train_repeats=2, infer_warmup=0, infer_repeats=2, image_size=64, train_steps=1,
+                    train_classes=("Steel_In", "Leather_Color"), train_images_per_class=6, infer_class="Steel_In",
+                    infer_queries=2, infer_batches=(1, 2), data_warmup=0, data_repeats=1)
     out = tmp_path / "bench" / "results.json"
     res = run_bench(small_params, cases=["inference", "train", "ingest"], settings=tiny, device="cpu", out=out,
                     workdir=tmp_path / "work", echo=lambda _m: None)
@@ -90,9 +90,10 @@ def test_inference_train_and_ingest_cases_write_valid_json(small_params, tmp_pat
         _check_rows(case)
         assert case["memory"]["rss_peak_mib"] > 0
     labels = {r["label"] for r in data["cases"]["inference"]["rows"]}
-    assert {"batch 1, supports cached: ms/query", "batch 2, not cached: queries/s", "batch 2: caching speed-up"} <= labels
+    assert {"batch 1, supports cached: ms/query", "batch 2, not cached: queries/s",
+            "batch 2: caching speed-up"} <= labels
     train_rows = {r["label"]: r for r in data["cases"]["train"]["rows"]}
-    for cfg in ("lite0-frozen-cached", "r50-finetuned-images"):
+    for cfg in ("lite0-frozen-cached (cpu profile)", "r50-finetuned-images (paper profile)"):
         assert train_rows[f"{cfg}: episodes/s"]["median"] > 0
         assert 0 <= train_rows[f"{cfg}: data wait share"]["median"] <= 1
     ingest = data["cases"]["ingest"]
@@ -103,8 +104,9 @@ def test_inference_train_and_ingest_cases_write_valid_json(small_params, tmp_pat
 
 def test_failed_case_is_recorded_and_named_while_json_is_still_written(small_params, tmp_path: Path):
     out = tmp_path / "r.json"
-    res = run_bench(small_params, cases=["inference"], settings=Settings(infer_class="NoSuchClass", infer_warmup=0, infer_repeats=1),
-                    device="cpu", out=out, workdir=tmp_path / "w", echo=lambda _m: None)
+    bad = Settings(infer_class="NoSuchClass", infer_warmup=0, infer_repeats=1)
+    res = run_bench(small_params, cases=["inference"], settings=bad, device="cpu", out=out, workdir=tmp_path / "w",
+                    echo=lambda _m: None)
     err = json.loads(out.read_text())["cases"]["inference"]["error"]
     assert "NoSuchClass" in err and "does not exist" in err
     assert "FAILED" in format_table(res)
@@ -138,3 +140,18 @@ def test_overhead_case_runs_plain_dvc_and_prefect(small_params, tmp_path: Path):
     labels = {r["label"] for r in case["rows"]}
     assert {"plain: wall seconds per pipeline run", "dvc / plain wall time", "prefect / dvc CPU time"} <= labels
     assert (tmp_path / "w" / "overhead" / "dvc.lock").is_file()
+
+
+def test_tree_memory_sees_a_grandchild_allocation(tmp_path: Path):
+    import subprocess
+    import sys
+
+    from pipeline.bench.overhead_case import TreeMemory
+
+    child = "import numpy, time; a = numpy.ones(60 * 2**20 // 8); time.sleep(1.5); print(a.sum())"
+    parent = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {child!r}], check=True)"
+    proc = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.DEVNULL)
+    with TreeMemory(proc.pid, interval=0.05) as mem:
+        assert proc.wait() == 0
+    assert mem.largest_mib >= 60
+    assert mem.total_mib >= mem.largest_mib

@@ -12,7 +12,7 @@ from lerenet.commands._common import ParamsOption, fail, params_or_exit
 
 @app.command("bench")
 def bench_cmd(
-    quick: bool = typer.Option(False, "--quick", help="smoke run: 1 repeat, small workloads (about 3-4 minutes on CPU)"),
+    quick: bool = typer.Option(False, "--quick", help="smoke run: 1 repeat, small workloads"),
     only: list[str] = typer.Option(None, "--only", help="run only this case (repeatable): train, inference, "
                                    "ingest, overhead"),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),

@@ -5,6 +5,6 @@ and writes ``bench/results.json``. Modules: :mod:`~pipeline.bench.harness` (timi
 peak memory, machine), :mod:`~pipeline.bench.workspace` (throw-away projects on a small copy of
 the real data), one module per case (``train_case``, ``infer_case``, ``data_case``,
 ``overhead_case``), :mod:`~pipeline.bench.plain` (the pipeline as plain Python) and
-:mod:`~pipeline.bench.runner`. Benchmarks are never run by the unit tests' timing assertions:
-``tests/test_bench.py`` checks the statistics and that a tiny case writes valid JSON.
+:mod:`~pipeline.bench.runner`. The unit tests make no timing assertion: ``tests/test_bench.py``
+checks the statistics, the memory sampling and that tiny real cases write valid JSON.
 """

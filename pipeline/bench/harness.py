@@ -220,6 +220,7 @@ def machine_info(device: Any = "cpu") -> dict[str, Any]:
         gpu = torch.cuda.get_device_name(torch.device(device))
     return {
         "cpu": _cpu_model(), "cpu_count": os.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
-        "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "cuda_available": torch.cuda.is_available(),
+        "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+        "cuda_available": torch.cuda.is_available(),
         "gpu": gpu, "python": platform.python_version(), "os": f"{platform.system()} {platform.release()}"
     }

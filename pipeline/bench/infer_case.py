@@ -1,7 +1,8 @@
 """Benchmark case ``inference``: ms per query and queries/s, supports cached vs not, batch 1 and 16.
 
-Model: LERENet with the EfficientNet-Lite0 backbone (packaged ImageNet weights, untrained head:
-speed does not depend on the head's weights), eval mode, no autograd, ``S x S`` input (200), K
+Model: LERENet as ``params.model`` configures it (the deployed configuration; CPU profile:
+EfficientNet-Lite0 with its packaged ImageNet weights, 64-channel descriptors), untrained head
+(speed does not depend on the weights), eval mode, no autograd, ``S x S`` input (200), K
 support pairs (1) and ``queries`` query images, all real images of ``data.source`` decoded
 beforehand (decoding is not timed; resizing, the network and the upsampling of each probability
 map to its query's original size are).
@@ -92,12 +93,12 @@ def make_passes(net: torch.nn.Module, supports: list[np.ndarray], masks: list[np
 
 def run(ctx: Any) -> dict[str, Any]:
     """Measure inference (module docstring) with ``ctx`` (:class:`pipeline.bench.runner.Context`)."""
-    from model import build_model
+    from pipeline.checkpoint import build_net
 
-    s, device = ctx.settings, ctx.device
+    s, device, m = ctx.settings, ctx.device, ctx.params.model
     supports, masks, queries = load_images(ctx.source, s.infer_class, s.shots, s.infer_queries)
     torch.manual_seed(0)
-    net = build_model("lerenet", "efficientnet_lite0", freeze_backbone=True, pretrained=True).to(device).eval()
+    net = build_net(ctx.params, "lerenet", pretrained=m.backbone == "efficientnet_lite0").to(device).eval()
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
     n = len(queries)
     rows: list[dict[str, Any]] = []
@@ -116,7 +117,9 @@ def run(ctx: Any) -> dict[str, Any]:
             rows.append({"label": f"batch {batch}, {tag}: queries/s",
                          **summarize([n / t for t in times], "queries/s").as_dict()})
         rows.append({"label": f"batch {batch}: caching speed-up", **ratio_stats(t_u, t_c).as_dict()})
-    info = {"model": "lerenet", "backbone": "efficientnet_lite0 (ImageNet, frozen), head untrained",
+    info = {"model": "lerenet", "backbone": m.backbone, "dilated": m.dilated, "channels": m.channels,
+            "weights": "backbone ImageNet (packaged)" if m.backbone == "efficientnet_lite0" else "random init",
+            "profile": ctx.params.profile,
             "image_size": s.image_size, "shots": s.shots, "queries_per_pass": n, "class": s.infer_class,
             "batches": list(s.infer_batches), "warmup_passes": s.infer_warmup, "repeats": s.infer_repeats,
             "timed": "resize + network + upsampling to original size (decoding excluded)"}

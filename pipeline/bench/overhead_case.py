@@ -18,7 +18,9 @@ bytecode). Then ``overhead_repeats`` rounds, each running the three modes, in an
 round to round. Figures per mode: wall seconds, CPU seconds (user + system of the process and all
 its descendants, from ``os.wait4``: much less sensitive than wall time to other load on the
 machine), the per-round ratios dvc/plain, prefect/plain and prefect/dvc of both, and the peak RSS of
-the largest process of a run.
+the largest single process and of all processes of a run together (the process tree sampled with
+``psutil`` every 0.1 s; ``ru_maxrss`` cannot be used: Linux copies the parent's value into a forked
+child).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -39,7 +42,6 @@ MODES = ("plain", "dvc", "prefect")
 CODE_DIRS = ("pipeline", "model", "lerenet", "flows")
 OUTPUTS = ("data", "models", "metrics", "docs", "reports", "checkpoints", "mlruns.db", "mlartifacts", "dvc.lock",
            ".dvc/cache", ".dvc/tmp")
-RUN_TIMEOUT_S = 1800
 
 
 class OverheadError(RuntimeError):
@@ -108,11 +110,56 @@ def clean(root: Path) -> None:
             p.unlink()
 
 
-def run_once(cmd: list[str], root: Path, log: Path) -> tuple[float, float, float]:
-    """Run ``cmd`` in ``root`` (output appended to ``log``); returns ``(wall s, CPU s, peak RSS MiB)``.
+class TreeMemory:
+    """Samples the RSS of a process and all its descendants (``psutil``) every ``interval`` s in a thread.
 
-    CPU seconds and peak RSS come from the ``os.wait4`` rusage: user + system time of the process
-    and of the descendants it waited for, and ``ru_maxrss``, the largest resident set among them.
+    ``largest_mib``: peak RSS of any single process; ``total_mib``: peak of the sum over the tree.
+    """
+
+    def __init__(self, pid: int, interval: float = 0.1) -> None:
+        self.pid, self.interval = pid, interval
+        self.largest_mib = self.total_mib = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bench-tree-rss", daemon=True)
+
+    def _run(self) -> None:
+        import psutil
+
+        try:
+            root = psutil.Process(self.pid)
+        except psutil.Error:
+            return
+        while not self._stop.is_set():
+            sizes = []
+            try:
+                procs = [root, *root.children(recursive=True)]
+            except psutil.Error:
+                procs = []
+            for p in procs:
+                try:
+                    sizes.append(p.memory_info().rss / 2**20)
+                except psutil.Error:
+                    pass
+            if sizes:
+                self.largest_mib = max(self.largest_mib, max(sizes))
+                self.total_mib = max(self.total_mib, sum(sizes))
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "TreeMemory":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def run_once(cmd: list[str], root: Path, log: Path) -> tuple[float, float, float, float]:
+    """Run ``cmd`` in ``root`` (output appended to ``log``).
+
+    Returns ``(wall s, CPU s, largest process peak RSS MiB, process tree peak RSS MiB)``; CPU seconds
+    are user + system time of the process and the descendants it waited for (``os.wait4``), the
+    memory figures come from :class:`TreeMemory`.
 
     Raises:
         OverheadError: non-zero exit status or no ``reports/registry.json`` at the end (names the log).
@@ -123,7 +170,8 @@ def run_once(cmd: list[str], root: Path, log: Path) -> tuple[float, float, float
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=root, env=run_env(root), stdout=fh, stderr=subprocess.STDOUT)
         try:
-            _, status, usage = os.wait4(proc.pid, 0)
+            with TreeMemory(proc.pid) as mem:
+                _, status, usage = os.wait4(proc.pid, 0)
         except BaseException:
             proc.kill()
             proc.wait()
@@ -134,7 +182,7 @@ def run_once(cmd: list[str], root: Path, log: Path) -> tuple[float, float, float
         raise OverheadError(f"`{' '.join(cmd)}` exited with status {proc.returncode}; see {log}")
     if not (root / "reports" / "registry.json").is_file():
         raise OverheadError(f"`{' '.join(cmd)}` ended without writing reports/registry.json; see {log}")
-    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024.0
+    return wall, usage.ru_utime + usage.ru_stime, mem.largest_mib, mem.total_mib
 
 
 def run(ctx: Any) -> dict[str, Any]:
@@ -147,16 +195,18 @@ def run(ctx: Any) -> dict[str, Any]:
     wall: dict[str, list[float]] = {m: [] for m in MODES}
     cpu: dict[str, list[float]] = {m: [] for m in MODES}
     rss: dict[str, list[float]] = {m: [] for m in MODES}
+    tree: dict[str, list[float]] = {m: [] for m in MODES}
     for _ in range(s.overhead_warmup):
         clean(root)
         run_once(cmds["plain"], root, log)
     for r in range(s.overhead_repeats):
         for mode in MODES[r % 3:] + MODES[:r % 3]:
             clean(root)
-            w, c, m = run_once(cmds[mode], root, log)
+            w, c, m, t = run_once(cmds[mode], root, log)
             wall[mode].append(w)
             cpu[mode].append(c)
             rss[mode].append(m)
+            tree[mode].append(t)
     rows: list[dict[str, Any]] = []
     for mode in MODES:
         rows.append({"label": f"{mode}: wall seconds per pipeline run", **summarize(wall[mode], "s").as_dict()})
@@ -168,6 +218,7 @@ def run(ctx: Any) -> dict[str, Any]:
         rows.append({"label": f"{a} / {b} CPU time", **ratio_stats(cpu[a], cpu[b]).as_dict()})
     for mode in MODES:
         rows.append({"label": f"{mode}: peak RSS of largest process", **summarize(rss[mode], "MiB").as_dict()})
+        rows.append({"label": f"{mode}: peak RSS of all its processes", **summarize(tree[mode], "MiB").as_dict()})
     info = {"project": str(root), "log": str(log), "commands": {m: " ".join(c) for m, c in cmds.items()},
             "classes": list(s.overhead_classes), "images_per_class": s.overhead_images_per_class,
             "config": "one class per fold (3 folds), lerenet only, K=1, 2 steps x 2 episodes at 64 px, "

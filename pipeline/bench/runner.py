@@ -54,10 +54,10 @@ class Settings:
     train_warmup: int = 1
     train_repeats: int = 3
     infer_warmup: int = 1
-    infer_repeats: int = 5
+    infer_repeats: int = 4
     image_size: int = 200
     shots: int = 1
-    train_steps: int = 3
+    train_steps: int = 2
     train_classes: tuple[str, ...] = ("Steel_In", "MT_Blowhole", "Leather_Color")
     train_images_per_class: int = 8
     infer_class: str = "MT_Break"

@@ -1,14 +1,16 @@
 """Benchmark case ``train``: training throughput in episodes/s, with data loading timed apart.
 
-Two configurations of LERENet, K = ``shots`` (1), ``S x S`` images (200), on the current device:
+Two configurations of LERENet, K = ``shots`` (1), ``S x S`` images (200), on the current device,
+each with the model and training settings of a ``profiles:`` entry of the project's params.yaml:
 
-* ``lite0-frozen-cached``: EfficientNet-Lite0 backbone frozen (packaged ImageNet weights); episodes
-  assembled from the feature cache (:class:`pipeline.train.CachedEpisodes`), batch
-  ``params.train.batch_size`` (CPU profile, 8). The backbone never runs.
-* ``r50-finetuned-images``: ResNet-50 fine-tuned (randomly initialised: no ImageNet weights can be
-  downloaded here; speed does not depend on the weights), episodes read and augmented from images
-  by a ``DataLoader`` over :class:`pipeline.train.ImageEpisodes` with ``params.train.num_workers``
-  workers (pinned memory on CUDA), batch 2 (paper profile).
+* ``lite0-frozen-cached`` (profile ``cpu``): EfficientNet-Lite0 backbone frozen (packaged ImageNet
+  weights), the CPU profile's descriptor width and batch size; episodes assembled from the feature
+  cache (:class:`pipeline.train.CachedEpisodes`). The backbone never runs.
+* ``r50-finetuned-images`` (profile ``paper``): ResNet-50 fine-tuned, as the paper profile sets it
+  (dilation, descriptor width, batch 2, DataLoader workers), randomly initialised (no ImageNet
+  weights can be downloaded here; speed does not depend on the weights); episodes read and
+  augmented from images by a ``DataLoader`` over :class:`pipeline.train.ImageEpisodes` (pinned
+  memory on CUDA).
 
 One *step* is what :func:`pipeline.train.train` does per optimiser step: move the batch to the
 device, forward, BCE loss (paper Eq. 6), backward, SGD step (momentum 0.9, weight decay 1e-4,
@@ -36,12 +38,8 @@ from pipeline import device as dev
 from pipeline.bench import workspace
 from pipeline.bench.harness import ratio_stats, summarize
 
-#: model overrides of the two configurations (params sections merged over the tiny project's)
-CONFIGS: dict[str, dict[str, Any]] = {
-    "lite0-frozen-cached": {"model": {"backbone": "efficientnet_lite0", "freeze_backbone": True}, "train": {}},
-    "r50-finetuned-images": {"model": {"backbone": "resnet50", "freeze_backbone": False},
-                             "train": {"batch_size": 2, "feature_views": 0}},
-}
+#: configuration name -> params profile it takes its ``model`` and ``train`` settings from
+CONFIGS: dict[str, str] = {"lite0-frozen-cached": "cpu", "r50-finetuned-images": "paper"}
 
 
 def _sync(device: torch.device) -> None:
@@ -166,27 +164,30 @@ def run(ctx: Any) -> dict[str, Any]:
     })
     base = workspace.load(pf)
     workspace.ingest_and_validate(base)
-    workers = base.train.num_workers if s.workers is None else s.workers
     amp_modes = [True, False] if device.type == "cuda" else [False]
     rows: list[dict[str, Any]] = []
     info: dict[str, Any] = {"image_size": s.image_size, "shots": s.shots, "steps_per_block": s.train_steps,
-                            "warmup_blocks": s.train_warmup, "repeats": s.train_repeats, "loader_workers": workers,
+                            "warmup_blocks": s.train_warmup, "repeats": s.train_repeats,
                             "classes": list(s.train_classes), "images_per_class": s.train_images_per_class,
                             "configs": {}}
-    for name, over in CONFIGS.items():
-        params = workspace.load(pf, over)
+    for name, profile in CONFIGS.items():
+        params = workspace.load(pf, profile=profile)
         cached = params.model.freeze_backbone
+        workers = params.train.num_workers if s.workers is None else s.workers
         eps: dict[bool, list[float]] = {}
         for amp in amp_modes:
             torch.manual_seed(params.train.seed)
-            net = build_net(params, "lerenet", pretrained=cached).to(device).train()
+            net = build_net(params, "lerenet", pretrained=params.model.backbone == "efficientnet_lite0")
+            net = net.to(device).train()
             n_steps = (s.train_warmup + s.train_repeats) * s.train_steps
             batches = _cached_batches(params) if cached else _image_batches(params, device, n_steps, workers)
             blocks = time_blocks(batches, make_step(net, params, device, amp, cached), device,
                                  steps=s.train_steps, warmup=s.train_warmup, repeats=s.train_repeats)
             bs = params.train.batch_size
             eps[amp] = [s.train_steps * bs / b["total_s"] for b in blocks]
-            tag = name if device.type != "cuda" else f"{name} {'amp+channels_last' if amp else 'fp32'}"
+            tag = f"{name} ({profile} profile)"
+            if device.type == "cuda":
+                tag += " amp+channels_last" if amp else " fp32"
             rows.append({"label": f"{tag}: episodes/s", **summarize(eps[amp], "episodes/s").as_dict()})
             rows.append({"label": f"{tag}: data wait share",
                          **summarize([b["data_s"] / b["total_s"] for b in blocks], "fraction").as_dict()})
@@ -196,10 +197,13 @@ def run(ctx: Any) -> dict[str, Any]:
                          **summarize([1000 * b["step_s"] / s.train_steps for b in blocks], "ms").as_dict()})
             del net, batches
         if len(amp_modes) == 2:
-            rows.append({"label": f"{name}: AMP+channels_last speed-up",
+            rows.append({"label": f"{name} ({profile} profile): AMP+channels_last speed-up",
                          **ratio_stats(eps[True], eps[False]).as_dict()})
-        info["configs"][name] = {"backbone": params.model.backbone, "freeze_backbone": params.model.freeze_backbone,
-                                 "batch_size": params.train.batch_size, "episode_source":
+        info["configs"][name] = {"profile": profile, "backbone": params.model.backbone,
+                                 "dilated": params.model.dilated, "channels": params.model.channels,
+                                 "freeze_backbone": params.model.freeze_backbone,
+                                 "batch_size": params.train.batch_size, "loader_workers": None if cached else workers,
+                                 "episode_source":
                                  "feature cache" if cached else "images (DataLoader)",
                                  "backbone_weights": "ImageNet (packaged)" if cached else "random init"}
     return {"rows": rows, "info": info}

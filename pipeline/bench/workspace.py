@@ -96,11 +96,13 @@ def write_params(path: Path, source: Path, overrides: Mapping[str, Any] | None =
     return path
 
 
-def load(path: Path, overrides: Mapping[str, Any] | None = None):
-    """Validated :class:`pipeline.config.Params` of ``path`` (environment overrides ignored)."""
+def load(path: Path, overrides: Mapping[str, Any] | None = None, profile: str | None = None):
+    """Validated :class:`pipeline.config.Params` of ``path`` with the ``profiles:`` overlay ``profile``
+    (default: the file's ``profile``); other environment overrides are ignored."""
     from pipeline.config import load_params
 
-    return load_params(path, overrides=dict(overrides) if overrides else None, env={})
+    env = {"LERENET_PROFILE": profile} if profile else {}
+    return load_params(path, overrides=dict(overrides) if overrides else None, env=env)
 
 
 def ingest_and_validate(params) -> int:
