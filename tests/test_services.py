@@ -226,6 +226,8 @@ def test_unknown_service_and_bad_host_are_clear_errors(tmp_path):
 
 def test_start_failure_and_health_timeout_leave_nothing_running(tmp_path):
     params = services_params(tmp_path / "state")
+    # children started earlier in this pytest process (e.g. the session's Prefect test server) are not ours
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
     crash = [sys.executable, "-c", "import sys; print('boom: bad flag'); sys.exit(3)"]
     with pytest.raises(svc.ServiceError, match=r"(?s)crasher exited with status 3 during start-up.*boom: bad flag"):
         svc.start_process(params, "crasher", crash, health=lambda: False)
@@ -233,5 +235,6 @@ def test_start_failure_and_health_timeout_leave_nothing_running(tmp_path):
     with pytest.raises(svc.ServiceError, match=r"hanger not healthy after 1 s"):
         svc.start_process(params, "hanger", hang, health=lambda: False, timeout=1.0)
     assert svc.registered_names(params) == []
-    leftovers = [p for p in psutil.Process().children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE]
+    leftovers = [p for p in psutil.Process().children(recursive=True)
+                 if p.pid not in before and p.status() != psutil.STATUS_ZOMBIE]
     assert not leftovers, leftovers
