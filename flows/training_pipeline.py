@@ -154,9 +154,13 @@ def promote_task(params: Params, version: str) -> dict[str, Any]:
     """``pipeline.registry.promote`` and the decision record ``reports/registry.json``."""
     from pipeline import registry
 
+    from pipeline.model_card import publish_champion_card
+
     decision = registry.promote(params, version)
     registry.write_record(params.root / registry.RECORD_PATH, decision)
-    return decision.as_dict()
+    result = decision.as_dict()
+    result["model_card"] = publish_champion_card(params, version, decision.promoted)
+    return result
 
 
 def _checkpoint_of(result: Any) -> Path:

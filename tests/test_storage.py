@@ -190,3 +190,42 @@ def test_settings_from_params_env_then_credentials_file(tmp_path):
         read_env_file(bad)
     with pytest.raises(ValueError, match="max_attempts"):
         S3Settings(max_attempts=0)
+
+
+def test_promoted_champion_publishes_its_model_card(s3, small_params_file, tmp_path):
+    """register -> promote -> model card in the models bucket, built from the version's CV tags and the
+    per-class tables; nothing is published for a version that was not promoted or without S3."""
+    from model import build_model
+    from pipeline import registry
+    from pipeline.checkpoint import save_model
+    from pipeline.config import load_params
+    from pipeline.model_card import publish_champion_card
+
+    s3_params, store = s3
+    params = load_params(small_params_file, env={})
+    ckpt = tmp_path / "model.pt"
+    save_model(ckpt, build_model("prototype", pretrained=False),
+               dict(model="prototype", backbone="efficientnet_lite0", freeze_backbone=True, variant="mpr+mpe*",
+                    channels=64, image_size=64))
+    per_class = params.root / "metrics" / "per_class"
+    per_class.mkdir(parents=True)
+    (per_class / "fold0.csv").write_text("fold,model,shots,protocol,class_name,iou,iou_std,episodes\n"
+                                         "0,lerenet,1,paper,MT_Uneven,0.25,,5\n0,lerenet,5,paper,MT_Uneven,0.5,,5\n"
+                                         "0,lerenet,1,standard,MT_Uneven,0.9,0.1,20\n")
+    env = {"LERENET_S3_ENDPOINT_URL": svc.s3_endpoint(s3_params),
+           "AWS_ACCESS_KEY_ID": store.settings.access_key_id,
+           "AWS_SECRET_ACCESS_KEY": store.settings.secret_access_key}
+    cells = [registry.CvCell(0, "paper", 1, 0.4, 0.6, "e0")]
+    v1 = registry.register(params, ckpt, cells, model_name="prototype")
+    assert publish_champion_card(params, v1, promoted=True, env={}) == []  # embedded default: no S3
+    decision = registry.promote(params, v1)
+    uris = publish_champion_card(params, v1, decision.promoted, env=env)
+    assert uris[-1].endswith("/champion.json") and len(uris) == 2
+    card = read_model_card(store, params.services.models_bucket, params.mlflow.registered_model)
+    assert card.version == v1 and card.metrics["paper.k1.miou"] == pytest.approx(0.4)
+    tags = registry.client(params).get_model_version(params.mlflow.registered_model, v1).tags
+    assert card.per_class_iou == {"MT_Uneven": 0.25} and card.data_version == tags["data_version"]
+    v2 = registry.register(params, ckpt, [registry.CvCell(0, "paper", 1, 0.1, 0.3, "e0")], model_name="prototype")
+    d2 = registry.promote(params, v2)
+    assert not d2.promoted and publish_champion_card(params, v2, d2.promoted, env=env) == []
+    assert read_model_card(store, params.services.models_bucket, params.mlflow.registered_model).version == v1

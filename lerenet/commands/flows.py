@@ -53,6 +53,14 @@ def register_cmd(
     out = record or params.root / registry.RECORD_PATH
     if decision is not None:
         registry.write_record(out, decision)
+        from pipeline.model_card import publish_champion_card
+        from pipeline.storage import StorageError
+
+        try:
+            for uri in publish_champion_card(params, version, decision.promoted):
+                typer.echo(f"model card: {uri}")
+        except StorageError as exc:
+            fail(f"{decision.model} v{version} was promoted, but its model card was not published: {exc}")
         typer.echo(f"{decision.model} v{version}: {'promoted to champion' if decision.promoted else 'stays challenger'}"
                    f" -- {decision.reason} (record: {out})")
     else:
