@@ -68,14 +68,9 @@ def encode_png(array: np.ndarray) -> str:
     Raises:
         ValueError: other shapes or dtypes.
     """
-    a = np.asarray(array)
-    if a.dtype == bool:
-        a = a.astype(np.uint8) * 255
-    if a.dtype != np.uint8 or not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] == 3)):
-        raise ValueError(f"encode_png expects (H,W) bool/uint8 or (H,W,3) uint8, got {a.shape} {a.dtype}")
-    buf = io.BytesIO()
-    Image.fromarray(a).save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+    from pipeline.postprocess import png_bytes
+
+    return base64.b64encode(png_bytes(array)).decode("ascii")
 
 
 def _open_b64(text: str, what: str) -> Image.Image:

@@ -41,7 +41,7 @@ def test_codec_round_trip_is_lossless():
     assert np.array_equal(decode_image(encode_png(rgb)), rgb)
     assert np.array_equal(decode_image(encode_png(gray)), np.repeat(gray[:, :, None], 3, 2))
     assert np.array_equal(decode_mask(encode_png(mask)), mask)
-    with pytest.raises(ValueError, match="encode_png expects"):
+    with pytest.raises(ValueError, match="png_bytes expects"):
         encode_png(np.zeros((4, 4), np.float32))
 
 
