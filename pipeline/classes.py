@@ -32,6 +32,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.config import Params
+from pipeline.images import replace_dir
 
 log = logging.getLogger(__name__)
 
@@ -131,11 +132,7 @@ def source_view(params: Params, classes: Mapping[str, Path] | None = None, data_
             if not Path(folder).is_dir():
                 raise ClassTableError(f"class {name!r}: folder {folder} does not exist")
             os.symlink(Path(folder).resolve(), stage / name, target_is_directory=True)
-        old = data_dir / f"{view.name}.old-{uuid.uuid4().hex[:8]}"
-        if view.exists():
-            os.replace(view, old)
-        os.replace(stage, view)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(stage, view)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return view

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from pipeline.augment import augment_pair, build_augment, clean_pair, to_tensor_pair
 from pipeline.config import Params
-from pipeline.images import load_validated, read_image, read_mask, resolve
+from pipeline.images import load_validated, read_image, read_mask, replace_dir, resolve
 
 STORE_VERSION = 1
 #: seed of the cached augmented views: fixed, so that runs with other ``train.seed`` values (which
@@ -199,12 +199,7 @@ def build_feature_store(params: Params, data_dir: Path | None = None, *, net: to
         meta = {**settings, "key": key, "feat_shape": list(feat_shape), "rows": total,
                 "build_seconds": round(time.perf_counter() - t0, 2), "index": index}
         (tmp / INDEX).write_text(json.dumps(meta))
-        # swap in atomically-enough: old store moved aside first, removed last
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -236,6 +238,20 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def replace_dir(src: Path, dest: Path) -> None:
+    """Swap the finished folder ``src`` in as ``dest`` (same file system).
+
+    The old ``dest`` is first renamed aside, then ``src`` is renamed into place, then the old copy is
+    deleted: readers see either the complete old folder or the complete new one, never a mix.
+    """
+    src, dest = Path(src), Path(dest)
+    old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
+    if dest.exists():
+        os.replace(dest, old)
+    os.replace(src, dest)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -45,7 +45,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline.config import Params
-from pipeline.images import IMAGE_SUFFIXES, MANIFEST, RAW_DIR, atomic_write_parquet, mask_fractions
+from pipeline.images import IMAGE_SUFFIXES, MANIFEST, RAW_DIR, atomic_write_parquet, mask_fractions, replace_dir
 
 log = logging.getLogger(__name__)
 
@@ -204,12 +204,8 @@ def ingest(params: Params, source: Path | None = None, out_dir: Path | None = No
                              desc=f"ingest {source.name}", unit="img", disable=not progress))
         manifest = build_manifest(rows)
         raw = out_dir / RAW_DIR
-        old = out_dir / f".{RAW_DIR}.old-{uuid.uuid4().hex[:8]}"
         (stage / RAW_DIR).mkdir(exist_ok=True)
-        if raw.exists():
-            os.replace(raw, old)
-        os.replace(stage / RAW_DIR, raw)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(stage / RAW_DIR, raw)
         atomic_write_parquet(out_dir / MANIFEST, manifest)
     finally:
         shutil.rmtree(stage, ignore_errors=True)

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from pipeline.images import IMAGE_SUFFIXES, read_image, read_mask, resize_image, resize_mask
+from pipeline.images import IMAGE_SUFFIXES, read_image, read_mask, replace_dir, resize_image, resize_mask
 from pipeline.postprocess import connected_components, overlay, png_bytes
 
 DEFAULT_ALIAS = "champion"
@@ -551,12 +551,7 @@ def _finalise(tmp: Path, out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists():
         if not overwrite:
             raise PredictInputError(f"{out_dir} exists; pass --overwrite or another --out")
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out_dir)
+    replace_dir(tmp, out_dir)
 
 
 def predict_folder(model: ResolvedModel, support_pairs: Sequence[tuple[Path, Path]],

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import uuid
 import zlib
@@ -37,7 +36,8 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import Params
-from pipeline.images import EPISODES_DIR, SPLITS_DIR, atomic_write_parquet, episodes_path, load_validated
+from pipeline.images import (EPISODES_DIR, SPLITS_DIR, atomic_write_parquet, episodes_path, load_validated,
+                             replace_dir)
 
 log = logging.getLogger(__name__)
 
@@ -159,11 +159,7 @@ def split(params: Params, data_dir: Path | None = None) -> dict[str, Any]:
             summary["folds"][fold] = {"train": len(content["train_ids"]), "val": len(content["val_ids"]),
                                       "test": len(content["test_ids"]), "episodes": counts}
         for name in (SPLITS_DIR, EPISODES_DIR):
-            target, old = data_dir / name, data_dir / f".{name}.old-{uuid.uuid4().hex[:8]}"
-            if target.exists():
-                os.replace(target, old)
-            os.replace(stage / name, target)
-            shutil.rmtree(old, ignore_errors=True)
+            replace_dir(stage / name, data_dir / name)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     log.info("split written to %s: %s", data_dir, summary)

@@ -51,7 +51,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import Params
-from pipeline.images import (DOCS_DIR, MANIFEST, REPORT, VALIDATED, atomic_write_parquet, atomic_write_text,
+from pipeline.images import (DOCS_DIR, replace_dir, MANIFEST, REPORT, VALIDATED, atomic_write_parquet, atomic_write_text,
                              load_manifest)
 
 log = logging.getLogger(__name__)
@@ -173,11 +173,7 @@ def _run_gx(manifest: pd.DataFrame, params: Params, docs_dir: Path) -> tuple[Any
         frame[col] = manifest[col].astype("float64")
     try:
         result = checkpoint.run(batch_parameters={"dataframe": frame})
-        old = docs_dir.parent / f".docs.old-{uuid.uuid4().hex[:8]}"
-        if docs_dir.exists():
-            os.replace(docs_dir, old)
-        os.replace(stage, docs_dir)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(stage, docs_dir)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     vr = next(iter(result.run_results.values()))
