@@ -16,7 +16,8 @@ training run, or the evaluation stage, logs into the same child run.
 
 Tracking URI: ``params.mlflow.tracking_uri`` (default ``sqlite:///mlruns.db``; a relative SQLite
 or file path is resolved against ``params.root``; ``$MLFLOW_TRACKING_URI`` overrides it in
-:mod:`pipeline.config`). Artifacts of a new experiment go to ``<root>/mlartifacts``.
+:mod:`pipeline.config`). Artifacts of a new experiment go to ``<root>/mlartifacts`` with an embedded (SQLite/file) store;
+a tracking server chooses its own artifact store.
 """
 
 from __future__ import annotations
@@ -154,7 +155,10 @@ def configure(params: Params) -> str:
     client = mlflow.MlflowClient(uri)
     exp = client.get_experiment_by_name(params.mlflow.experiment)
     if exp is None:
-        artifacts = (params.root / "mlartifacts").resolve().as_uri()
+        # embedded store (sqlite/file): artifacts beside the project; a tracking server decides itself
+        # (e.g. `lerenet services up` proxies them to S3), so no location is imposed on it
+        local = uri.startswith(("sqlite:", "file:")) or "://" not in uri
+        artifacts = (params.root / "mlartifacts").resolve().as_uri() if local else None
         exp_id = client.create_experiment(params.mlflow.experiment, artifact_location=artifacts)
     else:
         exp_id = exp.experiment_id
