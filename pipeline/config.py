@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -76,13 +76,18 @@ class SplitParams(_Section):
 
 
 ModelName = Literal["lerenet", "baseline", "prototype"]
+#: the model names of the pipeline, defined once here (``model.MODELS`` is the model package's own
+#: build table; tests/test_architecture.py checks that both list the same names)
+MODEL_NAMES: tuple[str, ...] = get_args(ModelName)
+#: the architecture deployed to users: trained on every class (``train_production``) and registered
+PRODUCTION_MODEL = "lerenet"
 Variant = Literal["mpr", "mpe", "mpe*", "mpr+mpe", "mpr+mpe*"]
 
 
 class ModelParams(_Section):
     """Which models to train/evaluate and their backbone (see ``model.build_model``)."""
 
-    names: list[ModelName] = Field(default_factory=lambda: ["lerenet", "baseline", "prototype"])
+    names: list[ModelName] = Field(default_factory=lambda: list(MODEL_NAMES))
     backbone: Literal["efficientnet_lite0", "resnet50", "vgg16_bn"] = "efficientnet_lite0"
     freeze_backbone: bool = True
     weights: Path | None = None

@@ -142,15 +142,15 @@ def test_refuses_bad_metrics_and_versions_without_metrics(params, checkpoint):
 
 def test_collect_cv_cells_reads_evaluation_output_and_hashes_episodes(params):
     """metrics/fold<f>.json in pipeline.evaluate's format + saved episode files -> cells."""
-    from pipeline.evaluate import metrics_paths
     from pipeline.images import episodes_path
+    from pipeline.layout import Layout
 
     for fold in params.folds:
         m = {"lerenet": {"k1": {"paper": {"miou": 0.1 * (fold + 1), "fbiou": 0.5, "episodes": 3},
                                 "standard": {"miou_mean": 0.2, "miou_std": 0.01, "fbiou_mean": 0.6,
                                              "fbiou_std": 0.0, "seeds": 2, "episodes": 4}},
                          "latency_ms": {"k1": 3.0}}, "device": "cpu"}
-        path = metrics_paths(params, fold)["json"]
+        path = Layout.of(params).fold_metrics(fold)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(m))
         for protocol in ("paper", "standard"):

@@ -2,7 +2,7 @@
 
 Usage (after ingest/validate/split, and `lerenet features` for the cached case):
 
-    python benchmarks/train_speed.py --params params.yaml --fold 0 --model lerenet --steps 20
+    python -m pipeline.bench.train_speed --params params.yaml --fold 0 --model lerenet --steps 20
 
 Runs ``pipeline.train.train`` for ``--steps`` optimiser steps (batch ``train.batch_size``) twice:
 on cached features (``use_cache=True``) and on images with the backbone in the loop
