@@ -122,7 +122,7 @@ class EvaluateParams(_Section):
     """Scoring on the saved episodes; latency; overlay pictures.
 
     ``batch_size``: episodes per forward pass. ``log_pyfunc``: also log each evaluated model as an
-    MLflow pyfunc (``pipeline/pyfunc.py``) in its nested run, loadable as ``runs:/<run_id>/model``.
+    MLflow pyfunc (``pipeline/serving/pyfunc.py``) in its nested run, loadable as ``runs:/<run_id>/model``.
     """
 
     protocols: list[Literal["paper", "standard"]] = Field(default_factory=lambda: ["paper", "standard"])
@@ -148,7 +148,7 @@ class RetrainParams(_Section):
 
 
 class ServicesParams(_Section):
-    """Local team services started by ``lerenet services up`` (see ``lerenet/services.py``).
+    """Local team services started by ``lerenet services up`` (see ``pipeline/services/``).
 
     SeaweedFS (S3 API on ``s3_port``), an MLflow tracking server (``mlflow_port``,
     artifacts proxied to ``s3://<mlflow_bucket>/<mlflow_prefix>``) and a Prefect

@@ -62,6 +62,7 @@ def state_dir(params: Params) -> Path:
 
 
 def pid_path(params: Params, name: str) -> Path:
+    """``<state_dir>/pids/<name>.json``: the pid record of service process ``name``."""
     return state_dir(params) / "pids" / f"{name}.json"
 
 
@@ -71,6 +72,7 @@ def log_path(params: Params, name: str) -> Path:
 
 
 def port_free(host: str, port: int) -> bool:
+    """True when ``host:port`` can be bound (``SO_REUSEADDR``, as the servers themselves bind)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         # like the servers themselves: connections in TIME_WAIT (after a recent `down`) do not block
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -82,6 +84,7 @@ def port_free(host: str, port: int) -> bool:
 
 
 def http_ok(url: str, timeout: float = 2.0) -> bool:
+    """True when ``GET url`` answers 2xx within ``timeout`` seconds (health checks)."""
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (loopback URL built here)
             return 200 <= resp.status < 300
@@ -92,6 +95,7 @@ def http_ok(url: str, timeout: float = 2.0) -> bool:
 # ---- pid records -------------------------------------------------------------
 
 def read_record(params: Params, name: str) -> dict | None:
+    """The pid record of ``name``; ``None`` without one, ``{"pid": None, "corrupt": True}`` if unreadable."""
     p = pid_path(params, name)
     try:
         return json.loads(p.read_text())
@@ -132,6 +136,7 @@ def registered_names(params: Params) -> list[str]:
 
 
 def tree_rss_mb(proc: psutil.Process) -> tuple[float, int]:
+    """Resident memory (MiB) and process count of ``proc`` and all its descendants."""
     procs = [proc]
     try:
         procs += proc.children(recursive=True)
@@ -172,6 +177,12 @@ class Pending:
 def launch(params: Params, name: str, argv: list[str], *, env: Mapping[str, str] | None, url: str | None,
             ports: Mapping[str, int] | None, health: Callable[[], bool] | None, timeout: float,
             cwd: str | os.PathLike[str] | None) -> ServiceStatus | Pending:
+    """Start ``argv`` as service ``name`` (own session, output to its log, pid record written at once) unless
+    it already runs; returns its status if it does, else a :class:`Pending` to pass to :func:`await_healthy`.
+
+    Raises:
+        ServiceError: a port of ``ports`` is taken (names it and its ``services.*`` key).
+    """
     proc = running_process(params, name)
     if proc is not None:
         rec = read_record(params, name) or {}
