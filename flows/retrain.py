@@ -13,7 +13,7 @@ Steps (orchestration only; the work is done by ``pipeline/`` functions):
    re-versioned and the ``params.yaml``/``dvc.lock`` changes are ready to commit with git. Bad data
    fails here and leaves the params file untouched.
 4. **Probe the champion**: ``models:/<name>@champion`` is evaluated on each new class as a novel class
-   (K in ``split.shots``, e.g. 1 and 5; ``pipeline.evaluate.evaluate_folder``), logged to MLflow as
+   (K in ``split.shots``, e.g. 1 and 5; ``pipeline.usecases.probe.probe_champion``), logged to MLflow as
    run ``probe-<class>``: how well the deployed model already handles the new defect, before any
    retraining.
 5. **Retrain**: the ``training_pipeline`` flow as a subflow (CV, production model, register as
@@ -52,37 +52,11 @@ def params_file(params_path: str | os.PathLike[str] | None) -> Path:
 
 @task(name="probe_champion", task_run_name="probe-{class_name}", **TASK_OPTIONS)
 def probe_task(params: Params, class_name: str, version: str) -> dict[str, Any]:
-    """Evaluate the champion on one new class (all ``split.shots``) and log a ``probe-<class>`` run.
+    """``pipeline.usecases.probe.probe_champion``: the champion on one new class (all ``split.shots``), logged as
+    run ``probe-<class>``; returns ``{"k1": {"miou", "fbiou", "episodes"}, ...}``."""
+    from pipeline.usecases.probe import probe_champion
 
-    Episodes: ``split.standard_episodes`` per K, seed ``split.paper_seed``, drawn from the class as
-    ingested into the new data version (``data/raw/<class>``); ``pipeline.evaluate.evaluate_folder``.
-
-    Returns ``{"k1": {"miou": ..., "fbiou": ..., "episodes": n}, ...}`` (mIoU/FB-IoU in [0, 1]).
-    """
-    import tempfile
-
-    import mlflow
-
-    from pipeline import tracking
-    from pipeline.classes import source_view
-    from pipeline.evaluate import evaluate_folder
-
-    tracking.configure(params)
-    uri = f"models:/{params.mlflow.registered_model}@{PROBE_MODEL_ALIAS}"
-    results: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory(prefix="lerenet-probe-") as tmp:
-        # the class as ingested into the new data version, alone in a Surface Defects-4i folder
-        folder = source_view(params, {class_name: params.data.dir / "raw" / class_name}, view=Path(tmp) / "view")
-        for k in params.split.shots:
-            results[f"k{k}"] = evaluate_folder(folder, uri, k, episodes=params.split.standard_episodes,
-                                               seed=params.split.paper_seed, threshold=params.data.mask_threshold,
-                                               device=params.train.device)
-    parent = tracking.parent_run_id(params)
-    with tracking.nested_run(params, parent, f"probe-{class_name}", reuse=False,
-                             tags={"lerenet.step": "probe", "class_name": class_name, "model_uri": uri,
-                                   "champion_version": version}):
-        mlflow.log_metrics({f"probe_{kk}_{m}": float(r[m]) for kk, r in results.items() for m in ("miou", "fbiou")})
-    return {kk: {"miou": r["miou"], "fbiou": r["fbiou"], "episodes": r["episodes"]} for kk, r in results.items()}
+    return probe_champion(params, class_name, version, PROBE_MODEL_ALIAS)
 
 
 @flow(name="retrain_on_new_classes", log_prints=True)
@@ -104,8 +78,7 @@ def retrain_on_new_classes(params_path: str | None = None, overrides: dict[str, 
         The original exception of a failing step (ingest, validation, probe, training, registry).
     """
     from pipeline import registry, tracking
-    from pipeline.classes import (accepted_classes, available_classes, class_image_counts, count_class_images,
-                                  extend_folds, new_classes, write_folds)
+    from pipeline.classes import new_classes, place_new_classes, write_folds
 
     logger = get_run_logger()
     path = params_file(params_path)
@@ -118,18 +91,12 @@ def retrain_on_new_classes(params_path: str | None = None, overrides: dict[str, 
     logger.info("new classes: %s", new)
     before = tracking.data_version(params)
 
-    # 2. fold table: place the new classes (by their image count in the source folder) -- in memory
-    available = available_classes(params)
-    to_place = [c for c in new if c not in params.all_classes]
-    folds = {f: list(cs) for f, cs in params.folds.items()}
-    if to_place:
-        counts = {**class_image_counts(params), **{c: count_class_images(available[c]) for c in to_place}}
-        folds = extend_folds(params.folds, counts, to_place)
+    # 2. fold table with the new classes placed, and the source view to ingest -- in memory
+    folds, to_place, view = place_new_classes(params, new)
     staged = load_params(path, _merge(overrides, {"folds": folds}))
 
     # 3. new data version: accepted classes + the new ones, validated against the extended table;
     #    only then is the table written back to the params file and the data version committed
-    view = {**{c: str(p) for c, p in accepted_classes(params).items()}, **{c: str(available[c]) for c in new}}
     ingest_task(staged, view)
     validate_task(staged)
     if to_place:

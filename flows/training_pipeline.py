@@ -32,7 +32,7 @@ from prefect import flow, get_run_logger, task
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.common import TASK_OPTIONS
-from pipeline.config import Params, load_params
+from pipeline.config import PRODUCTION_MODEL, Params, load_params
 
 STAGES: tuple[str, ...] = ("ingest", "validate", "split", "features", "train", "evaluate", "report",
                            "train_production", "register")
@@ -45,10 +45,6 @@ STAGE_COMMANDS: dict[str, str] = {
     "report": "lerenet report", "train_production": "lerenet train", "register": "lerenet register",
 }
 """The CLI command each DVC stage runs (its ``cmd`` starts with it)."""
-
-PRODUCTION_MODEL = "lerenet"
-"""The architecture deployed to users (trained on all classes) and registered."""
-
 
 
 def default_fold_workers() -> int:
@@ -117,10 +113,10 @@ def train_task(params: Params, fold: int | None, model_name: str) -> str:
 
 @task(name="evaluate", task_run_name="evaluate-fold{fold}", **TASK_OPTIONS)
 def evaluate_task(params: Params, fold: int) -> dict[str, Any]:
-    """``pipeline.evaluate.evaluate`` for one fold (writes ``metrics/fold<f>.json``)."""
+    """``pipeline.evaluate.evaluate`` for one fold (writes ``metrics/fold<f>.json``); returns its content."""
     from pipeline.evaluate import evaluate
 
-    return evaluate(params, fold)
+    return evaluate(params, fold).to_json()
 
 
 @task(name="report", **TASK_OPTIONS)
@@ -142,25 +138,19 @@ def train_production_task(params: Params, model_name: str = PRODUCTION_MODEL) ->
 @task(name="register", **TASK_OPTIONS)
 def register_task(params: Params, checkpoint: str, model_name: str = PRODUCTION_MODEL,
                   extra_tags: dict[str, str] | None = None) -> str:
-    """``pipeline.registry.register`` with the CV cells of ``model_name``; returns the new version."""
-    from pipeline import registry
+    """``pipeline.usecases.register.register_production`` (CV cells of ``model_name``); returns the new version."""
+    from pipeline.usecases.register import register_production
 
-    cells = registry.collect_cv_cells(params, model_name)
-    return registry.register(params, Path(checkpoint), cells, model_name=model_name, extra_tags=extra_tags)
+    return register_production(params, model_name, Path(checkpoint), extra_tags)
 
 
 @task(name="promote", **TASK_OPTIONS)
 def promote_task(params: Params, version: str) -> dict[str, Any]:
-    """``pipeline.registry.promote`` and the decision record ``reports/registry.json``."""
-    from pipeline import registry
+    """``pipeline.usecases.register.gate``: promotion gate, decision record ``reports/registry.json``, model card."""
+    from pipeline.usecases.register import gate
 
-    from pipeline.model_card import publish_champion_card
-
-    decision = registry.promote(params, version)
-    registry.write_record(params.root / registry.RECORD_PATH, decision)
-    result = decision.as_dict()
-    result["model_card"] = publish_champion_card(params, version, decision.promoted)
-    return result
+    outcome = gate(params, version)
+    return {**outcome.decision.as_dict(), "model_card": outcome.card_uris}
 
 
 def _checkpoint_of(result: Any) -> Path:
@@ -238,7 +228,8 @@ def training_pipeline(params_path: str | None = None, overrides: dict[str, Any] 
     Raises:
         The original exception of the first failing step (after its transient retries).
     """
-    from pipeline import registry, tracking
+    from pipeline import tracking
+    from pipeline.usecases.register import cv_summary
 
     logger = get_run_logger()
     params = load_params(params_path, overrides)
@@ -274,10 +265,7 @@ def training_pipeline(params_path: str | None = None, overrides: dict[str, Any] 
                 tracking.finish_parent(params, parent, status)
             except Exception as exc:  # noqa: BLE001 -- never mask the step's own error
                 logging.getLogger(__name__).warning("could not close parent run %s: %s", parent, exc)
-    cv = {}
-    for c in registry.collect_cv_cells(params, PRODUCTION_MODEL):
-        cv.setdefault(f"{c.protocol}.k{c.shots}", []).append(c.miou)
-    cv = {k: round(sum(v) / len(v), 4) for k, v in sorted(cv.items())}
+    cv = cv_summary(params, PRODUCTION_MODEL)
     commit = dvc_commit(params.root) if commit_dvc else "not requested"
     logger.info("registered v%s; decision: %s; CV mIoU %s; dvc commit: %s", version,
                 decision and decision["reason"], cv, commit)

@@ -5,6 +5,9 @@ Follows the transforms of the authors' code (PFENet-style ``transform.py``): aft
 ImageNet mean colour; padded mask pixels are background), Gaussian blur (p = 0.5), horizontal flip
 (p = 0.5), then a random ``S x S`` crop (padding first when the scaled image is smaller).
 
+The clean view (:func:`clean_pair`, resize only) and :func:`to_tensor_pair` are those of
+:mod:`pipeline.inference.preprocess`, so training, the feature store and inference see the same pixels.
+
 Each call is seeded explicitly (:func:`augment_pair` ``seed=``), so a view is a pure function of
 (image, mask, seed): independent of processing order, worker process or resume point.
 """
@@ -15,7 +18,9 @@ import albumentations as A
 import cv2
 import numpy as np
 
-from pipeline.images import resize_image, resize_mask
+# the clean (un-augmented) view and the tensor conversion are the one preprocessing of inference;
+# re-exported here for the training side (feature store view 0, validation episodes)
+from pipeline.inference.preprocess import clean_pair, to_tensor_pair  # noqa: F401
 
 #: padding colour for rotated/scaled-down images: ImageNet mean RGB (0..255), as the authors' code.
 MEAN_FILL = (124, 116, 104)
@@ -64,29 +69,3 @@ def augment_pair(pipeline: A.Compose, image: np.ndarray, mask: np.ndarray, seed:
     pipeline.set_random_seed(int(seed) % (2**32))
     out = pipeline(image=np.ascontiguousarray(image), mask=np.ascontiguousarray(mask, dtype=np.uint8))
     return out["image"], out["mask"].astype(bool)
-
-
-def clean_pair(image: np.ndarray, mask: np.ndarray | None, image_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """The un-augmented view: image resized bilinearly, mask with nearest neighbour, to ``S x S``.
-
-    ``mask=None`` (a defect-free image) gives an all-background mask. Returns
-    ``(image (S, S, 3) uint8, mask (S, S) bool)``.
-    """
-    img = resize_image(image, image_size)
-    m = np.zeros((image_size, image_size), bool) if mask is None else resize_mask(mask, image_size)
-    return img, m
-
-
-def to_tensor_pair(image: np.ndarray, mask: np.ndarray):
-    """(S, S, 3) uint8 + (S, S) bool -> torch ``(3, S, S)`` float in [0, 1] and ``(1, S, S)`` float {0, 1}."""
-    import torch
-
-    image = np.ascontiguousarray(image)
-    mask = np.ascontiguousarray(mask)
-    if not image.flags.writeable:  # Pillow arrays are read-only; torch wants writable memory
-        image = image.copy()
-    if not mask.flags.writeable:
-        mask = mask.copy()
-    img = torch.from_numpy(image).permute(2, 0, 1).float().div_(255.0)
-    m = torch.from_numpy(mask).float().unsqueeze(0)
-    return img, m

@@ -31,8 +31,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipeline.atomic import atomic_write, replace_dir
 from pipeline.config import Params
-from pipeline.images import replace_dir
 
 log = logging.getLogger(__name__)
 
@@ -188,10 +188,32 @@ def extend_folds(folds: Mapping[int, Iterable[str]], image_counts: Mapping[str, 
     return out
 
 
+def place_new_classes(params: Params, new: Iterable[str]) -> tuple[dict[int, list[str]], list[str], dict[str, str]]:
+    """Plan a new data version for the ``new`` classes (:func:`new_classes`), in memory.
+
+    Returns:
+        ``(folds, placed, view)``: the fold table with the classes not yet in it placed by
+        :func:`extend_folds` (image counts from their source folders), the classes so placed, and the
+        ``{class: folder}`` source view to ingest (the accepted classes plus the new ones).
+
+    Raises:
+        ClassTableError: as :func:`extend_folds`.
+    """
+    new = list(new)
+    available = available_classes(params)
+    placed = [c for c in new if c not in params.all_classes]
+    folds = {f: list(cs) for f, cs in params.folds.items()}
+    if placed:
+        counts = {**class_image_counts(params), **{c: count_class_images(available[c]) for c in placed}}
+        folds = extend_folds(params.folds, counts, placed)
+    view = {**{c: str(p) for c, p in accepted_classes(params).items()}, **{c: str(available[c]) for c in new}}
+    return folds, placed, view
+
+
 def write_folds(params_path: Path, folds: Mapping[int, list[str]]) -> None:
     """Replace ``folds:`` in a params YAML file, keeping its comments and layout (ruamel round-trip).
 
-    Written to a temporary file in the same folder and swapped in with ``os.replace``.
+    Written atomically (:func:`pipeline.atomic.atomic_write`).
 
     Raises:
         ClassTableError: the file has no top-level ``folds:`` mapping.
@@ -210,11 +232,9 @@ def write_folds(params_path: Path, folds: Mapping[int, list[str]]) -> None:
         seq = CommentedSeq(classes)
         seq.fa.set_flow_style()
         table[int(f)] = seq
-    tmp = params_path.with_name(f".{params_path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
+    def dump(tmp: Path) -> None:
         with tmp.open("w") as fh:
             yaml.dump(doc, fh)
-        os.replace(tmp, params_path)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    atomic_write(params_path, dump)
     log.info("wrote fold table %s to %s", dict(folds), params_path)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -76,13 +76,18 @@ class SplitParams(_Section):
 
 
 ModelName = Literal["lerenet", "baseline", "prototype"]
+#: the model names of the pipeline, defined once here (``model.MODELS`` is the model package's own
+#: build table; tests/test_architecture.py checks that both list the same names)
+MODEL_NAMES: tuple[str, ...] = get_args(ModelName)
+#: the architecture deployed to users: trained on every class (``train_production``) and registered
+PRODUCTION_MODEL = "lerenet"
 Variant = Literal["mpr", "mpe", "mpe*", "mpr+mpe", "mpr+mpe*"]
 
 
 class ModelParams(_Section):
     """Which models to train/evaluate and their backbone (see ``model.build_model``)."""
 
-    names: list[ModelName] = Field(default_factory=lambda: ["lerenet", "baseline", "prototype"])
+    names: list[ModelName] = Field(default_factory=lambda: list(MODEL_NAMES))
     backbone: Literal["efficientnet_lite0", "resnet50", "vgg16_bn"] = "efficientnet_lite0"
     freeze_backbone: bool = True
     weights: Path | None = None
@@ -117,7 +122,7 @@ class EvaluateParams(_Section):
     """Scoring on the saved episodes; latency; overlay pictures.
 
     ``batch_size``: episodes per forward pass. ``log_pyfunc``: also log each evaluated model as an
-    MLflow pyfunc (``pipeline/pyfunc.py``) in its nested run, loadable as ``runs:/<run_id>/model``.
+    MLflow pyfunc (``pipeline/serving/pyfunc.py``) in its nested run, loadable as ``runs:/<run_id>/model``.
     """
 
     protocols: list[Literal["paper", "standard"]] = Field(default_factory=lambda: ["paper", "standard"])
@@ -143,7 +148,7 @@ class RetrainParams(_Section):
 
 
 class ServicesParams(_Section):
-    """Local team services started by ``lerenet services up`` (see ``lerenet/services.py``).
+    """Local team services started by ``lerenet services up`` (see ``pipeline/services/``).
 
     SeaweedFS (S3 API on ``s3_port``), an MLflow tracking server (``mlflow_port``,
     artifacts proxied to ``s3://<mlflow_bucket>/<mlflow_prefix>``) and a Prefect

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from pipeline.augment import augment_pair, build_augment, clean_pair, to_tensor_pair
 from pipeline.config import Params
 from pipeline.images import load_validated, read_image, read_mask, replace_dir, resolve
+from pipeline.layout import FEATURES_DIR
 
 STORE_VERSION = 1
 #: seed of the cached augmented views: fixed, so that runs with other ``train.seed`` values (which
@@ -53,7 +54,7 @@ class FeatureStoreError(RuntimeError):
 def feature_store_path(params: Params, data_dir: Path | None = None) -> Path:
     """``<data_dir or params.data.dir>/features/<backbone>_<image_size>``."""
     base = Path(data_dir) if data_dir is not None else params.data.dir
-    return base / "features" / f"{params.model.backbone}_{params.train.image_size}"
+    return base / FEATURES_DIR / f"{params.model.backbone}_{params.train.image_size}"
 
 
 def view_seed(seed: int, image_id: str, view: int) -> int:

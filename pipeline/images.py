@@ -11,17 +11,16 @@ training and evaluation all see the same arrays:
   ``== 255``: the magnetic-tile masks have soft, anti-aliased edges);
 * paths in the manifest are relative to the data folder (``params.data.dir``).
 
-Writers (ingest/validate/split) use :func:`atomic_write_parquet` /
-:func:`atomic_write_text` so a failed step never leaves a half-written file.
+Names and paths come from :mod:`pipeline.layout`; pixel conversion (gray -> RGB, resizing) from
+:mod:`pipeline.inference.preprocess`, the one preprocessing of training, evaluation and serving.
+Writers (ingest/validate/split) use the atomic helpers of :mod:`pipeline.atomic` (re-exported here)
+so a failed step never leaves a half-written file.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -29,20 +28,10 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-#: File and folder names under the data folder (``params.data.dir``).
-RAW_DIR = "raw"
-MANIFEST = "manifest.parquet"
-VALIDATION_DIR = "validation"
-REPORT = "validation/report.json"
-DOCS_DIR = "validation/docs"
-VALIDATED = "validated.parquet"
-SPLITS_DIR = "splits"
-EPISODES_DIR = "episodes"
-PROTOCOLS = ("paper", "standard")
-
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
-_FILE_MODE = 0o666 & ~_UMASK  # mkstemp creates 0600; give written artifacts the usual mode
+from pipeline.atomic import atomic_write_bytes, atomic_write_parquet, atomic_write_text, replace_dir  # noqa: F401
+from pipeline.inference.preprocess import gray_array, resize_image, resize_mask, rgb_array, to_rgb  # noqa: F401
+from pipeline.layout import (DOCS_DIR, EPISODES_DIR, MANIFEST, PROTOCOLS, RAW_DIR, REPORT,  # noqa: F401
+                             SPLITS_DIR, VALIDATED, VALIDATION_DIR, episodes_name, split_name)
 
 #: Image file suffixes the ingest step reads (lower case).
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
@@ -72,22 +61,7 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
     """
     with Image.open(path) as im:
         im.load()
-        return to_rgb(np.asarray(im.convert("RGB") if im.mode not in ("L", "RGB") else im))
-
-
-def to_rgb(array: np.ndarray) -> np.ndarray:
-    """Return a ``(H, W, 3)`` view/copy of a ``(H, W)`` or ``(H, W, 1|3)`` image array.
-
-    Gray is replicated to 3 channels; a 3-channel array is returned unchanged.
-    Raises ``ValueError`` for any other shape.
-    """
-    if array.ndim == 2:
-        return np.repeat(array[:, :, None], 3, axis=2)
-    if array.ndim == 3 and array.shape[2] == 3:
-        return array
-    if array.ndim == 3 and array.shape[2] == 1:
-        return np.repeat(array, 3, axis=2)
-    raise ValueError(f"expected an image array of shape (H,W) or (H,W,1|3), got {array.shape}")
+        return rgb_array(im)
 
 
 def read_mask_values(path: str | os.PathLike[str]) -> np.ndarray:
@@ -102,7 +76,7 @@ def read_mask_values(path: str | os.PathLike[str]) -> np.ndarray:
     """
     with Image.open(path) as im:
         im.load()
-        return np.asarray(im if im.mode == "L" else im.convert("L"))
+        return gray_array(im)
 
 
 def binarise(values: np.ndarray, threshold: int) -> np.ndarray:
@@ -134,26 +108,6 @@ def mask_fractions(values: np.ndarray, threshold: int, soft_tolerance: int) -> t
     fg = float(np.count_nonzero(values > threshold)) / values.size
     soft = float(np.count_nonzero((values > soft_tolerance) & (values < 255 - soft_tolerance))) / values.size
     return fg, soft
-
-
-def resize_image(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
-    """Resize an ``(H, W, 3)`` or ``(H, W)`` uint8 image with bilinear filtering.
-
-    ``size`` is ``S`` (square ``S x S``) or ``(height, width)`` in pixels. Returns
-    the same dtype and channel layout at the new size.
-    """
-    h, w = (size, size) if isinstance(size, int) else size
-    return np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
-
-
-def resize_mask(mask: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
-    """Resize an ``(H, W)`` bool mask with nearest-neighbour sampling (stays binary).
-
-    ``size`` is ``S`` or ``(height, width)``. Returns ``(h, w)`` bool.
-    """
-    h, w = (size, size) if isinstance(size, int) else size
-    im = Image.fromarray(mask.astype(np.uint8) * 255)
-    return np.asarray(im.resize((w, h), Image.NEAREST)) > 127
 
 
 # ---------------------------------------------------------------------------
@@ -196,14 +150,12 @@ def load_validated(data_dir: str | os.PathLike[str], kind: str | None = None) ->
 def load_split(data_dir: str | os.PathLike[str], fold: int) -> dict[str, Any]:
     """Read ``splits/fold<fold>.json``: ``{"fold", "test_classes", "train_classes", "train_ids",
     "val_ids", "test_ids"}`` (ids are manifest ids). Raises :class:`DataArtifactError` if missing."""
-    return json.loads(_need(Path(data_dir) / SPLITS_DIR / f"fold{fold}.json", "split").read_text())
+    return json.loads(_need(Path(data_dir) / SPLITS_DIR / split_name(fold), "split").read_text())
 
 
 def episodes_path(data_dir: str | os.PathLike[str], fold: int, protocol: str, shots: int) -> Path:
     """Path of the saved episodes file ``episodes/fold<f>_<protocol>_k<K>.parquet``."""
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
-    return Path(data_dir) / EPISODES_DIR / f"fold{fold}_{protocol}_k{shots}.parquet"
+    return Path(data_dir) / EPISODES_DIR / episodes_name(fold, protocol, shots)
 
 
 def load_episodes(data_dir: str | os.PathLike[str], fold: int, protocol: str, shots: int) -> pd.DataFrame:
@@ -221,53 +173,3 @@ def load_episodes(data_dir: str | os.PathLike[str], fold: int, protocol: str, sh
 def resolve(data_dir: str | os.PathLike[str], relative: str) -> Path:
     """Absolute path of a manifest ``image_path``/``mask_path`` (relative to the data folder)."""
     return Path(data_dir) / relative
-
-
-# ---------------------------------------------------------------------------
-# atomic writers
-# ---------------------------------------------------------------------------
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, _FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def replace_dir(src: Path, dest: Path) -> None:
-    """Swap the finished folder ``src`` in as ``dest`` (same file system).
-
-    The old ``dest`` is first renamed aside, then ``src`` is renamed into place, then the old copy is
-    deleted: readers see either the complete old folder or the complete new one, never a mix.
-    """
-    src, dest = Path(src), Path(dest)
-    old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
-    if dest.exists():
-        os.replace(dest, old)
-    os.replace(src, dest)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Atomically write UTF-8 text (see :func:`atomic_write_bytes`)."""
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_parquet(path: Path, df: pd.DataFrame) -> None:
-    """Atomically write ``df`` as Parquet without the index (byte-identical for identical frames)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        df.to_parquet(tmp, index=False)
-        os.chmod(tmp, _FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -18,19 +18,17 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
-from pathlib import Path
 
 import pandas as pd
 
-from pipeline.config import Params
+from pipeline.config import PRODUCTION_MODEL, Params
+from pipeline.layout import Layout
 from pipeline.storage import ENDPOINT_ENV_VARS, ModelCard, S3Store, publish_model_card
 
 log = logging.getLogger(__name__)
 
-PER_CLASS_GLOB = "metrics/per_class/fold*.csv"
 
-
-def per_class_iou(params: Params, model_name: str = "lerenet", protocol: str = "paper", shots: int = 1
+def per_class_iou(params: Params, model_name: str = PRODUCTION_MODEL, protocol: str = "paper", shots: int = 1
                   ) -> dict[str, float]:
     """Foreground IoU in [0, 1] of each novel class, from the evaluation's per-class tables.
 
@@ -38,16 +36,17 @@ def per_class_iou(params: Params, model_name: str = "lerenet", protocol: str = "
         FileNotFoundError: no ``metrics/per_class/fold*.csv`` under ``params.root`` (run ``lerenet
             evaluate`` for every fold first).
     """
-    files = sorted(Path(params.root).glob(PER_CLASS_GLOB))
+    layout = Layout.of(params)
+    files = layout.per_class_tables()
     if not files:
-        raise FileNotFoundError(f"{params.root / PER_CLASS_GLOB}: no per-class tables; run `lerenet evaluate`")
+        raise FileNotFoundError(f"{layout.metrics_dir / 'per_class'}: no per-class tables fold*.csv; run `lerenet evaluate`")
     df = pd.concat([pd.read_csv(f) for f in files], ignore_index=True)
     sel = df[(df["model"] == model_name) & (df["protocol"] == protocol) & (df["shots"] == shots)]
     return {str(r.class_name): float(r.iou) for r in sel.itertuples()}
 
 
 def build_card(params: Params, version: str, tags: Mapping[str, str], run_id: str | None,
-               model_name: str = "lerenet") -> ModelCard:
+               model_name: str = PRODUCTION_MODEL) -> ModelCard:
     """The model card of registered ``version`` from its tags (``cv.*``, ``data_version``).
 
     Raises:

@@ -1,20 +1,21 @@
 """Evaluation pictures: support / query / ground truth / prediction overlays and the per-class IoU bar chart.
 
 Drawn with matplotlib's object API (``matplotlib.figure.Figure`` renders with the Agg canvas; no
-pyplot, no display, no global backend state). Files are written atomically (temporary file in the
-same folder, then ``os.replace``), so a failed plot never leaves half a PNG.
+pyplot, no display, no global backend state). Files are written atomically
+(:func:`pipeline.atomic.atomic_write`), so a failed plot never leaves half a PNG.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+
+from pipeline.atomic import atomic_write
 
 FG_COLOURS = {"support": (1.0, 0.85, 0.0), "truth": (0.0, 0.9, 0.2), "pred": (1.0, 0.1, 0.1)}
 
@@ -68,17 +69,8 @@ def overlay(image: np.ndarray, mask: np.ndarray, colour: tuple[float, float, flo
 
 
 def _save(fig: Figure, path: str | os.PathLike[str], dpi: int = 100) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix or ".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, bbox_inches="tight",
+                                                      format=Path(path).suffix.lstrip(".") or "png"))
 
 
 def overlay_grid(episodes: Sequence[OverlayEpisode], path: str | os.PathLike[str], title: str = "") -> Path:

@@ -39,8 +39,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -50,15 +48,14 @@ from typing import Any
 import pandas as pd
 
 from pipeline import tracking
-from pipeline.config import Params
-from pipeline.images import episodes_path
+from pipeline.atomic import atomic_write_text
+from pipeline.config import PRODUCTION_MODEL, Params
+from pipeline.layout import Layout
 
 log = logging.getLogger(__name__)
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
-RECORD_PATH = Path("reports") / "registry.json"
-"""Decision record of the last register+promote, relative to the project root (DVC ``register`` output)."""
 
 
 class RegistryError(RuntimeError):
@@ -169,38 +166,35 @@ def cv_tags(cells: Iterable[CvCell]) -> dict[str, str]:
     return tags
 
 
-def collect_cv_cells(params: Params, model_name: str = "lerenet", data_dir: Path | None = None) -> list[CvCell]:
+def collect_cv_cells(params: Params, model_name: str = PRODUCTION_MODEL, data_dir: Path | None = None) -> list[CvCell]:
     """Read the CV results of ``model_name`` from every fold's ``metrics/fold<f>.json`` (``pipeline.evaluate``).
 
-    Paper protocol: ``miou``/``fbiou``; standard protocol: the mean over seeds (``miou_mean``,
-    ``fbiou_mean``). Each cell carries the hash of the episode file it was scored on.
+    Each (K, protocol) score gives one cell with its mIoU / FB-IoU (for the standard protocol the mean
+    over seeds: :class:`pipeline.evaluation.results.ProtocolScore`) and the hash of the episode file
+    it was scored on.
 
     Raises:
-        RegistryError: a fold's metrics file is missing or lacks ``model_name`` (run ``lerenet evaluate``).
+        RegistryError: a fold's metrics file is missing, lacks ``model_name`` or a metric (run ``lerenet evaluate``).
     """
-    from pipeline.evaluate import metrics_paths
+    from pipeline.evaluation.results import FoldMetrics
 
-    data_dir = Path(data_dir or params.data.dir)
+    layout = Layout.of(params, data_dir)
     cells = []
     for fold in sorted(params.folds):
-        path = metrics_paths(params, fold)["json"]
+        path = layout.fold_metrics(fold)
         if not path.is_file():
             raise RegistryError(f"{path} missing: evaluate fold {fold} first (`lerenet evaluate --fold {fold}`)")
-        blob = json.loads(path.read_text())
-        if model_name not in blob:
-            raise RegistryError(f"{path} has no results for model {model_name!r} (has {sorted(blob)}); "
+        try:
+            fm = FoldMetrics.read(path)
+        except KeyError as exc:
+            raise RegistryError(f"{path}: a score lacks {exc}; re-run `lerenet evaluate --fold {fold}`") from None
+        if model_name not in fm.models:
+            raise RegistryError(f"{path} has no results for model {model_name!r} (has {sorted(fm.models)}); "
                                 f"add it to model.names and re-run `lerenet evaluate --fold {fold}`")
-        for kk, by_protocol in blob[model_name].items():
-            if not (kk.startswith("k") and kk[1:].isdigit()):
-                continue
-            k = int(kk[1:])
-            for protocol, m in by_protocol.items():
-                miou = m.get("miou", m.get("miou_mean"))
-                fb = m.get("fbiou", m.get("fbiou_mean"))
-                if miou is None or fb is None:
-                    raise RegistryError(f"{path}: {model_name}.{kk}.{protocol} lacks miou/fbiou")
-                cells.append(CvCell(fold, protocol, k, float(miou), float(fb),
-                                    episodes_hash(episodes_path(data_dir, fold, protocol, k))))
+        for k, by_protocol in fm.models[model_name].scores.items():
+            for protocol, score in by_protocol.items():
+                cells.append(CvCell(fold, protocol, k, score.miou, score.fbiou,
+                                    episodes_hash(layout.episodes(fold, protocol, k))))
     return cells
 
 
@@ -242,7 +236,7 @@ def alias_version(params: Params, alias: str) -> str | None:
 
 
 def register(params: Params, model_checkpoint: Path, cv_metrics: Iterable[CvCell], *,
-             model_name: str = "lerenet", extra_tags: Mapping[str, str] | None = None) -> str:
+             model_name: str = PRODUCTION_MODEL, extra_tags: Mapping[str, str] | None = None) -> str:
     """Log ``model_checkpoint`` as a pyfunc and register it as a new version with alias ``challenger``.
 
     Args:
@@ -263,7 +257,7 @@ def register(params: Params, model_checkpoint: Path, cv_metrics: Iterable[CvCell
     """
     import mlflow
 
-    from pipeline.pyfunc import log_pyfunc
+    from pipeline.serving.pyfunc import log_pyfunc
 
     ckpt = Path(model_checkpoint)
     if not ckpt.is_file():
@@ -395,17 +389,7 @@ def _mean(values: Iterable[float]) -> float:
 
 
 def write_record(path: Path, decision: PromotionDecision, extra: Mapping[str, Any] | None = None) -> Path:
-    """Write the decision record JSON (the ``register`` stage's output) atomically; returns ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump({**decision.as_dict(), **(extra or {})}, fh, indent=2, sort_keys=True)
-            fh.write("\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write the decision record JSON (the ``register`` stage's output, :attr:`Layout.registry_record`)
+    atomically; returns ``path``."""
+    text = json.dumps({**decision.as_dict(), **(extra or {})}, indent=2, sort_keys=True) + "\n"
+    return atomic_write_text(path, text, mode=0o644)

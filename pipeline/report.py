@@ -13,37 +13,36 @@ A fold whose metrics file is missing is shown as "n/a" (the table says which fol
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
+from pipeline.atomic import atomic_write_text
 from pipeline.config import Params
-from pipeline.images import atomic_write_text
+from pipeline.evaluation.results import FoldMetrics, ProtocolScore
+from pipeline.layout import Layout
 
 
 class ReportError(RuntimeError):
     """No metrics to report (names the files looked for and the command that writes them)."""
 
 
-def load_fold_metrics(params: Params) -> dict[int, dict[str, Any]]:
-    """``{fold: content of metrics/fold<f>.json}`` for every fold of ``params.folds`` that has one.
+def load_fold_metrics(params: Params) -> dict[int, FoldMetrics]:
+    """``{fold: metrics/fold<f>.json}`` (typed) for every fold of ``params.folds`` that has one.
 
     Raises:
-        ReportError: none of the files exists, or one is not valid JSON (names it).
+        ReportError: none of the files exists, or one is not valid JSON / lacks a key (names it).
     """
-    from pipeline.evaluate import metrics_paths
-
+    layout = Layout.of(params)
     out = {}
     for f in sorted(params.folds):
-        path = metrics_paths(params, f)["json"]
+        path = layout.fold_metrics(f)
         if path.is_file():
             try:
-                out[f] = json.loads(path.read_text())
-            except ValueError as exc:
-                raise ReportError(f"{path}: not valid JSON ({exc}); re-run `lerenet evaluate --fold {f}`") from None
+                out[f] = FoldMetrics.read(path)
+            except (ValueError, KeyError) as exc:
+                raise ReportError(f"{path}: not valid metrics JSON ({exc}); re-run `lerenet evaluate --fold {f}`") from None
     if not out:
-        raise ReportError(f"no metrics/fold<f>.json under {params.root / 'metrics'}: run `lerenet evaluate --fold F` "
+        raise ReportError(f"no metrics/fold<f>.json under {layout.metrics_dir}: run `lerenet evaluate --fold F` "
                           "(or `dvc repro evaluate`) first")
     return out
 
@@ -52,34 +51,44 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}"
 
 
-def _cell(d: Mapping[str, Any] | None, metric: str) -> tuple[str, float | None]:
+def _cell(score: ProtocolScore | None, metric: str) -> tuple[str, float | None]:
     """Formatted cell and the value used for the fold mean (paper: value; standard: mean ± std)."""
-    if not d:
+    if score is None:
         return "n/a", None
-    if metric in d:
-        return _pct(d[metric]), float(d[metric])
-    mean, std = d.get(f"{metric}_mean"), d.get(f"{metric}_std")
-    if mean is None:
-        return "n/a", None
-    return f"{_pct(mean)} ± {_pct(std)}", float(mean)
+    value = score.value(metric)
+    if score.seeded:
+        return f"{_pct(value)} ± {_pct(score.std(metric))}", float(value)
+    return _pct(value), float(value)
 
 
-def _models(folds: Mapping[int, Mapping[str, Any]]) -> list[str]:
+def _models(folds: Mapping[int, FoldMetrics]) -> list[str]:
     names: list[str] = []
-    for blob in folds.values():
-        names += [k for k, v in blob.items() if isinstance(v, dict) and k not in names]
+    for fm in folds.values():
+        names += [k for k in fm.models if k not in names]
     return names
 
 
-def _shots(folds: Mapping[int, Mapping[str, Any]], model: str) -> list[str]:
-    ks: set[str] = set()
-    for blob in folds.values():
-        ks |= {k for k in blob.get(model, {}) if k.startswith("k") and k[1:].isdigit()}
-    return sorted(ks, key=lambda k: int(k[1:]))
+def _shots(folds: Mapping[int, FoldMetrics], model: str) -> list[int]:
+    ks: set[int] = set()
+    for fm in folds.values():
+        if model in fm.models:
+            ks |= set(fm.models[model].scores)
+    return sorted(ks)
 
 
-def results_table(folds: Mapping[int, Mapping[str, Any]], fold_ids: list[int] | None = None) -> str:
-    """Render the markdown tables for ``{fold: metrics json}``; ``fold_ids`` = columns (default: the keys)."""
+def _score(folds: Mapping[int, FoldMetrics], f: int, model: str, k: int, protocol: str) -> ProtocolScore | None:
+    fm = folds.get(f)
+    m = fm.models.get(model) if fm else None
+    return (m.scores.get(k) or {}).get(protocol) if m else None
+
+
+def _model_of(folds: Mapping[int, FoldMetrics], f: int, model: str):
+    fm = folds.get(f)
+    return fm.models.get(model) if fm else None
+
+
+def results_table(folds: Mapping[int, FoldMetrics], fold_ids: list[int] | None = None) -> str:
+    """Render the markdown tables for ``{fold: FoldMetrics}``; ``fold_ids`` = columns (default: the keys)."""
     fold_ids = sorted(folds) if fold_ids is None else fold_ids
     head = "| model | K | protocol | " + " | ".join(f"fold {f}" for f in fold_ids) + " | mean over folds |"
     sep = "|" + " --- |" * (4 + len(fold_ids))
@@ -87,40 +96,43 @@ def results_table(folds: Mapping[int, Mapping[str, Any]], fold_ids: list[int] | 
     for metric, title in (("miou", "mIoU (%)"), ("fbiou", "FB-IoU (%)")):
         lines += [f"### {title}", "", head, sep]
         for model in _models(folds):
-            for kk in _shots(folds, model):
+            for k in _shots(folds, model):
                 protocols: list[str] = []
                 for f in fold_ids:
-                    protocols += [p for p in folds.get(f, {}).get(model, {}).get(kk, {}) if p not in protocols]
+                    m = _model_of(folds, f, model)
+                    protocols += [p for p in (m.scores.get(k, {}) if m else {}) if p not in protocols]
                 for p in protocols:
                     cells, vals = [], []
                     for f in fold_ids:
-                        c, v = _cell(folds.get(f, {}).get(model, {}).get(kk, {}).get(p), metric)
+                        c, v = _cell(_score(folds, f, model, k, p), metric)
                         cells.append(c)
                         if v is not None:
                             vals.append(v)
                     mean = _pct(sum(vals) / len(vals)) if len(vals) == len(fold_ids) else "n/a"
-                    lines.append(f"| {model} | {kk[1:]} | {p} | " + " | ".join(cells) + f" | {mean} |")
+                    lines.append(f"| {model} | {k} | {p} | " + " | ".join(cells) + f" | {mean} |")
         lines.append("")
     lines += ["### False alarms on defect-free images (% mean predicted defect area / % images with any predicted defect)",
               "", "| model | K | " + " | ".join(f"fold {f}" for f in fold_ids) + " |",
               "|" + " --- |" * (2 + len(fold_ids))]
     for model in _models(folds):
-        for kk in _shots(folds, model):
+        for k in _shots(folds, model):
             cells = []
             for f in fold_ids:
-                d = folds.get(f, {}).get(model, {}).get("fp", {}).get(kk)
-                cells.append(f"{_pct(d['area_fraction'])} / {_pct(d['image_rate'])} (n={d['images']})" if d else "no Nd images")
-            lines.append(f"| {model} | {kk[1:]} | " + " | ".join(cells) + " |")
+                m = _model_of(folds, f, model)
+                d = m.fp.get(k) if m else None
+                cells.append(f"{_pct(d.area_fraction)} / {_pct(d.image_rate)} (n={d.images})" if d else "no Nd images")
+            lines.append(f"| {model} | {k} | " + " | ".join(cells) + " |")
     lines += ["", "### Latency (median ms per query, full forward pass from decoded images)", "",
               "| model | K | " + " | ".join(f"fold {f}" for f in fold_ids) + " |", "|" + " --- |" * (2 + len(fold_ids))]
     for model in _models(folds):
-        for kk in _shots(folds, model):
+        for k in _shots(folds, model):
             cells = []
             for f in fold_ids:
-                ms = folds.get(f, {}).get(model, {}).get("latency_ms", {}).get(kk)
+                m = _model_of(folds, f, model)
+                ms = m.latency_ms.get(k) if m else None
                 cells.append("n/a" if ms is None else f"{ms:.1f}")
-            lines.append(f"| {model} | {kk[1:]} | " + " | ".join(cells) + " |")
-    devices = {f: folds[f].get("device") for f in fold_ids if f in folds and folds[f].get("device")}
+            lines.append(f"| {model} | {k} | " + " | ".join(cells) + " |")
+    devices = {f: folds[f].device for f in fold_ids if f in folds and folds[f].device}
     if devices:
         lines += ["", "Device: " + "; ".join(f"fold {f}: {d}" for f, d in devices.items())]
     return "\n".join(lines) + "\n"
@@ -139,6 +151,6 @@ def write_report(params: Params, out: Path | None = None) -> Path:
     if missing:
         text += [f"Folds without metrics (shown as n/a): {missing}.", ""]
     text.append(results_table(folds, fold_ids))
-    path = out or params.root / "docs" / "results_table.md"
+    path = out or Layout.of(params).results_table
     atomic_write_text(path, "\n".join(text))
     return path

@@ -34,6 +34,7 @@ from typing import Any
 import yaml
 
 from pipeline.config import Params
+from pipeline.layout import Layout
 
 PARENT_ENV = "LERENET_PARENT_RUN_ID"
 TAG_ROLE = "lerenet.role"
@@ -70,9 +71,9 @@ def data_version(params: Params) -> str:
     ``"manifest-sha256:<16 hex>"`` of ``manifest.parquet``'s bytes; else ``"unknown"``.
     """
     root = params.root
-    data = params.data.dir
+    layout = Layout.of(params)
     wanted = set()
-    for p in (data / "raw", data / "manifest.parquet"):
+    for p in (layout.raw, layout.manifest):
         try:
             wanted.add(p.resolve().relative_to(root.resolve()).as_posix())
         except ValueError:
@@ -90,7 +91,7 @@ def data_version(params: Params) -> str:
                     found[out["path"]] = out["md5"]
         for key in sorted(found, key=lambda p: not p.endswith("raw")):  # prefer data/raw
             return str(found[key])
-    dvc_file = data / "raw.dvc"
+    dvc_file = layout.raw.with_name(layout.raw.name + ".dvc")
     if dvc_file.is_file():
         try:
             outs = (yaml.safe_load(dvc_file.read_text()) or {}).get("outs", [])
@@ -98,7 +99,7 @@ def data_version(params: Params) -> str:
                 return str(outs[0]["md5"])
         except yaml.YAMLError:
             pass
-    manifest = data / "manifest.parquet"
+    manifest = layout.manifest
     if manifest.is_file():
         return "manifest-sha256:" + hashlib.sha256(manifest.read_bytes()).hexdigest()[:16]
     return "unknown"

@@ -35,7 +35,7 @@ import sys
 from pathlib import Path
 import mlflow
 from mlflow import MlflowClient
-from pipeline.pyfunc import log_pyfunc
+from pipeline.serving.pyfunc import log_pyfunc
 
 uri, root, ckpt, name = sys.argv[1:5]
 client = MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -49,7 +49,7 @@ print(version, run.info.run_id)
 
 
 def register_champion(root: Path, checkpoint: Path, name: str = "lerenet-test") -> dict[str, str]:
-    """Log ``checkpoint`` with ``pipeline.pyfunc.log_pyfunc`` into ``<root>/mlruns.db`` (SQLite; artifacts
+    """Log ``checkpoint`` with ``pipeline.serving.pyfunc.log_pyfunc`` into ``<root>/mlruns.db`` (SQLite; artifacts
     under ``<root>/mlartifacts``), register it as a version of ``name`` and point alias ``champion`` at it.
 
     Runs in a subprocess with ``MLFLOW_TRACKING_URI`` / ``MLFLOW_REGISTRY_URI`` set, because MLflow's

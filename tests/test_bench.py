@@ -155,3 +155,24 @@ def test_tree_memory_sees_a_grandchild_allocation(tmp_path: Path):
         assert proc.wait() == 0
     assert mem.largest_mib >= 60
     assert mem.total_mib >= mem.largest_mib
+
+
+def test_bench_inference_use_case_times_the_predictor_of_the_configured_model(small_params):
+    """`lerenet bench-predict --architecture`: the net is built as params.model says (dilation and
+    weights included, unlike a bare build_model), and both passes run through the Predictor."""
+    from pipeline.config import load_params
+    from pipeline.usecases.bench import bench_inference, untrained_predictor
+
+    dilated = load_params(small_params.root / "params.yaml", env={},
+                          overrides={"model": {"backbone": "resnet50", "dilated": True, "channels": 32}})
+    p = untrained_predictor(dilated, "lerenet", "cpu")
+    assert p.net.config["dilated"] is True and p.net.config["backbone"] == "resnet50"
+    assert p.source.uri == "untrained:lerenet" and p.image_size == dilated.train.image_size
+    proto = untrained_predictor(small_params, "prototype", "cpu")
+    res = bench_inference(small_params, proto, small_params.data.source / "Steel_In", queries=2, shots=1,
+                          batch_size=2, repeats=1)
+    assert res["queries"] == 2 and res["model"]["uri"] == "untrained:prototype"
+    assert res["cached_qps"] > 0 and res["uncached_qps"] > 0 and res["speedup"] == pytest.approx(
+        res["uncached_s"] / res["cached_s"])
+    with pytest.raises(ValueError, match="need 101"):
+        bench_inference(small_params, proto, small_params.data.source / "Steel_In", queries=100)

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from conftest import make_small_source, write_small_params
 from pipeline.config import load_params
+from pipeline.layout import Layout
 from pipeline.metrics import IoUAccumulator
 
 FOLD = 1  # test class MT_Uneven: soft masks, varied image sizes, 3 defect-free Nd images
@@ -33,7 +34,7 @@ def _save_checkpoint(path: Path, name: str) -> None:
 def evaluated(tmp_path_factory):
     """Small real data ingested/validated/split, two real checkpoints, ``evaluate`` run once."""
     from pipeline import tracking
-    from pipeline.evaluate import evaluate, model_path
+    from pipeline.evaluate import evaluate
     from pipeline.ingest import ingest
     from pipeline.split import split
     from pipeline.validate import validate
@@ -48,24 +49,29 @@ def evaluated(tmp_path_factory):
     ingest(params, progress=False)
     validate(params)
     split(params)
+    layout = Layout.of(params)
     for name in MODELS:
-        _save_checkpoint(model_path(params, FOLD, name), name)
+        _save_checkpoint(layout.model_file(FOLD, name), name)
     # lerenet has a run.json as training writes it; the prototype has none (evaluation creates a run)
     tracking.configure(params)
     parent = tracking.parent_run_id(params)
     with tracking.nested_run(params, parent, f"fold{FOLD}/lerenet") as run:
         lerenet_run = run.info.run_id
-    (model_path(params, FOLD, "lerenet").parent / "run.json").write_text(json.dumps({"run_id": lerenet_run}))
+    layout.run_json(FOLD, "lerenet").write_text(json.dumps({"run_id": lerenet_run}))
     result = evaluate(params, FOLD, track=True, batch_size=4)
-    return params, result, lerenet_run
+    return params, result.to_json(), lerenet_run
 
 
 def test_metrics_file_structure(evaluated):
-    from pipeline.evaluate import metrics_paths
+    from pipeline.evaluation.results import FoldMetrics
 
     params, result, _ = evaluated
-    paths = metrics_paths(params, FOLD)
-    on_disk = json.loads(paths["json"].read_text())
+    layout = Layout.of(params)
+    on_disk = json.loads(layout.fold_metrics(FOLD).read_text())
+    # the typed reader gives back the file exactly, and the same values as evaluate() returned
+    typed = FoldMetrics.read(layout.fold_metrics(FOLD))
+    assert json.loads(typed.dumps()) == on_disk
+    assert typed.models["lerenet"].score(1, "standard").miou == pytest.approx(result["lerenet"]["k1"]["standard"]["miou_mean"], abs=1e-4)
     assert set(on_disk) == {*MODELS, "device"}
     for name in MODELS:
         m = on_disk[name]
@@ -78,7 +84,7 @@ def test_metrics_file_structure(evaluated):
             assert m["latency_ms"][f"k{k}"] > 0
             fp = m["fp"][f"k{k}"]
             assert fp["images"] == 3 and 0.0 <= fp["area_fraction"] <= 1.0 and 0.0 <= fp["image_rate"] <= 1.0
-    table = pd.read_csv(paths["per_class"])
+    table = pd.read_csv(layout.per_class(FOLD))
     assert set(table.columns) >= {"fold", "model", "shots", "protocol", "class_name", "iou", "iou_std", "episodes"}
     assert len(table) == len(MODELS) * 2 * 2  # models x K x protocol, one test class
     assert set(table["class_name"]) == {"MT_Uneven"}
@@ -86,43 +92,45 @@ def test_metrics_file_structure(evaluated):
     for name in MODELS:
         row = table[(table.model == name) & (table.shots == 1) & (table.protocol == "standard")].iloc[0]
         assert row.iou == pytest.approx(result[name]["k1"]["standard"]["miou_mean"], abs=1e-6)
-    wide = pd.read_csv(paths["plot"])
+    wide = pd.read_csv(layout.per_class_plot(FOLD))
     assert list(wide["class_name"]) == ["MT_Uneven"] and "lerenet_k5_paper" in wide.columns
 
 
 def test_scores_equal_end_to_end_prediction_from_images(evaluated):
     """Batched, feature-cached scoring == one full forward per episode from decoded images."""
-    from pipeline.evaluate import ImageTable, load_net, model_path, predict_query
+    from pipeline.evaluation.data import ImageTable
     from pipeline.images import load_episodes, load_validated
+    from pipeline.inference.predictor import Predictor
 
     params, result, _ = evaluated
     table = ImageTable(load_validated(params.data.dir), params.data.dir, params.data.mask_threshold)
     for name, k in (("prototype", 1), ("lerenet", 1), ("lerenet", 5)):
-        net, size = load_net(model_path(params, FOLD, name))
+        predictor = Predictor.load(Layout.of(params).model_file(FOLD, name))
         acc = IoUAccumulator()
         for ep in load_episodes(params.data.dir, FOLD, "paper", k).itertuples():
-            logits = predict_query(net, [table.image(s) for s in ep.support_ids],
-                                   [table.mask(s) for s in ep.support_ids], table.image(ep.query_id), size)
+            logits = predictor.segment([table.image(s) for s in ep.support_ids],
+                                       [table.mask(s) for s in ep.support_ids], table.image(ep.query_id))
             acc.update(logits > 0, table.mask(ep.query_id), ep.class_name)
         assert acc.miou() == pytest.approx(result[name][f"k{k}"]["paper"]["miou"], abs=2e-3)
         assert acc.fbiou() == pytest.approx(result[name][f"k{k}"]["paper"]["fbiou"], abs=2e-3)
 
 
 def test_false_alarms_equal_direct_prediction_on_defect_free_images(evaluated):
-    from pipeline.evaluate import ImageTable, load_net, model_path, predict_query
+    from pipeline.evaluation.data import ImageTable
     from pipeline.images import load_episodes, load_validated
+    from pipeline.inference.predictor import Predictor
 
     params, result, _ = evaluated
     rows = load_validated(params.data.dir)
     table = ImageTable(rows, params.data.dir, params.data.mask_threshold)
     nd = rows[(rows.kind == "normal") & (rows.class_name == "MT_Uneven")]["id"].tolist()
-    net, size = load_net(model_path(params, FOLD, "lerenet"))
+    predictor = Predictor.load(Layout.of(params).model_file(FOLD, "lerenet"))
     eps = load_episodes(params.data.dir, FOLD, "paper", 1)  # the first protocol seen supplies the support sets
     sets = eps["support_ids"].tolist()
     fracs, anys = [], []
     for j, i in enumerate(nd):
         s = sets[j % len(sets)]
-        pred = predict_query(net, [table.image(x) for x in s], [table.mask(x) for x in s], table.image(i), size) > 0
+        pred = predictor.segment([table.image(x) for x in s], [table.mask(x) for x in s], table.image(i)) > 0
         fracs.append(pred.mean())
         anys.append(pred.any())
     fp = result["lerenet"]["fp"]["k1"]
@@ -147,12 +155,13 @@ def test_mlflow_runs_hold_metrics_table_and_pictures(evaluated):
     proto = [r for r in children if r.data.tags.get("model") == "prototype"]
     assert proto and "test_k1_paper_miou" in proto[0].data.metrics
     # each evaluated model is also logged as a pyfunc in its run and loads back for evaluation
-    from pipeline.evaluate import load_net, model_path
-    from pipeline.checkpoint import load_model
+    from pipeline.inference.model_file import load_model
+    from pipeline.inference.predictor import Predictor
 
-    net, size = load_net(f"runs:/{lerenet_run}/model")
-    ref, _ = load_model(model_path(params, FOLD, "lerenet"))
-    assert size == 96 and all(torch.equal(v, net.state_dict()[k]) for k, v in ref.state_dict().items())
+    predictor = Predictor.load(f"runs:/{lerenet_run}/model", tracking_uri=tracking.tracking_uri(params))
+    ref, _ = load_model(Layout.of(params).model_file(FOLD, "lerenet"))
+    assert predictor.image_size == 96 and predictor.source.run_id == lerenet_run
+    assert all(torch.equal(v, predictor.net.state_dict()[k]) for k, v in ref.state_dict().items())
 
 
 def test_feature_store_gives_the_same_scores(evaluated, tmp_path):
@@ -163,12 +172,14 @@ def test_feature_store_gives_the_same_scores(evaluated, tmp_path):
     params, result, _ = evaluated
     build_feature_store(params, progress=False)
     cached = evaluate(params, FOLD, ["lerenet"], track=False, batch_size=4)
-    for k in ("k1", "k5"):
-        assert cached["lerenet"][k]["paper"]["miou"] == pytest.approx(result["lerenet"][k]["paper"]["miou"], abs=0.02)
+    for k in (1, 5):
+        assert cached.models["lerenet"].score(k, "paper").miou == pytest.approx(
+            result["lerenet"][f"k{k}"]["paper"]["miou"], abs=0.02)
 
 
 def test_missing_checkpoint_is_a_clear_error(evaluated):
-    from pipeline.evaluate import EvaluationError, evaluate
+    from pipeline.evaluate import evaluate
+    from pipeline.evaluation.data import EvaluationError
 
     params, _, _ = evaluated
     with pytest.raises(EvaluationError, match=r"fold2/lerenet/model.pt.*lerenet train"):
@@ -188,12 +199,11 @@ def test_report_table(evaluated):
 
 def test_cli_folder_mode_is_seeded_and_prints_json(evaluated, tmp_path):
     from lerenet.cli import app
-    from pipeline.evaluate import model_path
 
     params, _, _ = evaluated
     source = make_small_source(tmp_path / "folder")
     runner = CliRunner()
-    args = ["evaluate", "--data", str(source), "--model", str(model_path(params, FOLD, "lerenet")),
+    args = ["evaluate", "--data", str(source), "--model", str(Layout.of(params).model_file(FOLD, "lerenet")),
             "--shots", "1", "--episodes", "12", "--seed", "3", "--device", "cpu"]
     first = runner.invoke(app, args)
     assert first.exit_code == 0, first.output
@@ -204,7 +214,7 @@ def test_cli_folder_mode_is_seeded_and_prints_json(evaluated, tmp_path):
     assert any("empty mask" in n for n in out["left_out"])
     again = runner.invoke(app, args)
     assert json.loads(again.stdout) == out
-    from pipeline.evaluate import folder_episodes, folder_table
+    from pipeline.evaluation.folder import folder_episodes, folder_table
 
     table, _ = folder_table(source)
     e3, e4 = folder_episodes(table, 1, 12, 3), folder_episodes(table, 1, 12, 4)
@@ -240,15 +250,20 @@ def test_plots_write_pngs_and_reject_bad_input(tmp_path):
     assert not (tmp_path / "x.png").exists()
 
 
-def test_clean_tensors_equal_the_feature_store_view():
+def test_inference_batches_equal_the_feature_store_view():
+    """What the Predictor feeds the backbone (batched resize) == the feature store's view 0 (clean view)."""
     from conftest import REAL_DATA
     from pipeline.augment import clean_pair, to_tensor_pair
-    from pipeline.evaluate import clean_tensors
     from pipeline.images import read_image, read_mask
+    from pipeline.inference.preprocess import image_batch, mask_batch
 
-    img = read_image(REAL_DATA / "MT_Uneven" / "Images" / "exp1_num_109232.jpg")
-    msk = read_mask(REAL_DATA / "MT_Uneven" / "GT" / "exp1_num_109232.png")
-    for m in (msk, None):
-        a_img, a_msk = clean_tensors(img, m, 96)
-        b_img, b_msk = to_tensor_pair(*clean_pair(img, m, 96))
-        assert torch.equal(a_img, b_img) and torch.equal(a_msk, b_msk)
+    names = ["exp1_num_109232", "exp1_num_124236"]  # gray JPEG, soft masks, different sizes
+    imgs = [read_image(REAL_DATA / "MT_Uneven" / "Images" / f"{n}.jpg") for n in names]
+    msks = [read_mask(REAL_DATA / "MT_Uneven" / "GT" / f"{n}.png") for n in names]
+    batch_i, batch_m = image_batch(imgs, 96), mask_batch(msks, 96)
+    assert batch_i.shape == (2, 3, 96, 96) and batch_m.shape == (2, 1, 96, 96)
+    for j, (img, msk) in enumerate(zip(imgs, msks)):
+        v_img, v_msk = to_tensor_pair(*clean_pair(img, msk, 96))
+        assert torch.equal(batch_i[j], v_img) and torch.equal(batch_m[j], v_msk)
+    _, empty = to_tensor_pair(*clean_pair(imgs[0], None, 96))  # defect-free image: all background
+    assert not empty.any()

@@ -1,4 +1,4 @@
-"""Inference on folders (``pipeline/predict.py``, ``pipeline/postprocess.py``, ``lerenet predict``).
+"""Inference on folders (``pipeline/predict.py``, ``pipeline/inference/``, ``lerenet predict``) and serving limits.
 
 Real images copied from /work/shared/datasets/defects12, a real prototype checkpoint (no training
 needed) and a real SQLite MLflow registry. CPU only; no timings.
@@ -20,8 +20,11 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import pipeline.predict as P
+import pipeline.serving.limits as L
 from pipeline.images import read_image, read_mask
-from pipeline.postprocess import connected_components, overlay, png_bytes
+from pipeline.inference.postprocess import connected_components, overlay, png_bytes
+from pipeline.inference.predictor import PredictInputError, Predictor
+from pipeline.inference.resolve import ModelNotFoundError
 from _registry import REAL_DATA, copy_class, prototype_checkpoint, register_champion
 from conftest import write_small_params
 
@@ -43,7 +46,7 @@ def work(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def model(work):
-    return P.resolve_model(work / "ckpt" / "model.pt")
+    return Predictor.load(work / "ckpt" / "model.pt")
 
 
 @pytest.fixture
@@ -145,15 +148,13 @@ def test_predict_folder_outputs(model, work, queries, tmp_path):
 
 def test_cached_supports_equal_per_query_inference(model, work, queries):
     """Supports encoded once + batched queries give the same masks as end-to-end per-query inference
-    (``pipeline.evaluate.predict_query``, what the served pyfunc runs)."""
-    from pipeline.evaluate import predict_query
-
+    (``Predictor.segment``: one query, supports encoded with it)."""
     s_img, s_msk = P.load_supports(steel_support(work))
-    sup = P.encode_supports(model.net, s_img, s_msk, model.image_size)
+    sup = model.encode_support(s_img, s_msk)
     imgs = [read_image(p) for p in sorted(queries.iterdir())]
-    probs = P.predict_probabilities(model.net, sup, imgs)
+    probs = model.predict_probabilities(sup, imgs)
     for im, prob in zip(imgs, probs):
-        logits = predict_query(model.net, s_img, s_msk, im, model.image_size)
+        logits = model.segment(s_img, s_msk, im)
         assert prob.shape == im.shape[:2]
         np.testing.assert_allclose(prob, 1 / (1 + np.exp(-logits)), atol=1e-4)
         assert ((prob > 0.5) != (logits > 0)).mean() <= 1e-4
@@ -162,13 +163,13 @@ def test_cached_supports_equal_per_query_inference(model, work, queries):
 def test_queries_stream_in_batches(model, work, queries, tmp_path, monkeypatch):
     """Only ``batch_size`` query images are decoded and run at a time."""
     seen: list[int] = []
-    real = P.predict_probabilities
+    real = Predictor.predict_probabilities
 
-    def spy(net, supports, images, device="cpu"):
+    def spy(self, supports, images):
         seen.append(len(images))
-        return real(net, supports, images, device)
+        return real(self, supports, images)
 
-    monkeypatch.setattr(P, "predict_probabilities", spy)
+    monkeypatch.setattr(Predictor, "predict_probabilities", spy)
     P.predict_folder(model, steel_support(work), [queries], tmp_path / "out", batch_size=2, progress=False)
     assert seen == [2, 2, 1]
 
@@ -176,7 +177,7 @@ def test_queries_stream_in_batches(model, work, queries, tmp_path, monkeypatch):
 def test_threshold_and_overwrite(model, work, queries, tmp_path):
     out = tmp_path / "out"
     lo = P.predict_folder(model, steel_support(work), [queries], out, threshold=0.2, progress=False)
-    with pytest.raises(P.PredictInputError, match="exists; pass --overwrite"):
+    with pytest.raises(PredictInputError, match="exists; pass --overwrite"):
         P.predict_folder(model, steel_support(work), [queries], out, progress=False)
     hi = P.predict_folder(model, steel_support(work), [queries], out, threshold=0.8, overwrite=True, progress=False)
     assert json.loads((out / "summary.json").read_text())["threshold"] == 0.8
@@ -185,7 +186,7 @@ def test_threshold_and_overwrite(model, work, queries, tmp_path):
 
 
 # ----------------------------------------------------------------------------- bad input: nothing written
-def _expect_nothing(tmp_path: Path, fn, match: str, exc=P.PredictInputError):
+def _expect_nothing(tmp_path: Path, fn, match: str, exc=PredictInputError):
     with pytest.raises(exc, match=match):
         fn(tmp_path / "out")
     assert leftovers(tmp_path, "out") == []
@@ -197,7 +198,7 @@ def test_missing_mask(model, work, queries, tmp_path):
                                                          progress=False), "support mask .*nope.png does not exist")
     cls = copy_class(tmp_path / "src", "Steel_In", 2)
     (cls / "GT" / "In_10.png").unlink()
-    with pytest.raises(P.PredictInputError, match=r"mask .*In_10.png is missing"):
+    with pytest.raises(PredictInputError, match=r"mask .*In_10.png is missing"):
         P.supports_from_class_dir(cls)
 
 
@@ -242,15 +243,15 @@ def test_bad_threshold(model, work, queries, tmp_path):
 
 
 def test_unknown_model_path(tmp_path):
-    with pytest.raises(P.ModelNotFoundError, match="no such file"):
-        P.resolve_model(tmp_path / "missing.pt")
-    with pytest.raises(P.ModelNotFoundError, match="without model.pt or MLmodel"):
-        P.resolve_model(tmp_path)
+    with pytest.raises(ModelNotFoundError, match="no such file"):
+        Predictor.load(tmp_path / "missing.pt")
+    with pytest.raises(ModelNotFoundError, match="without model.pt or MLmodel"):
+        Predictor.load(tmp_path)
 
 
 def test_support_pair_syntax():
     assert P.parse_support_pair("a/b.jpg:c/d.png") == (Path("a/b.jpg"), Path("c/d.png"))
-    with pytest.raises(P.PredictInputError, match="IMAGE:MASK"):
+    with pytest.raises(PredictInputError, match="IMAGE:MASK"):
         P.parse_support_pair("a/b.jpg")
 
 
@@ -263,20 +264,21 @@ def registry(work, tmp_path_factory):
 
 def test_resolve_registry_alias_version_and_errors(registry):
     uri, name = registry["tracking_uri"], registry["name"]
-    m = P.resolve_model(f"models:/{name}@champion", tracking_uri=uri)
-    assert (m.version, m.alias, m.registered_name, m.run_id) == (registry["version"], "champion", name,
-                                                                  registry["run_id"])
+    m = Predictor.load(f"models:/{name}@champion", tracking_uri=uri)
+    src = m.source
+    assert (src.version, src.alias, src.registered_name, src.run_id) == (registry["version"], "champion", name,
+                                                                          registry["run_id"])
     assert m.image_size == 200 and m.meta["model"] == "prototype"
-    assert P.resolve_model(f"models:/{name}/1", tracking_uri=uri).version == "1"
-    assert P.resolve_model(f"runs:/{registry['run_id']}/model", tracking_uri=uri).run_id == registry["run_id"]
-    with pytest.raises(P.ModelNotFoundError, match=r"no alias 'best'; its aliases: \{'champion': '1'\}"):
-        P.resolve_model(f"models:/{name}@best", tracking_uri=uri)
-    with pytest.raises(P.ModelNotFoundError, match=rf"no registered model named 'other'.*\['{name}'\]"):
-        P.resolve_model("models:/other@champion", tracking_uri=uri)
-    with pytest.raises(P.ModelNotFoundError, match=r"no version '7'; versions: \[1\]"):
-        P.resolve_model(f"models:/{name}/7", tracking_uri=uri)
-    with pytest.raises(P.ModelNotFoundError, match="no run 'deadbeef'"):
-        P.resolve_model("runs:/deadbeef/model", tracking_uri=uri)
+    assert Predictor.load(f"models:/{name}/1", tracking_uri=uri).version == "1"
+    assert Predictor.load(f"runs:/{registry['run_id']}/model", tracking_uri=uri).source.run_id == registry["run_id"]
+    with pytest.raises(ModelNotFoundError, match=r"no alias 'best'; its aliases: \{'champion': '1'\}"):
+        Predictor.load(f"models:/{name}@best", tracking_uri=uri)
+    with pytest.raises(ModelNotFoundError, match=rf"no registered model named 'other'.*\['{name}'\]"):
+        Predictor.load("models:/other@champion", tracking_uri=uri)
+    with pytest.raises(ModelNotFoundError, match=r"no version '7'; versions: \[1\]"):
+        Predictor.load(f"models:/{name}/7", tracking_uri=uri)
+    with pytest.raises(ModelNotFoundError, match="no run 'deadbeef'"):
+        Predictor.load("runs:/deadbeef/model", tracking_uri=uri)
 
 
 def test_cli_predict_champion_by_default(registry, work, queries, tmp_path, monkeypatch):
@@ -333,20 +335,20 @@ def _b64_png(array: np.ndarray) -> str:
 def test_request_limits():
     img = _b64_png(np.zeros((20, 30), np.uint8))
     ok = pd.DataFrame({"support_images": [[img]], "support_masks": [[img]], "query_image": [img]})
-    P.check_request_frame(ok)
-    many = pd.concat([ok] * (P.MAX_QUERIES_PER_REQUEST + 1), ignore_index=True)
-    with pytest.raises(P.RequestTooLargeError, match=f"{P.MAX_QUERIES_PER_REQUEST + 1} query rows"):
-        P.check_request_frame(many)
-    shots = pd.DataFrame({"support_images": [[img] * (P.MAX_SUPPORTS_PER_QUERY + 1)],
+    L.check_request_frame(ok)
+    many = pd.concat([ok] * (L.MAX_QUERIES_PER_REQUEST + 1), ignore_index=True)
+    with pytest.raises(L.RequestTooLargeError, match=f"{L.MAX_QUERIES_PER_REQUEST + 1} query rows"):
+        L.check_request_frame(many)
+    shots = pd.DataFrame({"support_images": [[img] * (L.MAX_SUPPORTS_PER_QUERY + 1)],
                           "support_masks": [[img]], "query_image": [img]})
-    with pytest.raises(P.RequestTooLargeError, match="row 0, support_images"):
-        P.check_request_frame(shots)
+    with pytest.raises(L.RequestTooLargeError, match="row 0, support_images"):
+        L.check_request_frame(shots)
     huge = _b64_png(np.zeros((4097, 4096), bool))  # 16.8 MP, a few kB as PNG: refused from its header
-    with pytest.raises(P.RequestTooLargeError, match="row 0, query_image: image is 4096x4097"):
-        P.check_request_frame(ok.assign(query_image=[huge]))
-    with pytest.raises(P.PredictInputError, match="not valid base64"):
-        P.check_request_frame(ok.assign(query_image=["***"]))
+    with pytest.raises(L.RequestTooLargeError, match="row 0, query_image: image is 4096x4097"):
+        L.check_request_frame(ok.assign(query_image=[huge]))
+    with pytest.raises(PredictInputError, match="not valid base64"):
+        L.check_request_frame(ok.assign(query_image=["***"]))
     big = _b64_png(np.zeros((4000, 4000), bool))  # 16 MP each: 5 of them pass the per-image limit, not the total
     total = pd.DataFrame({"support_images": [[big, big]], "support_masks": [[big, big]], "query_image": [big]})
-    with pytest.raises(P.RequestTooLargeError, match="pixels in all"):
-        P.check_request_frame(total)
+    with pytest.raises(L.RequestTooLargeError, match="pixels in all"):
+        L.check_request_frame(total)

@@ -12,7 +12,7 @@ import torch
 
 from pipeline.augment import clean_pair, to_tensor_pair
 from pipeline.images import read_image, read_mask, resize_image
-from pipeline.pyfunc import PyfuncInputError, decode_image, decode_mask, encode_png, parse_input
+from pipeline.serving.codec import PyfuncInputError, decode_image, decode_mask, encode_png, parse_input
 
 from conftest import REAL_DATA
 
@@ -76,7 +76,6 @@ def test_pyfunc_round_trip_equals_direct_prediction(tmp_path, model_name):
 
     from model import build_model
     from pipeline.checkpoint import load_model, save_model
-    from pipeline.evaluate import load_net
 
     torch.manual_seed(0)
     net = build_model(model_name, pretrained=True, channels=32)
@@ -86,19 +85,25 @@ def test_pyfunc_round_trip_equals_direct_prediction(tmp_path, model_name):
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlruns.db'}")
     try:
-        _round_trip(tmp_path, ckpt, load_model, load_net)
+        _round_trip(tmp_path, ckpt, load_model)
     finally:
         mlflow.set_tracking_uri(previous)
 
 
-def _round_trip(tmp_path, ckpt, load_model, load_net):
+def _round_trip(tmp_path, ckpt, load_model):
     """Log ``ckpt`` as a pyfunc, load it back, predict, compare with the direct model prediction."""
-    from pipeline.pyfunc import log_pyfunc
+    from pipeline.inference.predictor import Predictor
+    from pipeline.serving.pyfunc import log_pyfunc
 
     exp = mlflow.create_experiment("pyfunc-test", artifact_location=(tmp_path / "artifacts").as_uri())
     with mlflow.start_run(experiment_id=exp):
         uri = log_pyfunc(ckpt, name="model", registered_model_name="pyfunc-test-model")
     loaded = mlflow.pyfunc.load_model(uri)
+    # the model ships model/ and only the inference and serving packages of pipeline/
+    code = Path(mlflow.artifacts.download_artifacts(uri)) / "code"
+    assert sorted(p.name for p in code.iterdir()) == ["model", "pipeline"]
+    assert sorted(p.name for p in (code / "pipeline").iterdir()) == ["__init__.py", "inference", "serving"]
+    assert Predictor.load(uri).image_size == 96  # the logged-model URI (models:/m-...) resolves too
 
     supports = [_pair(s) for s in SUPPORTS]
     query, _ = _pair(QUERY)
@@ -121,7 +126,7 @@ def _round_trip(tmp_path, ckpt, load_model, load_net):
         assert 0.0 <= out["max_score"][row] <= 1.0
 
     # the registered model URI loads back to the same network for evaluation
-    net2, size2 = load_net("models:/pyfunc-test-model/1")
-    assert size2 == 96
-    sd1, sd2 = ref_net.state_dict(), net2.state_dict()
+    predictor = Predictor.load("models:/pyfunc-test-model/1")
+    assert predictor.image_size == 96 and predictor.version == "1"
+    sd1, sd2 = ref_net.state_dict(), predictor.net.state_dict()
     assert all(torch.equal(sd1[k], sd2[k]) for k in sd1)

@@ -140,17 +140,17 @@ def test_refuses_bad_metrics_and_versions_without_metrics(params, checkpoint):
     assert R.alias_version(params, R.CHAMPION) is None
 
 
-def test_collect_cv_cells_reads_evaluation_output_and_hashes_episodes(params):
-    """metrics/fold<f>.json in pipeline.evaluate's format + saved episode files -> cells."""
-    from pipeline.evaluate import metrics_paths
+def _write_fold_metrics(params) -> None:
+    """metrics/fold<f>.json in pipeline.evaluate's format + saved episode files, for every fold."""
     from pipeline.images import episodes_path
+    from pipeline.layout import Layout
 
     for fold in params.folds:
         m = {"lerenet": {"k1": {"paper": {"miou": 0.1 * (fold + 1), "fbiou": 0.5, "episodes": 3},
                                 "standard": {"miou_mean": 0.2, "miou_std": 0.01, "fbiou_mean": 0.6,
                                              "fbiou_std": 0.0, "seeds": 2, "episodes": 4}},
                          "latency_ms": {"k1": 3.0}}, "device": "cpu"}
-        path = metrics_paths(params, fold)["json"]
+        path = Layout.of(params).fold_metrics(fold)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(m))
         for protocol in ("paper", "standard"):
@@ -158,6 +158,13 @@ def test_collect_cv_cells_reads_evaluation_output_and_hashes_episodes(params):
             ep.parent.mkdir(parents=True, exist_ok=True)
             pd.DataFrame({"episode": [0], "seed": [fold], "class_name": ["X"], "support_ids": [["a"]],
                           "query_id": ["b"]}).to_parquet(ep)
+
+
+def test_collect_cv_cells_reads_evaluation_output_and_hashes_episodes(params):
+    """metrics/fold<f>.json in pipeline.evaluate's format + saved episode files -> cells."""
+    from pipeline.images import episodes_path
+
+    _write_fold_metrics(params)
     got = R.collect_cv_cells(params, "lerenet")
     assert len(got) == 2 * len(params.folds)
     paper0 = next(c for c in got if c.fold == 0 and c.protocol == "paper")
@@ -169,3 +176,22 @@ def test_collect_cv_cells_reads_evaluation_output_and_hashes_episodes(params):
     assert paper0.episodes != next(c for c in got if c.fold == 1 and c.protocol == "paper").episodes
     with pytest.raises(R.RegistryError, match="no results for model 'baseline'"):
         R.collect_cv_cells(params, "baseline")
+
+
+def test_register_and_gate_use_case_registers_promotes_and_records(params, checkpoint):
+    """The sequence `lerenet register` and the flow's register/promote tasks share: CV cells from the
+    metrics files -> new version -> gate -> decision record at the layout's path (no S3: no card)."""
+    from pipeline.layout import Layout
+    from pipeline.usecases.register import cv_summary, register_and_gate
+
+    _write_fold_metrics(params)
+    version, outcome = register_and_gate(params, "lerenet", checkpoint)
+    assert outcome.decision.promoted and "first model" in outcome.decision.reason
+    assert outcome.record == Layout.of(params).registry_record and outcome.card_uris == []
+    record = json.loads(outcome.record.read_text())
+    assert record["version"] == version and record["promoted"] is True
+    assert R.alias_version(params, R.CHAMPION) == version
+    assert version_tags(params, version)["cv.f1.paper.k1.miou"] == "0.200000"
+    assert cv_summary(params, "lerenet") == {"paper.k1": 0.2, "standard.k1": 0.2}
+    v2, none = register_and_gate(params, "lerenet", checkpoint, promote=False)
+    assert none is None and R.alias_version(params, R.CHALLENGER) == v2 and R.alias_version(params, R.CHAMPION) == version

@@ -1,4 +1,4 @@
-"""lerenet/services.py: real SeaweedFS, MLflow and Prefect servers on free loopback ports.
+"""pipeline/services/: real SeaweedFS, MLflow and Prefect servers on free loopback ports.
 
 The module fixture starts all three once (~25 s on 2 cores) and stops them at
 the end, checking that no process is left behind.
@@ -20,7 +20,7 @@ import yaml
 from typer.testing import CliRunner
 
 from _s3_server import PORT_KEYS, assert_no_process, free_ports, services_params
-from lerenet import services as svc
+from pipeline import services as svc
 from pipeline.config import DEFAULT_PARAMS, load_params
 
 DATA = Path("/work/shared/datasets/defects12")

@@ -3,7 +3,9 @@
 Registers a real prototype model (no training needed) in a SQLite MLflow registry under tmp_path, sets
 alias ``champion``, starts ``mlflow models serve -m models:/<name>@champion --env-manager local`` on a
 free loopback port, posts real HTTP requests (httpx) and checks the returned masks against
-``pipeline.predict.predict_folder`` (the code behind ``lerenet predict``) on the same files. The server
+``pipeline.predict.predict_folder`` (the code behind ``lerenet predict``) on the same files. The served
+model carries only ``model/`` and ``pipeline/{inference,serving}`` as code, so this also checks that
+serving needs nothing else of the project. The server
 is always stopped by the fixture's finalizer. About 20-40 s.
 """
 
@@ -26,6 +28,8 @@ import pytest
 from PIL import Image
 
 import pipeline.predict as P
+from pipeline.inference.predictor import Predictor
+from pipeline.serving.limits import MAX_QUERIES_PER_REQUEST
 from _registry import REAL_DATA, copy_class, prototype_checkpoint, register_champion
 
 if not REAL_DATA.is_dir():  # pragma: no cover
@@ -114,7 +118,7 @@ def test_served_champion_matches_lerenet_predict(served, tmp_path):
     assert len(preds) == len(queries)
 
     # the same request through the CLI's code path, with the champion resolved from the registry
-    model = P.resolve_model(f"models:/{reg['name']}@champion", tracking_uri=reg["tracking_uri"])
+    model = Predictor.load(f"models:/{reg['name']}@champion", tracking_uri=reg["tracking_uri"])
     qdir = tmp_path / "q"
     qdir.mkdir()
     for i, q in enumerate(queries):  # keep the request order in file-name order
@@ -140,10 +144,10 @@ def test_served_records_format_and_errors(served):
     assert set(r.json()["predictions"][0]) == {"mask", "defect_fraction", "max_score"}
 
     # too many queries in one request: refused with the documented limit
-    r = httpx.post(f"{url}/invocations", json={"dataframe_records": [row] * (P.MAX_QUERIES_PER_REQUEST + 1)},
+    r = httpx.post(f"{url}/invocations", json={"dataframe_records": [row] * (MAX_QUERIES_PER_REQUEST + 1)},
                    timeout=120)
     assert r.status_code == 400
-    assert f"the limit is {P.MAX_QUERIES_PER_REQUEST} per request" in r.text
+    assert f"the limit is {MAX_QUERIES_PER_REQUEST} per request" in r.text
 
     # a support mask of another size than its image
     small = io.BytesIO()

@@ -1,4 +1,4 @@
-"""pipeline/storage.py against a real SeaweedFS server (started on free ports by lerenet.services)."""
+"""pipeline/storage.py against a real SeaweedFS server (started on free ports by pipeline.services)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from _s3_server import assert_no_process, free_ports, services_params
-from lerenet import services as svc
+from pipeline import services as svc
 from pipeline.storage import (
     TMP_PREFIX,
     BucketMissingError,

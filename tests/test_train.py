@@ -46,7 +46,7 @@ def _curve(path):
 
 def test_training_writes_model_curve_and_run_json(reference):
     from pipeline.checkpoint import load_model
-    from pipeline.train import checkpoint_path
+    from pipeline.layout import Layout
 
     params, res = reference
     assert res.steps == 12 and res.resumed_from == 0
@@ -64,7 +64,7 @@ def test_training_writes_model_curve_and_run_json(reference):
     assert lrs[0] == pytest.approx(0.01) and all(a > b for a, b in zip(lrs, lrs[1:]))  # poly decay
     run = json.loads(res.run_json.read_text())
     assert run["run_id"] == res.run_id and run["fold"] == 0 and run["model"] == "lerenet"
-    assert checkpoint_path(params, 0, "lerenet").is_file()
+    assert Layout.of(params).train_state(0, "lerenet").is_file()
     # the loaded model runs on a 1-shot episode
     x = torch.rand(1, 1, 3, 64, 64)
     out = net(x, (x[:, :, :1] > 0.5).float(), torch.rand(1, 3, 64, 64))

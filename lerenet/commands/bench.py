@@ -33,6 +33,7 @@ def bench_cmd(
     made side by side. Exit status 1 if a case failed (the others still run and are written).
     """
     from pipeline.bench.runner import CASES, PRESETS, run_bench, with_overrides
+    from pipeline.layout import Layout
 
     params = params_or_exit(params_file)
     bad = [c for c in (only or []) if c not in CASES]
@@ -51,7 +52,7 @@ def bench_cmd(
                f"{', GPU ' + m['gpu'] if m['gpu'] else ''}; load average {results['load_average_start']} -> "
                f"{results['load_average_end']}; {results['total_seconds']:.0f} s in all\n")
     typer.echo(results["table"])
-    written = out or params.root / "bench" / "results.json"
+    written = out or Layout.of(params).bench_results
     typer.echo(f"\nwrote {written}")
     failed = [n for n, c in results["cases"].items() if c["error"]]
     if failed:

@@ -36,9 +36,11 @@ def evaluate_cmd(
     params_file: Path = ParamsOption,
 ) -> None:
     """Score models: --fold F (saved episodes, writes metrics/) or --data DIR --model M --shots K (prints JSON)."""
-    from pipeline.checkpoint import CheckpointError
-    from pipeline.evaluate import EvaluationError, evaluate, evaluate_folder, metrics_paths
+    from pipeline.evaluation.data import EvaluationError
     from pipeline.images import DataArtifactError
+    from pipeline.inference.model_file import CheckpointError
+    from pipeline.inference.resolve import ModelNotFoundError
+    from pipeline.layout import Layout
 
     if (fold is None) == (data is None):
         fail("give exactly one of --fold F (pipeline) or --data DIR --model M (any folder)", 2)
@@ -47,18 +49,22 @@ def evaluate_cmd(
         if not model:
             fail("--data needs --model (a model.pt, an MLflow model URI, or 'prototype')", 2)
             return
+        from pipeline.evaluation.folder import evaluate_folder
+
         try:
             params = params_or_exit(params_file) if params_file else None
             threshold = params.data.mask_threshold if params else 127
             size = params.train.image_size if params else None
             result = evaluate_folder(data.resolve(), model, shots, episodes, seed, threshold=threshold,
                                      device=device, image_size=size)
-        except (EvaluationError, CheckpointError, ValueError) as exc:
+        except (EvaluationError, CheckpointError, ModelNotFoundError, ValueError) as exc:
             fail(str(exc))
             return
         typer.echo(json.dumps(result, indent=2))
         return
     import logging
+
+    from pipeline.evaluate import evaluate
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -69,17 +75,11 @@ def evaluate_cmd(
     except (EvaluationError, CheckpointError, DataArtifactError, KeyError) as exc:
         fail(exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc))
         return
-    paths = metrics_paths(params, fold)
-    for name, m in result.items():
-        if not isinstance(m, dict):
-            continue
-        cells = []
-        for kk, by in m.items():
-            if kk.startswith("k") and isinstance(by, dict):
-                for protocol, d in by.items():
-                    cells.append(f"{kk}/{protocol} mIoU {d.get('miou', d.get('miou_mean')):.3f}")
+    layout = Layout.of(params)
+    for name, m in result.models.items():
+        cells = [f"k{k}/{protocol} mIoU {score.miou:.3f}" for k, by in m.scores.items() for protocol, score in by.items()]
         typer.echo(f"fold {fold} {name}: " + ", ".join(cells))
-    typer.echo(f"wrote {paths['json']}, {paths['per_class']}, {paths['plot']}")
+    typer.echo(f"wrote {layout.fold_metrics(fold)}, {layout.per_class(fold)}, {layout.per_class_plot(fold)}")
 
 
 @app.command("report")

@@ -4,24 +4,25 @@
   (DVC stage ``register``; writes the decision record ``registry.json``);
 * ``lerenet promote VERSION [--force]`` -- run the promotion gate on a registered version;
 * ``lerenet flow training`` / ``lerenet flow retrain`` -- run a Prefect flow in this process;
-* ``lerenet serve [--stop]`` -- Prefect server on 127.0.0.1 (``lerenet.services``) + the served
-  deployments (scheduled retrain, on-demand training) as service process ``prefect-serve``.
+* ``lerenet serve [--stop]`` -- Prefect server on 127.0.0.1 (``pipeline.services``) + the served
+  deployments (scheduled retrain, on-demand training) as service process ``prefect-serve``
+  (``flows.deploy.start_serving``).
+
+The sequences themselves live in :mod:`pipeline.usecases` and :mod:`flows.deploy`; these commands
+parse and print.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import sys
-import time
 from pathlib import Path
 
 import typer
 
 from lerenet.app import app
 from lerenet.commands._common import ParamsOption, fail, params_or_exit
-
-SERVE_NAME = "prefect-serve"
+from pipeline.config import PRODUCTION_MODEL
 
 flow_app = typer.Typer(help="Run a Prefect flow in this process (a temporary Prefect server is started if "
                        "PREFECT_API_URL is unset).", no_args_is_help=True)
@@ -30,7 +31,7 @@ app.add_typer(flow_app, name="flow")
 
 @app.command("register")
 def register_cmd(
-    model: str = typer.Option("lerenet", "--model", help="architecture of the production model"),
+    model: str = typer.Option(PRODUCTION_MODEL, "--model", help="architecture of the production model"),
     checkpoint: Path = typer.Option(None, "--checkpoint", help="model.pt (default models/all/<model>/model.pt)"),
     promote: bool = typer.Option(True, "--promote/--no-promote", help="run the promotion gate after registering"),
     record: Path = typer.Option(None, "--record", help="decision record JSON (default <project>/reports/registry.json)"),
@@ -38,33 +39,23 @@ def register_cmd(
 ) -> None:
     """Register the production model with its CV metrics as a new version (alias challenger), then gate it."""
     from pipeline import registry
-    from pipeline.train import model_dir
+    from pipeline.usecases.register import ModelCardError, register_and_gate
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     params = params_or_exit(params_file)
-    ckpt = checkpoint or model_dir(params, None, model) / "model.pt"
     try:
-        cells = registry.collect_cv_cells(params, model)
-        version = registry.register(params, ckpt, cells, model_name=model)
-        decision = registry.promote(params, version) if promote else None
-    except (registry.RegistryError, FileNotFoundError) as exc:
+        version, outcome = register_and_gate(params, model, checkpoint, promote=promote, record=record)
+    except (registry.RegistryError, FileNotFoundError, ModelCardError) as exc:
         fail(str(exc))
         return
-    out = record or params.root / registry.RECORD_PATH
-    if decision is not None:
-        registry.write_record(out, decision)
-        from pipeline.model_card import publish_champion_card
-        from pipeline.storage import StorageError
-
-        try:
-            for uri in publish_champion_card(params, version, decision.promoted):
-                typer.echo(f"model card: {uri}")
-        except StorageError as exc:
-            fail(f"{decision.model} v{version} was promoted, but its model card was not published: {exc}")
-        typer.echo(f"{decision.model} v{version}: {'promoted to champion' if decision.promoted else 'stays challenger'}"
-                   f" -- {decision.reason} (record: {out})")
-    else:
+    if outcome is None:
         typer.echo(f"registered {params.mlflow.registered_model} v{version} as challenger")
+        return
+    for uri in outcome.card_uris:
+        typer.echo(f"model card: {uri}")
+    d = outcome.decision
+    typer.echo(f"{d.model} v{version}: {'promoted to champion' if d.promoted else 'stays challenger'}"
+               f" -- {d.reason} (record: {outcome.record})")
 
 
 @app.command("promote")
@@ -136,22 +127,6 @@ def flow_retrain_cmd(
     typer.echo(json.dumps(result, indent=2, default=str))
 
 
-def _deployments_registered(api_url: str) -> bool:
-    """True when both deployments exist on the Prefect server (``POST /deployments/filter``)."""
-    import urllib.request
-
-    from flows.deploy import DEPLOYMENT_NAMES
-
-    req = urllib.request.Request(f"{api_url}/deployments/filter", data=b"{}", method="POST",
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=5) as resp:
-            names = {d.get("name") for d in json.loads(resp.read())}
-    except (OSError, ValueError):
-        return False
-    return {n.split("/", 1)[1] for n in DEPLOYMENT_NAMES} <= names
-
-
 @app.command("serve")
 def serve_cmd(
     stop: bool = typer.Option(False, "--stop", help="stop the served deployments, then the Prefect server"),
@@ -159,31 +134,24 @@ def serve_cmd(
     params_file: Path = ParamsOption,
 ) -> None:
     """Start the Prefect server (127.0.0.1) and serve the deployments; `--stop` stops both (served process first)."""
-    from lerenet import services as svc
+    from flows.deploy import SERVE_NAME, start_serving, stop_serving
+    from pipeline import services as svc
 
     params = params_or_exit(params_file)
     if stop:
-        # served process before the server (else serve() hangs on "Pausing all deployments...")
-        typer.echo(f"{SERVE_NAME}: {svc.stop_process(params, SERVE_NAME)}")
-        for name, result in svc.down(params, ["prefect"]):
+        for name, result in stop_serving(params):
             typer.echo(f"{name}: {result}")
         return
     try:
-        for st in svc.up(params, ["prefect"]):
-            typer.echo(f"{st.name}: {st.note} at {st.url}")
-        api = svc.prefect_api_url(params)
-        argv = [sys.executable, "-m", "flows.deploy", "--params", str((params.root / "params.yaml")
-                                                                       if params_file is None else params_file.resolve())]
-        t0 = time.monotonic()
-        st = svc.start_process(params, SERVE_NAME, argv, env={"PREFECT_API_URL": api},
-                               health=lambda: _deployments_registered(api), url=api, timeout=timeout,
-                               cwd=params.root)
+        started = start_serving(params, params_file, timeout=timeout)
     except svc.ServiceError as exc:
         fail(str(exc))
         return
-    ui = api.removesuffix("/api")
-    typer.echo(f"{SERVE_NAME}: {st.note} (pid {st.pid}) in {time.monotonic() - t0:.1f} s; deployments: "
+    for st in started.servers:
+        typer.echo(f"{st.name}: {st.note} at {st.url}")
+    st, api = started.served, started.api_url
+    typer.echo(f"{SERVE_NAME}: {st.note} (pid {st.pid}) in {started.seconds:.1f} s; deployments: "
                f"retrain_on_new_classes/retrain-on-new-classes (cron {params.retrain.cron!r} UTC), "
                f"training_pipeline/training-pipeline (on demand)")
-    typer.echo(f"Prefect UI: {ui}   trigger: PREFECT_API_URL={api} prefect deployment run "
+    typer.echo(f"Prefect UI: {api.removesuffix('/api')}   trigger: PREFECT_API_URL={api} prefect deployment run "
                "training_pipeline/training-pipeline   stop: lerenet serve --stop")

@@ -25,15 +25,17 @@ def _device(name: str):
     return dev
 
 
-def _resolve(spec: str | None, params, device):
-    from pipeline.checkpoint import CheckpointError
-    from pipeline.predict import ModelNotFoundError, default_model_uri, resolve_model
-    from pipeline.tracking import tracking_uri
+def _predictor(spec: str | None, params, device, architecture: str | None = None):
+    from pipeline.inference.model_file import CheckpointError
+    from pipeline.inference.resolve import ModelNotFoundError
+    from pipeline.predict import load_predictor
+    from pipeline.usecases.bench import untrained_predictor
 
-    spec = spec or default_model_uri(params.mlflow.registered_model)
     try:
-        return resolve_model(spec, tracking_uri=tracking_uri(params), device=device)
-    except (ModelNotFoundError, CheckpointError) as exc:
+        if architecture:
+            return untrained_predictor(params, architecture, device)
+        return load_predictor(params, spec, device)
+    except (ModelNotFoundError, CheckpointError, ValueError) as exc:
         fail(str(exc))
 
 
@@ -62,7 +64,8 @@ def predict(
     summary.json for the batch. Supports are encoded once and reused for every query. Non-image files
     in a query folder are skipped with a warning.
     """
-    from pipeline.predict import PredictInputError, parse_support_pair, predict_folder, supports_from_class_dir
+    from pipeline.inference.predictor import PredictInputError
+    from pipeline.predict import parse_support_pair, predict_folder, supports_from_class_dir
 
     params = params_or_exit(params_path)
     try:
@@ -78,7 +81,7 @@ def predict(
     except PredictInputError as exc:
         fail(str(exc), 2)
     dev = _device(device)
-    resolved = _resolve(model, params, dev)
+    resolved = _predictor(model, params, dev)
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         warnings.showwarning = lambda msg, *a, **k: typer.echo(f"warning: {msg}", err=True)  # type: ignore[assignment]
@@ -112,39 +115,20 @@ def bench_predict_cmd(
     params_path: Path = ParamsOption,
 ) -> None:
     """Queries per second with supports encoded once (cached) vs re-encoded per query; prints the figures."""
-    import os
-    import platform
-
-    import torch
-
-    from pipeline.images import atomic_write_text, read_image, read_mask
-    from pipeline.predict import ResolvedModel, bench_predict, supports_from_class_dir
+    from pipeline.atomic import atomic_write_text
+    from pipeline.inference.predictor import PredictInputError
+    from pipeline.usecases.bench import bench_inference
 
     params = params_or_exit(params_path)
     dev = _device(device)
-    if architecture:
-        from model import build_model
-
-        net = build_model(architecture, backbone=params.model.backbone, freeze_backbone=params.model.freeze_backbone,
-                          variant=params.model.variant, channels=params.model.channels).to(dev).eval()
-        resolved = ResolvedModel(net=net, meta={"model": architecture, "backbone": params.model.backbone,
-                                                "image_size": params.train.image_size},
-                                 uri=f"untrained:{architecture}", device=dev)
-    else:
-        resolved = _resolve(model, params, dev)
-    cdir = class_dir or params.data.source / "Steel_In"
-    pairs = supports_from_class_dir(cdir, limit=shots + queries)
-    if len(pairs) < shots + queries:
-        fail(f"{cdir} has {len(pairs)} images; need {shots + queries} (--shots + --queries)")
-    s_img = [read_image(i) for i, _ in pairs[:shots]]
-    s_msk = [read_mask(m, params.data.mask_threshold) for _, m in pairs[:shots]]
-    q_img = [read_image(i) for i, _ in pairs[shots:]]
-    res = bench_predict(resolved.net, resolved.image_size, s_img, s_msk, q_img, device=dev,
-                        batch_size=batch_size, repeats=repeats)
-    res.update({"model": resolved.describe(), "class_dir": str(cdir), "machine": platform.machine(),
-                "cpu_count": os.cpu_count(), "torch": torch.__version__,
-                "gpu": torch.cuda.get_device_name(0) if dev.type == "cuda" else None})
-    typer.echo(f"{resolved.meta.get('model')} ({resolved.uri}) K={shots} S={resolved.image_size} "
+    predictor = _predictor(model, params, dev, architecture)
+    try:
+        res = bench_inference(params, predictor, class_dir, queries=queries, shots=shots,
+                                       batch_size=batch_size, repeats=repeats)
+    except (ValueError, PredictInputError) as exc:
+        fail(str(exc))
+        return
+    typer.echo(f"{predictor.meta.get('model')} ({predictor.source.uri}) K={shots} S={predictor.image_size} "
                f"device={res['device']} threads={res['threads']} batch={batch_size} queries={queries}")
     typer.echo(f"  supports cached:     {res['cached_qps']:8.2f} queries/s")
     typer.echo(f"  supports not cached: {res['uncached_qps']:8.2f} queries/s")

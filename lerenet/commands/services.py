@@ -1,4 +1,4 @@
-"""``lerenet services up|down|status|env|dvc-remote``: the local team services (see lerenet/services.py)."""
+"""``lerenet services up|down|status|env|dvc-remote``: the local team services (``pipeline/services/``)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from pathlib import Path
 
 import typer
 
-from lerenet import services as svc
 from lerenet.app import app
 from lerenet.commands._common import ParamsOption, fail, params_or_exit
+from pipeline import services as svc
 
 services_app = typer.Typer(help="Local team services: SeaweedFS (S3), MLflow server, Prefect server on 127.0.0.1.",
                            no_args_is_help=True)

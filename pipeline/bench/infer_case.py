@@ -8,11 +8,16 @@ beforehand (decoding is not timed; resizing, the network and the upsampling of e
 map to its query's original size are).
 
 * **cached**: what ``lerenet predict`` does (:mod:`pipeline.predict`): the support set is encoded
-  once per pass (:func:`pipeline.predict.encode_supports`), then every batch of queries runs
-  ``encode(queries)`` + ``forward_features`` (:func:`pipeline.predict.predict_probabilities`).
-* **not cached**: the same computation, except that the K supports are encoded again for every
+  once per pass (:meth:`Predictor.encode_support <pipeline.inference.predictor.Predictor.encode_support>`),
+  then every batch of queries runs ``encode(queries)`` + ``forward_features``
+  (:meth:`~pipeline.inference.predictor.Predictor.predict_probabilities`).
+* **not cached**: the same Predictor calls, except that the K supports are encoded again for every
   query of every batch (``encode`` of ``n*K`` support images + ``n`` queries, then
-  ``forward_features``), as a service that does not reuse the support set would.
+  :meth:`~pipeline.inference.predictor.Predictor.head`), as a service that does not reuse the
+  support set would.
+
+``lerenet bench-predict`` (:func:`pipeline.usecases.bench.bench_inference`) times the same two passes on a
+registered model or an untrained architecture.
 
 One pass = all queries in batches of ``batch``; a figure is the median (min, max) over repeated
 passes after warm-up passes. ``speed-up`` is the per-repeat ratio not-cached / cached pass time.
@@ -25,10 +30,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from pipeline.bench.harness import ratio_stats, summarize, time_calls
-from pipeline.images import IMAGE_SUFFIXES, read_image, read_mask, resize_mask
+from pipeline.images import IMAGE_SUFFIXES, read_image, read_mask
 
 
 def load_images(source: Path, cls: str, shots: int, queries: int,
@@ -62,31 +66,28 @@ def load_images(source: Path, cls: str, shots: int, queries: int,
     return sup_img, sup_msk, [read_image(p) for p in rest]
 
 
-def make_passes(net: torch.nn.Module, supports: list[np.ndarray], masks: list[np.ndarray],
-                queries: list[np.ndarray], size: int, batch: int, device: torch.device):
-    """``(cached_pass, uncached_pass)``: callables that process every query once (module docstring)."""
-    from pipeline.predict import encode_supports, predict_probabilities, to_batch
+def make_passes(predictor: Any, supports: list[np.ndarray], masks: list[np.ndarray], queries: list[np.ndarray],
+                batch: int):
+    """``(cached_pass, uncached_pass)``: callables that process every query once with ``predictor``
+    (a :class:`pipeline.inference.predictor.Predictor`; module docstring)."""
 
     def cached() -> None:
-        sup = encode_supports(net, supports, masks, size, device)
+        sup = predictor.encode_support(supports, masks)
         for i in range(0, len(queries), batch):
-            predict_probabilities(net, sup, queries[i:i + batch], device)
+            predictor.predict_probabilities(sup, queries[i:i + batch])
 
-    s_img = to_batch(supports, size).to(device)
-    s_msk = torch.from_numpy(np.stack([resize_mask(m, size) for m in masks])).float()[:, None].to(device)
+    s_img = predictor.image_batch(supports)
+    s_msk = predictor.mask_batch(masks)
 
     @torch.inference_mode()
     def uncached() -> None:
         for i in range(0, len(queries), batch):
             chunk = queries[i:i + batch]
-            q = to_batch(chunk, size).to(device)
-            n, k = q.shape[0], s_img.shape[0]
-            sf = net.encode(s_img[None].expand(n, *s_img.shape).flatten(0, 1)).unflatten(0, (n, k))
-            qf = net.encode(q)
-            logits = net.forward_features(sf, s_msk[None].expand(n, *s_msk.shape), qf, tuple(qf.shape[-2:]))
-            for j, im in enumerate(chunk):
-                up = F.interpolate(logits[j:j + 1].float(), size=im.shape[:2], mode="bilinear", align_corners=False)
-                torch.sigmoid(up)[0, 0].cpu().numpy()
+            n, k = len(chunk), s_img.shape[0]
+            sf = predictor.encode(s_img[None].expand(n, *s_img.shape).flatten(0, 1)).unflatten(0, (n, k))
+            logits = predictor.head(sf, s_msk[None].expand(n, *s_msk.shape), predictor.encode_images(chunk))
+            for up in predictor.upsample(logits, [im.shape[:2] for im in chunk]):
+                torch.sigmoid(up).cpu().numpy()
 
     return cached, uncached
 
@@ -94,16 +95,18 @@ def make_passes(net: torch.nn.Module, supports: list[np.ndarray], masks: list[np
 def run(ctx: Any) -> dict[str, Any]:
     """Measure inference (module docstring) with ``ctx`` (:class:`pipeline.bench.runner.Context`)."""
     from pipeline.checkpoint import build_net
+    from pipeline.inference.predictor import Predictor
 
     s, device, m = ctx.settings, ctx.device, ctx.params.model
     supports, masks, queries = load_images(ctx.source, s.infer_class, s.shots, s.infer_queries)
     torch.manual_seed(0)
     net = build_net(ctx.params, "lerenet", pretrained=m.backbone == "efficientnet_lite0").to(device).eval()
+    predictor = Predictor(net, s.image_size, {"model": "lerenet", "backbone": m.backbone, "image_size": s.image_size})
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
     n = len(queries)
     rows: list[dict[str, Any]] = []
     for batch in s.infer_batches:
-        cached, uncached = make_passes(net, supports, masks, queries, s.image_size, batch, device)
+        cached, uncached = make_passes(predictor, supports, masks, queries, batch)
         t_c, t_u = [], []
         for _ in range(s.infer_warmup):
             cached()

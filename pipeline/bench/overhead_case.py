@@ -37,6 +37,7 @@ from typing import Any
 from pipeline.bench import workspace
 from pipeline.bench.harness import ratio_stats, summarize
 from pipeline.config import DEFAULT_PARAMS
+from pipeline.layout import Layout
 
 MODES = ("plain", "dvc", "prefect")
 CODE_DIRS = ("pipeline", "model", "lerenet", "flows")
@@ -180,7 +181,7 @@ def run_once(cmd: list[str], root: Path, log: Path) -> tuple[float, float, float
         proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise OverheadError(f"`{' '.join(cmd)}` exited with status {proc.returncode}; see {log}")
-    if not (root / "reports" / "registry.json").is_file():
+    if not Layout(root, root / "data").registry_record.is_file():
         raise OverheadError(f"`{' '.join(cmd)}` ended without writing reports/registry.json; see {log}")
     return wall, usage.ru_utime + usage.ru_stime, mem.largest_mib, mem.total_mib
 

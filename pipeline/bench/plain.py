@@ -20,9 +20,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-#: the architecture deployed to users (as ``flows.training_pipeline.PRODUCTION_MODEL``)
-PRODUCTION_MODEL = "lerenet"
-
 
 def run_pipeline(params_path: str | os.PathLike[str]) -> dict[str, float]:
     """Run every step once on ``params_path``; returns ``{step: wall seconds}``.
@@ -30,15 +27,16 @@ def run_pipeline(params_path: str | os.PathLike[str]) -> dict[str, float]:
     The MLflow parent run is created after validation (as the flow does) and closed FINISHED, or
     FAILED if a step raises. Raises whatever the failing step raises.
     """
-    from pipeline import registry, tracking
+    from pipeline import tracking
     from pipeline.classes import source_view
-    from pipeline.config import load_params
+    from pipeline.config import PRODUCTION_MODEL, load_params
     from pipeline.evaluate import evaluate
     from pipeline.features import build_feature_store
     from pipeline.ingest import ingest
     from pipeline.report import write_report
     from pipeline.split import split
     from pipeline.train import train
+    from pipeline.usecases.register import gate, register_production
     from pipeline.validate import validate
 
     params = load_params(params_path)
@@ -65,11 +63,8 @@ def run_pipeline(params_path: str | os.PathLike[str]) -> dict[str, float]:
             timed("evaluate", evaluate, params, fold)
         timed("report", write_report, params)
         result = timed("train_production", train, params, None, PRODUCTION_MODEL, progress=False)
-        cells = registry.collect_cv_cells(params, PRODUCTION_MODEL)
-        version = timed("register", registry.register, params, Path(result.model_path), cells,
-                        model_name=PRODUCTION_MODEL)
-        decision = timed("promote", registry.promote, params, version)
-        registry.write_record(params.root / registry.RECORD_PATH, decision)
+        version = timed("register", register_production, params, PRODUCTION_MODEL, Path(result.model_path))
+        timed("promote", gate, params, version)
         status = "FINISHED"
     finally:
         os.environ.pop(tracking.PARENT_ENV, None)

@@ -35,9 +35,9 @@ import torch
 
 from pipeline.bench import data_case, harness, infer_case, overhead_case, train_case
 from pipeline.config import Params
+from pipeline.layout import Layout
 
 SCHEMA = "lerenet-bench/1"
-RESULTS = Path("bench") / "results.json"
 
 
 @dataclass(frozen=True)
@@ -189,7 +189,7 @@ def run_bench(params: Params, *, cases: Sequence[str] | None = None, preset: str
     dev.configure_threads(dev_)
     if threads:
         torch.set_num_threads(threads)
-    out = Path(out) if out is not None else params.root / RESULTS
+    out = Path(out) if out is not None else Layout.of(params).bench_results
     own_tmp = workdir is None
     work = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="lerenet-bench-"))
     work.mkdir(parents=True, exist_ok=True)

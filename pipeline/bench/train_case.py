@@ -5,11 +5,11 @@ each with the model and training settings of a ``profiles:`` entry of the projec
 
 * ``lite0-frozen-cached`` (profile ``cpu``): EfficientNet-Lite0 backbone frozen (packaged ImageNet
   weights), the CPU profile's descriptor width and batch size; episodes assembled from the feature
-  cache (:class:`pipeline.train.CachedEpisodes`). The backbone never runs.
+  cache (:class:`pipeline.training.batches.CachedEpisodes`). The backbone never runs.
 * ``r50-finetuned-images`` (profile ``paper``): ResNet-50 fine-tuned, as the paper profile sets it
   (dilation, descriptor width, batch 2, DataLoader workers), randomly initialised (no ImageNet
   weights can be downloaded here; speed does not depend on the weights); episodes read and
-  augmented from images by a ``DataLoader`` over :class:`pipeline.train.ImageEpisodes` (pinned
+  augmented from images by a ``DataLoader`` over :class:`pipeline.training.batches.ImageEpisodes` (pinned
   memory on CUDA).
 
 One *step* is what :func:`pipeline.train.train` does per optimiser step: move the batch to the
@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from pipeline import device as dev
 from pipeline.bench import workspace
 from pipeline.bench.harness import ratio_stats, summarize
+from pipeline.training.loop import optimizer
 
 #: configuration name -> params profile it takes its ``model`` and ``train`` settings from
 CONFIGS: dict[str, str] = {"lite0-frozen-cached": "cpu", "r50-finetuned-images": "paper"}
@@ -47,15 +48,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _optimizer(net: torch.nn.Module, params: Any) -> torch.optim.SGD:
-    """SGD as in ``pipeline.train``: head at ``lr``, fine-tuned backbone at ``lr * backbone_lr_mult``."""
-    t = params.train
-    groups = [{"params": net.head_parameters(), "lr": t.lr}]
-    if net.backbone_parameters():
-        groups.append({"params": net.backbone_parameters(), "lr": t.lr * t.backbone_lr_mult})
-    return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-
-
 def make_step(net: torch.nn.Module, params: Any, device: torch.device, amp: bool,
               cached: bool) -> Callable[[dict[str, torch.Tensor]], None]:
     """One optimiser step on a batch (dict of tensors from ``CachedEpisodes.batch`` or the DataLoader).
@@ -63,7 +55,7 @@ def make_step(net: torch.nn.Module, params: Any, device: torch.device, amp: bool
     ``amp=True`` (CUDA only): autocast (bfloat16/float16) + ``channels_last`` inputs and weights,
     gradient scaler for float16 -- the settings of ``pipeline.train``. ``amp=False``: float32.
     """
-    opt = _optimizer(net, params)
+    opt = optimizer(net, params)
     scaler = dev.grad_scaler(device) if amp else torch.amp.GradScaler("cuda", enabled=False)
     if amp and device.type == "cuda":
         net.to(memory_format=torch.channels_last)
@@ -118,7 +110,7 @@ def time_blocks(batches: Iterator[dict[str, torch.Tensor]], step: Callable[[dict
 def _cached_batches(params: Any) -> Iterator[dict[str, torch.Tensor]]:
     from pipeline.episodes import training_pools
     from pipeline.features import FeatureStore, build_feature_store
-    from pipeline.train import CachedEpisodes
+    from pipeline.training.batches import CachedEpisodes
 
     store = FeatureStore.open(build_feature_store(params, progress=False))
     pools, _ = training_pools(params, None)
@@ -133,7 +125,7 @@ def _cached_batches(params: Any) -> Iterator[dict[str, torch.Tensor]]:
 def _image_batches(params: Any, device: torch.device, n_steps: int, workers: int) -> Iterator[dict[str, torch.Tensor]]:
     from pipeline.episodes import training_pools
     from pipeline.images import load_validated
-    from pipeline.train import ImageEpisodes
+    from pipeline.training.batches import ImageEpisodes
 
     pools, _ = training_pools(params, None)
     rows = {r["id"]: r for r in load_validated(params.data.dir, kind="defect").to_dict("records")}

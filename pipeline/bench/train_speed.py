@@ -2,7 +2,7 @@
 
 Usage (after ingest/validate/split, and `lerenet features` for the cached case):
 
-    python benchmarks/train_speed.py --params params.yaml --fold 0 --model lerenet --steps 20
+    python -m pipeline.bench.train_speed --params params.yaml --fold 0 --model lerenet --steps 20
 
 Runs ``pipeline.train.train`` for ``--steps`` optimiser steps (batch ``train.batch_size``) twice:
 on cached features (``use_cache=True``) and on images with the backbone in the loop
@@ -26,6 +26,8 @@ from pipeline.train import train
 
 
 def run(params_file: Path, fold: int, model: str, steps: int, warmup: int, use_cache: bool, threads: int) -> dict:
+    """Train ``steps`` (+ ``warmup``) steps of ``model`` on ``fold`` with or without the cache; returns
+    episodes/s and wall/CPU ms per episode (warm-up excluded)."""
     params = load_params(params_file, overrides={"train": {"episodes": (steps + warmup) * 8, "batch_size": 8,
                                                              "val_every": 10**6, "checkpoint_every": 10**6,
                                                              "val_episodes": 1}})
@@ -49,6 +51,7 @@ def run(params_file: Path, fold: int, model: str, steps: int, warmup: int, use_c
 
 
 def main() -> None:
+    """Command-line entry (module docstring): one JSON line per configuration."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", type=Path, default=None)
     ap.add_argument("--fold", type=int, default=0)

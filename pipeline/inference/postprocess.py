@@ -1,4 +1,4 @@
-"""Post-processing of predicted masks: connected components, bounding boxes, overlay pictures, PNG bytes.
+"""Post-processing of predicted masks: threshold, connected components, bounding boxes, overlays, PNG bytes.
 
 * Connected components: :func:`scipy.ndimage.label` with 8-connectivity (a diagonal step joins two
   pixels), boxes from :func:`scipy.ndimage.find_objects`, areas from :func:`numpy.bincount`.
@@ -7,6 +7,9 @@
   albumentations).
 * PNG encoding: Pillow, into memory (the caller writes the bytes atomically).
 
+SciPy and OpenCV are imported by the functions that need them, so the served model's request path
+(PNG encoding only) does not load them.
+
 All arrays follow the image convention ``(H, W)`` / ``(H, W, 3)``, row ``y`` first, column ``x``
 second; boxes are ``x, y, width, height`` in pixels of the array they were computed on.
 """
@@ -14,11 +17,12 @@ second; boxes are ``x, y, width, height`` in pixels of the array they were compu
 from __future__ import annotations
 
 import io
+from typing import Any
 
-import cv2
 import numpy as np
 from PIL import Image
-from scipy import ndimage
+
+from pipeline.inference.preprocess import to_rgb
 
 #: 8-connectivity structuring element for :func:`scipy.ndimage.label`.
 EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
@@ -43,6 +47,8 @@ def connected_components(mask: np.ndarray, min_area: int = 1) -> list[dict[str, 
     Raises:
         ValueError: ``mask`` is not 2-D or ``min_area < 1``.
     """
+    from scipy import ndimage
+
     mask = np.asarray(mask, dtype=bool)
     if mask.ndim != 2:
         raise ValueError(f"mask must be (H, W), got shape {mask.shape}")
@@ -82,9 +88,9 @@ def overlay(image: np.ndarray, mask: np.ndarray, tint: tuple[int, int, int] = TI
     Raises:
         ValueError: sizes differ, or ``alpha`` outside ``[0, 1]``.
     """
-    img = np.asarray(image)
-    if img.ndim == 2:
-        img = np.repeat(img[:, :, None], 3, axis=2)
+    import cv2
+
+    img = to_rgb(np.asarray(image))
     mask = np.asarray(mask, dtype=bool)
     if img.shape[:2] != mask.shape:
         raise ValueError(f"image size {img.shape[:2]} and mask size {mask.shape} differ")
@@ -122,3 +128,21 @@ def png_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(a).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def summarise(prob: np.ndarray, threshold: float, min_area: int = 1) -> tuple[np.ndarray, dict[str, Any]]:
+    """Binary mask and per-image figures from a probability map.
+
+    Args:
+        prob: ``(H, W)`` float in [0, 1]. threshold: defect where ``prob > threshold``.
+        min_area: smallest component (pixels) listed.
+
+    Returns:
+        ``(mask, info)``: ``(H, W)`` bool and ``{"width", "height", "defect_fraction" in [0, 1],
+        "max_score" in [0, 1], "components": [{"area", "x", "y", "width", "height"}, ...]}``.
+    """
+    mask = prob > threshold
+    info = {"width": int(mask.shape[1]), "height": int(mask.shape[0]),
+            "defect_fraction": float(mask.mean()), "max_score": float(prob.max()),
+            "components": connected_components(mask, min_area=min_area)}
+    return mask, info

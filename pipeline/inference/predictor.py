@@ -1,0 +1,228 @@
+"""The Predictor: support images + masks + query images in, per-pixel defect logits out.
+
+The one inference path (``docs/architecture.md``, "From request to mask")::
+
+    Predictor.load(spec)                      resolve + load the network once (pipeline.inference.resolve)
+    support = p.encode_support(imgs, masks)   K pairs -> preprocess -> backbone, once per support set
+    p.predict_logits(support, queries)        N queries -> preprocess -> backbone -> head (forward_features)
+                                              -> bilinear upsampling to each query's original (H, W)
+
+Preprocessing (:mod:`pipeline.inference.preprocess`): bilinear resize to ``S x S`` (the model's
+training size, from its checkpoint), masks nearest, values / 255. The head runs on the feature grid
+and its logits are upsampled straight to the original size (every model in ``model/`` ends with a
+bilinear upsampling, so this equals asking it for the original size); a pixel is a defect where
+logit > 0, i.e. sigmoid > 0.5 (paper Eq. 6 trains a sigmoid/BCE output).
+
+Evaluation runs the same :meth:`Predictor.head` and :meth:`Predictor.upsample` on features it has
+cached per image (the frozen-backbone feature store holds exactly :meth:`Predictor.encode_images`
+of the clean view), so there is no second forward implementation.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.inference import preprocess
+from pipeline.inference.resolve import ModelSource, open_model
+
+
+class PredictInputError(ValueError):
+    """Bad inference input (support pair, query, threshold, output folder, request); the message names
+    the file or field and what to do."""
+
+
+def _device_of(net: torch.nn.Module) -> torch.device:
+    for p in net.parameters():
+        return p.device
+    for b in net.buffers():
+        return b.device
+    return torch.device("cpu")
+
+
+@dataclass
+class SupportSet:
+    """A support set encoded once and reused for every query batch.
+
+    Attributes:
+        feats: ``(1, K, Cb, h, w)`` backbone features (``net.encode``).
+        masks: ``(1, K, 1, S, S)`` float in {0, 1} (nearest-resized support masks).
+        image_size: ``S``.
+    """
+
+    feats: torch.Tensor
+    masks: torch.Tensor
+    image_size: int
+
+    @property
+    def shots(self) -> int:
+        """K, the number of support pairs."""
+        return int(self.feats.shape[1])
+
+
+@dataclass
+class Predictor:
+    """A few-shot segmenter ready for inference, with its preprocessing and provenance.
+
+    Attributes:
+        net: a ``model.FewShotSegmenter`` in eval mode.
+        image_size: ``S``, the square side the network was trained at (checkpoint ``image_size``).
+        meta: checkpoint metadata (``model``, ``backbone``, ``image_size``, ``run_id``, ...).
+        source: where the network came from (:class:`~pipeline.inference.resolve.ModelSource`).
+    """
+
+    net: torch.nn.Module
+    image_size: int
+    meta: dict[str, Any] = field(default_factory=dict)
+    source: ModelSource = field(default_factory=lambda: ModelSource("in-memory"))
+
+    # ---- construction ---------------------------------------------------------------------------
+    @classmethod
+    def load(cls, spec: str | os.PathLike[str], *, tracking_uri: str | None = None,
+             device: torch.device | str = "cpu") -> Predictor:
+        """Resolve and load ``spec`` (checkpoint path, ``models:/...``, ``runs:/...``, MLflow model folder).
+
+        Raises:
+            pipeline.inference.resolve.ModelNotFoundError: unknown model, version, alias, run or path.
+            pipeline.inference.model_file.CheckpointError: not a LERENet model file.
+        """
+        net, meta, source = open_model(spec, tracking_uri=tracking_uri, map_location=device)
+        return cls(net.eval(), int(meta["image_size"]), dict(meta), source)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the network's parameters live (inputs are moved there)."""
+        return _device_of(self.net)
+
+    @property
+    def version(self) -> str | None:
+        """Registered model version, ``None`` when not from the registry."""
+        return self.source.version
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-ready provenance: uri, registered name, version, alias, run id, architecture, image size."""
+        s = self.source
+        return {"uri": s.uri, "registered_name": s.registered_name, "version": s.version, "alias": s.alias,
+                "run_id": s.run_id, "model": self.meta.get("model"), "backbone": self.meta.get("backbone"),
+                "image_size": self.image_size}
+
+    # ---- preprocessing + backbone ---------------------------------------------------------------
+    def image_batch(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """N ``(H_i, W_i, 3)`` uint8 images -> ``(N, 3, S, S)`` float in [0, 1] on :attr:`device`."""
+        return preprocess.image_batch(images, self.image_size).to(self.device)
+
+    def mask_batch(self, masks: Sequence[np.ndarray]) -> torch.Tensor:
+        """N ``(H_i, W_i)`` bool masks -> ``(N, 1, S, S)`` float in {0, 1} on :attr:`device`."""
+        return preprocess.mask_batch(masks, self.image_size).to(self.device)
+
+    @torch.inference_mode()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Backbone features of preprocessed images: ``(N, 3, S, S)`` -> ``(N, Cb, h, w)`` (``net.encode``)."""
+        return self.net.encode(images.to(self.device))
+
+    def encode_images(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """Backbone features of decoded images: N ``(H_i, W_i, 3)`` uint8 -> ``(N, Cb, h, w)``."""
+        return self.encode(self.image_batch(images))
+
+    def encode_support(self, images: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> SupportSet:
+        """Encode the K support pairs once.
+
+        Args:
+            images: K ``(H_k, W_k, 3)`` uint8 RGB (any sizes). masks: K ``(H_k, W_k)`` bool, True = defect.
+
+        Returns:
+            :class:`SupportSet` on :attr:`device`.
+
+        Raises:
+            PredictInputError: no support, images/masks count mismatch, or a mask whose size differs
+                from its image's.
+        """
+        if len(images) == 0 or len(images) != len(masks):
+            raise PredictInputError(f"need K >= 1 support images and as many masks, got {len(images)} and {len(masks)}")
+        for k, (im, m) in enumerate(zip(images, masks)):
+            if im.shape[:2] != np.asarray(m).shape:
+                raise PredictInputError(f"support {k}: mask size {np.asarray(m).shape} != image size {im.shape[:2]}")
+        feats = self.encode_images(images)
+        return SupportSet(feats=feats[None], masks=self.mask_batch(masks)[None], image_size=self.image_size)
+
+    # ---- head + upsampling ----------------------------------------------------------------------
+    @torch.inference_mode()
+    def head(self, support_feats: torch.Tensor, support_masks: torch.Tensor, query_feats: torch.Tensor) -> torch.Tensor:
+        """Logits on the feature grid from encoded features (the step evaluation runs on cached features).
+
+        Args:
+            support_feats: ``(B, K, Cb, h, w)``. support_masks: ``(B, K, 1, S, S)`` float {0, 1}.
+            query_feats: ``(B, Cb, h, w)``.
+
+        Returns:
+            ``(B, 1, h, w)`` float32 logits (``net.forward_features`` asked for the feature grid size).
+        """
+        return self.net.forward_features(support_feats, support_masks, query_feats,
+                                         tuple(query_feats.shape[-2:])).float()
+
+    @staticmethod
+    @torch.inference_mode()
+    def upsample(logits: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
+        """Per query: bilinear (``align_corners=False``) upsampling of ``(1, h, w)`` logits to its ``(H, W)``.
+
+        Args:
+            logits: ``(B, 1, h, w)``. sizes: B original sizes ``(H, W)``.
+
+        Returns:
+            B ``(H, W)`` float logit tensors (on the logits' device). Queries of equal size are
+            upsampled together.
+        """
+        out: list[torch.Tensor | None] = [None] * len(sizes)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for j, s in enumerate(sizes):
+            groups.setdefault(tuple(s), []).append(j)
+        for s, idx in groups.items():
+            up = F.interpolate(logits[idx], size=s, mode="bilinear", align_corners=False)[:, 0]
+            for n, j in enumerate(idx):
+                out[j] = up[n]
+        return out  # type: ignore[return-value]
+
+    # ---- end to end -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def predict_logits(self, support: SupportSet, queries: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Logits of a batch of queries at their original sizes, the support set reused (not re-encoded).
+
+        Args:
+            support: from :meth:`encode_support`. queries: N ``(H_i, W_i, 3)`` uint8 images, any sizes.
+
+        Returns:
+            N ``(H_i, W_i)`` float32 arrays: defect where > 0.
+        """
+        if not queries:
+            return []
+        qf = self.encode_images(queries)
+        b = qf.shape[0]
+        logits = self.head(support.feats.expand(b, *support.feats.shape[1:]),
+                           support.masks.expand(b, *support.masks.shape[1:]), qf)
+        return [u.cpu().numpy() for u in self.upsample(logits, [im.shape[:2] for im in queries])]
+
+    def predict_probabilities(self, support: SupportSet, queries: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Defect probabilities ``sigmoid(logits)`` of :meth:`predict_logits`: N ``(H_i, W_i)`` float32 in [0, 1]."""
+        return [torch.sigmoid(torch.from_numpy(lg)).numpy() for lg in self.predict_logits(support, queries)]
+
+    def segment(self, support_images: Sequence[np.ndarray], support_masks: Sequence[np.ndarray],
+                query_image: np.ndarray) -> np.ndarray:
+        """One query from its K-shot support set, end to end from decoded pixels.
+
+        Args:
+            support_images: K ``(h_k, w_k, 3)`` uint8 RGB. support_masks: K ``(h_k, w_k)`` bool.
+            query_image: ``(H, W, 3)`` uint8 RGB.
+
+        Returns:
+            ``(H, W)`` float32 logits at the query's original size (defect where > 0).
+
+        Raises:
+            PredictInputError: as :meth:`encode_support`.
+        """
+        return self.predict_logits(self.encode_support(support_images, support_masks), [query_image])[0]

@@ -1,0 +1,141 @@
+"""The serving wire format: base64 image-file bytes <-> arrays, and decoding of a request frame.
+
+Input (a pandas DataFrame, one row per query; ``mlflow.pyfunc.load_model(uri).predict(df)``):
+
+====================  ==========================================================================
+column                content
+====================  ==========================================================================
+``support_images``    list of K base64 strings, each the bytes of an image file (PNG, JPEG, ...
+                      anything Pillow decodes; gray or RGB; any size)
+``support_masks``     list of K base64 strings, each the bytes of a mask image the size of its
+                      support image; defect where the 8-bit gray value > 127
+``query_image``       one base64 string, the bytes of the query image (any size)
+====================  ==========================================================================
+
+Output (DataFrame, one row per input row, same order):
+
+* ``mask``: base64 PNG, 8-bit gray, at the query's original size, 255 = defect, 0 = background
+  (logits bilinearly upsampled to the original size, sigmoid > 0.5);
+* ``defect_fraction``: share of predicted defect pixels in [0, 1];
+* ``max_score``: largest sigmoid probability in [0, 1] (a crude confidence that any defect is present).
+
+This module is the one place that defines the format; pixels are converted with
+:mod:`pipeline.inference.preprocess` (gray replicated to RGB) and PNGs written with
+:func:`pipeline.inference.postprocess.png_bytes`.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from pipeline.inference.postprocess import png_bytes
+from pipeline.inference.predictor import PredictInputError
+from pipeline.inference.preprocess import gray_array, rgb_array
+
+INPUT_COLUMNS = ("support_images", "support_masks", "query_image")
+OUTPUT_COLUMNS = ("mask", "defect_fraction", "max_score")
+MASK_THRESHOLD = 127
+
+
+class PyfuncInputError(PredictInputError):
+    """The pyfunc input frame is malformed; the message names row and column."""
+
+
+def encode_png(array: np.ndarray) -> str:
+    """Encode an image or mask as base64 PNG text.
+
+    Args:
+        array: ``(H, W)`` bool mask (True -> 255), ``(H, W)`` uint8 gray or ``(H, W, 3)`` uint8 RGB.
+
+    Returns:
+        ASCII base64 string of a lossless PNG.
+
+    Raises:
+        ValueError: other shapes or dtypes.
+    """
+    return base64.b64encode(png_bytes(array)).decode("ascii")
+
+
+def open_b64(text: str, what: str, *, load: bool = True) -> Image.Image:
+    """Open base64 image-file bytes with Pillow; ``load=False`` reads the header only (sizes).
+
+    Raises:
+        PyfuncInputError: not a base64 string, or not an image Pillow can open (``what`` names the field).
+    """
+    if not isinstance(text, (str, bytes)):
+        raise PyfuncInputError(f"{what}: expected a base64 string, got {type(text).__name__}")
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (ValueError, TypeError) as exc:
+        raise PyfuncInputError(f"{what}: not valid base64 ({exc})") from None
+    try:
+        im = Image.open(io.BytesIO(raw))
+        if load:
+            im.load()
+    except Exception as exc:  # Pillow raises several types for undecodable bytes
+        raise PyfuncInputError(f"{what}: base64 payload is not a decodable image ({exc})") from None
+    return im
+
+
+def decode_image(text: str, what: str = "image") -> np.ndarray:
+    """Decode base64 image-file bytes to ``(H, W, 3)`` uint8 RGB (gray replicated to 3 channels).
+
+    Raises:
+        PyfuncInputError: not base64, or not an image Pillow can decode (``what`` names the field).
+    """
+    return rgb_array(open_b64(text, what))
+
+
+def decode_mask(text: str, what: str = "mask", threshold: int = MASK_THRESHOLD) -> np.ndarray:
+    """Decode base64 mask-file bytes to ``(H, W)`` bool: defect where 8-bit gray value > ``threshold``.
+
+    Raises:
+        PyfuncInputError: as :func:`decode_image`.
+    """
+    return gray_array(open_b64(text, what)) > threshold
+
+
+def _as_list(value: Any, what: str) -> list:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple, np.ndarray, pd.Series)):
+        return list(value)
+    raise PyfuncInputError(f"{what}: expected a list of base64 strings, got {type(value).__name__}")
+
+
+def parse_input(frame: pd.DataFrame) -> list[tuple[list[np.ndarray], list[np.ndarray], np.ndarray]]:
+    """Decode a pyfunc input frame into ``[(support_images, support_masks, query_image), ...]``.
+
+    Each support image is ``(h, w, 3)`` uint8, each support mask ``(h, w)`` bool, the query
+    ``(H, W, 3)`` uint8.
+
+    Raises:
+        PyfuncInputError: missing column, empty support set, K images vs masks mismatch, a mask whose
+            size differs from its image, or an undecodable payload; the message names row and column.
+    """
+    if not isinstance(frame, pd.DataFrame):
+        frame = pd.DataFrame(frame)
+    missing = [c for c in INPUT_COLUMNS if c not in frame.columns]
+    if missing:
+        raise PyfuncInputError(f"input is missing column(s) {missing}; expected {list(INPUT_COLUMNS)}")
+    out = []
+    for r, row in enumerate(frame.itertuples(index=False)):
+        imgs = _as_list(row.support_images, f"row {r}, support_images")
+        masks = _as_list(row.support_masks, f"row {r}, support_masks")
+        if not imgs:
+            raise PyfuncInputError(f"row {r}, support_images: at least one support image is required")
+        if len(imgs) != len(masks):
+            raise PyfuncInputError(f"row {r}: {len(imgs)} support_images but {len(masks)} support_masks")
+        s_img = [decode_image(t, f"row {r}, support_images[{k}]") for k, t in enumerate(imgs)]
+        s_msk = [decode_mask(t, f"row {r}, support_masks[{k}]") for k, t in enumerate(masks)]
+        for k, (i, m) in enumerate(zip(s_img, s_msk)):
+            if i.shape[:2] != m.shape:
+                raise PyfuncInputError(f"row {r}, support_masks[{k}]: mask size {m.shape} != image size {i.shape[:2]}")
+        out.append((s_img, s_msk, decode_image(row.query_image, f"row {r}, query_image")))
+    return out

@@ -1,0 +1,144 @@
+"""Episode batches for training: assembled from cached features, or read and augmented from images.
+
+* :class:`CachedEpisodes` (frozen backbone): a random stored view (clean or augmented) per image per
+  episode from the feature store (:mod:`pipeline.features`); the backbone never runs.
+* :class:`ImageEpisodes` (fine-tuned backbone, or ``use_cache=False``): a map-style dataset read and
+  augmented on the fly (:mod:`pipeline.augment`; clean view from :mod:`pipeline.inference.preprocess`)
+  by a ``torch.utils.data.DataLoader`` (:func:`image_loader`; workers ``train.num_workers``, pinned
+  memory on CUDA).
+
+Episode ``i`` depends only on ``(train.seed, i)`` (:func:`pipeline.episodes.episode_rng`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.augment import augment_pair, build_augment
+from pipeline.config import Params
+from pipeline.episodes import Episode, Pools, episode_rng, sample_episode
+from pipeline.features import FeatureStore, view_seed
+from pipeline.images import read_image, read_mask, resolve
+from pipeline.inference.preprocess import clean_pair, to_tensor_pair
+
+
+def total_steps(params: Params) -> int:
+    """``ceil(train.episodes / train.batch_size)``."""
+    return math.ceil(params.train.episodes / params.train.batch_size)
+
+
+class CachedEpisodes:
+    """Episodes assembled from a :class:`FeatureStore` (frozen backbone): no backbone call."""
+
+    def __init__(self, store: FeatureStore, pools: Pools, shots: int, seed: int, augment: bool) -> None:
+        self.store, self.pools, self.shots, self.seed, self.augment = store, pools, shots, seed, augment
+
+    def batch(self, first: int, n: int) -> dict[str, Any]:
+        """Episodes ``first .. first+n-1``: features ``(n,K,Cb,h,w)``, ``(n,Cb,h,w)``; masks ``(n,K,1,S,S)``, ``(n,1,S,S)``."""
+        sup, qry, sv, qv = [], [], [], []
+        for idx in range(first, first + n):
+            rng = episode_rng(self.seed, idx)
+            ep = sample_episode(self.pools, self.shots, rng)
+            ids = [*ep.support_ids, ep.query_id]
+            views = [int(rng.integers(self.store.views_of(i))) if self.augment else 0 for i in ids]
+            sup.extend(ep.support_ids)
+            qry.append(ep.query_id)
+            sv.extend(views[:-1])
+            qv.append(views[-1])
+        return gather(self.store, sup, qry, sv, qv, n, self.shots)
+
+
+def gather(store: FeatureStore, sup: Sequence[str], qry: Sequence[str], sv: Sequence[int] | int,
+           qv: Sequence[int] | int, n: int, k: int) -> dict[str, torch.Tensor]:
+    """A batch of ``n`` K-shot episodes from the store: support ids ``sup`` (n*K) and views ``sv``, query
+    ids ``qry`` and views ``qv`` -> ``support_feats (n,K,Cb,h,w)``, ``support_masks (n,K,1,S,S)``,
+    ``query_feats (n,Cb,h,w)``, ``query_masks (n,1,S,S)``."""
+    s = store.image_size
+    return {
+        "support_feats": store.get(sup, sv).unflatten(0, (n, k)),
+        "support_masks": store.masks(sup, sv).reshape(n, k, 1, s, s),
+        "query_feats": store.get(qry, qv),
+        "query_masks": store.masks(qry, qv),
+    }
+
+
+class ImageEpisodes(torch.utils.data.Dataset):
+    """Map-style dataset: item ``i`` = training episode ``i`` as images (read + augmented on the fly).
+
+    Item: ``support_images (K,3,S,S)``, ``support_masks (K,1,S,S)``, ``query_images (3,S,S)``,
+    ``query_masks (1,S,S)``; floats in [0, 1] / {0, 1}. Works in DataLoader worker processes.
+    """
+
+    def __init__(self, params: Params, pools: Pools, rows: dict[str, Any], augment: bool,
+                 episodes: Sequence[Episode] | None = None) -> None:
+        self.params, self.pools, self.rows, self.augment = params, pools, rows, augment
+        self.fixed = list(episodes) if episodes is not None else None
+        self.pipeline = build_augment(params.train.image_size)
+
+    def __len__(self) -> int:
+        return len(self.fixed) if self.fixed is not None else total_steps(self.params) * self.params.train.batch_size
+
+    def _pair(self, image_id: str, seed: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        row = self.rows[image_id]
+        data_dir = self.params.data.dir
+        image = read_image(resolve(data_dir, row["image_path"]))
+        mask = read_mask(resolve(data_dir, row["mask_path"]), self.params.data.mask_threshold)
+        if seed is None:
+            return to_tensor_pair(*clean_pair(image, mask, self.params.train.image_size))
+        return to_tensor_pair(*augment_pair(self.pipeline, image, mask, seed))
+
+    def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
+        if self.fixed is not None:
+            ep, seeds = self.fixed[idx], None
+        else:
+            ep = sample_episode(self.pools, self.params.train.shots, episode_rng(self.params.train.seed, idx))
+            seeds = self.augment
+        ids = [*ep.support_ids, ep.query_id]
+        pairs = [self._pair(i, view_seed(self.params.train.seed, f"{idx}:{i}", j) if seeds else None)
+                 for j, i in enumerate(ids)]
+        return {
+            "support_images": torch.stack([p[0] for p in pairs[:-1]]),
+            "support_masks": torch.stack([p[1] for p in pairs[:-1]]),
+            "query_images": pairs[-1][0],
+            "query_masks": pairs[-1][1],
+        }
+
+
+def image_loader(params: Params, pools: Pools, rows: dict[str, Any], start_step: int,
+                 device: torch.device) -> torch.utils.data.DataLoader:
+    """A DataLoader over :class:`ImageEpisodes` yielding the batches of steps ``start_step ..`` (resume)."""
+    t = params.train
+    ds = ImageEpisodes(params, pools, rows, augment=t.augment)
+    sampler = range(start_step * t.batch_size, total_steps(params) * t.batch_size)
+    return torch.utils.data.DataLoader(
+        ds, batch_size=t.batch_size, sampler=sampler, num_workers=t.num_workers,
+        pin_memory=device.type == "cuda", persistent_workers=t.num_workers > 0,
+        generator=torch.Generator().manual_seed(t.seed))  # worker seeds never touch the global RNG
+
+
+def check_store(store: FeatureStore, net: torch.nn.Module, params: Params, rows: dict[str, Any]) -> None:
+    """Guard against a stale store: re-encode one image and compare with its cached view 0.
+
+    Raises:
+        pipeline.features.FeatureStoreError: other backbone/size, or features that differ (names the image).
+    """
+    from pipeline.features import FeatureStoreError
+
+    if store.image_size != params.train.image_size or store.backbone != params.model.backbone:
+        raise FeatureStoreError(f"{store.path} holds {store.backbone} features at {store.image_size}px; params want "
+                                f"{params.model.backbone} at {params.train.image_size}px: run `lerenet features`")
+    image_id = sorted(i for i in rows if i in store)[0]
+    row = rows[image_id]
+    img, _ = clean_pair(read_image(resolve(params.data.dir, row["image_path"])), None, params.train.image_size)
+    with torch.inference_mode():
+        fresh = net.encode(to_tensor_pair(img, np.zeros(img.shape[:2], bool))[0][None].to(next(net.parameters()).device))
+    cached = store.get([image_id], 0).to(fresh.device)
+    tol = 1e-2 * float(fresh.abs().max()) + 1e-2
+    if fresh.shape != cached.shape or float((fresh.float() - cached).abs().max()) > tol:
+        raise FeatureStoreError(f"{store.path}: cached features of image {image_id} differ from this backbone's "
+                                "encode output (different weights?); rebuild with `lerenet features --force`")
