@@ -123,7 +123,12 @@ def ssim_map(x: torch.Tensor, y: torch.Tensor, window: int = SSIM_WINDOW, sigma:
     """
     if x.shape != y.shape or x.dim() != 4:
         raise ValueError(f"ssim_map expects two (B, C, H, W) maps of one shape, got {tuple(x.shape)} and {tuple(y.shape)}")
-    x, y = x.float(), y.float()
+    with torch.autocast(device_type=x.device.type, enabled=False):  # variances need float32
+        return _ssim_float32(x.float(), y.float(), window, sigma)
+
+
+def _ssim_float32(x: torch.Tensor, y: torch.Tensor, window: int, sigma: float) -> torch.Tensor:
+    """``ssim_map`` body on float32 ``(B, C, H, W)`` maps, autocast off."""
     c = x.shape[1]
     w = gaussian_window(window, sigma).to(x.device).expand(c, 1, window, window)
     pad = window // 2

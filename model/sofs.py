@@ -140,7 +140,7 @@ class SOFS(FewShotSegmenter):
     # ------------------------------------------------------------------ pieces
     def downsample_masks(self, support_masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """``(B, K, 1, H, W)`` -> ``(B, K, 1, hs, ws)`` area fractions (``"nearest"``: binary nearest)."""
-        flat = support_masks.flatten(0, 1)
+        flat = support_masks.flatten(0, 1).float()
         if self.mask_resize == "nearest":
             small = F.interpolate(flat, size=size, mode="nearest")
         else:
@@ -148,8 +148,12 @@ class SOFS(FewShotSegmenter):
         return small.unflatten(0, tuple(support_masks.shape[:2]))
 
     def priors(self, support_feats: torch.Tensor, masks: torch.Tensor, query_feats: torch.Tensor) -> torch.Tensor:
-        """All levels' priors ``(B, 2 * levels, h, w)`` (``sofs_ops.level_priors``; masks downsampled)."""
-        return level_priors(query_feats, support_feats, masks, self.levels)
+        """All levels' priors ``(B, 2 * levels, h, w)`` float32 (``sofs_ops.level_priors``; masks downsampled).
+
+        Computed in float32 even under autocast (cosines near 1 and ``1 - max cos`` need the precision).
+        """
+        with torch.autocast(device_type=query_feats.device.type, enabled=False):
+            return level_priors(query_feats.float(), support_feats.float(), masks.float(), self.levels)
 
     def _tokens(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, D, h, w)`` -> ``(N, h*w, D)`` after the transformer layers."""
@@ -161,8 +165,8 @@ class SOFS(FewShotSegmenter):
 
     def anomaly_logits(self, priors: torch.Tensor) -> torch.Tensor:
         """Anomaly-detection logits ``(B, 1, h, w)`` from ``(B, 2 * levels, h, w)`` priors (class docstring)."""
-        abnormal = priors[:, 1::2].mean(dim=1, keepdim=True).clamp(1e-4, 1.0 - 1e-4)
-        t = self.anomaly_threshold
+        abnormal = priors[:, 1::2].float().mean(dim=1, keepdim=True).clamp(1e-4, 1.0 - 1e-4)  # float32: 1 - 1e-4
+        t = self.anomaly_threshold                                                          # is 1.0 in bf16
         return torch.log(abnormal / (1.0 - abnormal)) - math.log(t / (1.0 - t))
 
     # ------------------------------------------------------------------ contract

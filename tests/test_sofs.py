@@ -242,6 +242,14 @@ def test_empty_support_masks_give_the_abnormal_prior(net):
     assert ((out3[1:] > 0) == (abnormal > 0.3)).all()
 
 
+def test_anomaly_logits_stay_finite_for_bfloat16_priors(net):
+    """In bfloat16 ``1 - 1e-4`` rounds to 1 (an infinite logit): the clamp and the logit run in float32."""
+    priors = torch.full((1, 4, 2, 2), 0.99995, dtype=torch.bfloat16)      # rounds to 1.0 in bfloat16
+    logits = net.anomaly_logits(priors)
+    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+    assert logits.max().item() == pytest.approx(math.log((1 - 1e-4) / 1e-4), rel=1e-3)
+
+
 # ----------------------------------------------------------------------------- real data
 def test_overfits_a_few_real_images():
     """4 Steel_Pa images at 80x80, episode i -> i+1: 30 Adam steps lift the training IoU above 0.6."""
