@@ -71,6 +71,9 @@ def feature_target(mask: torch.Tensor, size: tuple[int, int], threshold: float =
 
     The target of SOFS's feature-resolution loss (cells with more than 10 % defect count as
     defect). ``(N, 1, H, W)`` in ``[0, 1]`` -> ``(N, 1, h, w)`` float ``{0, 1}``.
+
+    Raises:
+        ValueError: ``threshold`` outside ``[0, 1)`` (or as ``area_fraction``).
     """
     if not 0.0 <= threshold < 1.0:
         raise ValueError(f"threshold must be in [0, 1), got {threshold}")
