@@ -89,6 +89,9 @@ class Backbone(nn.Module):
     """
 
     out_channels: int
+    level_channels: tuple[int, ...]
+    """Channels of each stage concatenated in ``forward``'s output, shallow first (sum = ``out_channels``):
+    ``features.split(level_channels, dim=1)`` recovers the levels (SOFS's per-level priors)."""
     stride: int = 8
 
     def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
@@ -152,6 +155,7 @@ class ResNet50(Backbone):
     """
 
     out_channels = 512 + 1024
+    level_channels = (512, 1024)
 
     def __init__(self, dilated: bool = False) -> None:
         super().__init__(IMAGENET_MEAN, IMAGENET_STD)
@@ -217,6 +221,7 @@ class VGG16BN(Backbone):
     """
 
     out_channels = 256 + 512
+    level_channels = (256, 512)
 
     def __init__(self) -> None:
         super().__init__(IMAGENET_MEAN, IMAGENET_STD)
@@ -269,6 +274,7 @@ class EfficientNetLite0(Backbone):
     """
 
     out_channels = 40 + 112
+    level_channels = (40, 112)
     SHALLOW, DEEP = 4, 10
 
     def __init__(self, pretrained: bool = True) -> None:

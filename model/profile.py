@@ -34,27 +34,45 @@ def parameter_counts(model: FewShotSegmenter) -> dict[str, int]:
     return {"total": total, "learnable": learnable, "backbone": backbone, "head": total - backbone}
 
 
+def _backbone_flops(counts: dict[str, dict[object, int]], root: str) -> int:
+    """FLOPs spent inside ``<root>.backbone`` from a ``FlopCounterMode`` per-module breakdown.
+
+    Module keys are hierarchical (a parent's count includes its children's); a model may call
+    the backbone's own ``forward`` (key ``<root>.backbone``) or walk its stages directly
+    (JAFFNet's pyramid: keys ``<root>.backbone.<stage>``), so the outermost backbone keys are summed.
+    """
+    prefix = f"{root}.backbone"
+    keys = [k for k in counts if k == prefix or k.startswith(prefix + ".")]
+    outer = [k for k in keys if not any(k != j and k.startswith(j + ".") for j in keys)]
+    return int(sum(sum(counts[k].values()) for k in outer))
+
+
 def episode_flops(model: FewShotSegmenter, shots: int = 1, size: int = 200) -> dict[str, int]:
     """FLOPs of one episode's forward pass (batch 1, ``shots`` supports, ``size x size`` images).
 
     Counted by ``torch.utils.flop_counter.FlopCounterMode``, which counts a multiply-add
     as 2 FLOPs (convolutions, matrix products); element-wise ops, pooling and
-    interpolation are not counted. Returns ``flops`` (whole episode), ``backbone_flops``
-    (the ``shots + 1`` image encodings) and ``macs = flops // 2``.
+    interpolation are not counted. Attention runs on PyTorch's math backend while counting
+    (its CPU flash kernel has no FLOP formula; the math backend's matrix products are
+    counted and give the same result). Returns ``flops`` (whole episode),
+    ``backbone_flops`` (the part computed inside ``model.backbone``: the ``shots + 1`` image
+    encodings, or only the query's for a model that ignores the support) and
+    ``macs = flops // 2``.
     """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     support, masks, query = episode_inputs(shots, size)
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]):
             with FlopCounterMode(display=False) as total:
                 model(support, masks, query)
-            with FlopCounterMode(display=False) as enc:
-                model.encode(torch.cat([support.flatten(0, 1), query]))
     finally:
         model.train(was_training)
     flops = int(total.get_total_flops())
-    return {"flops": flops, "macs": flops // 2, "backbone_flops": int(enc.get_total_flops())}
+    backbone = _backbone_flops(total.get_flop_counts(), type(model).__name__)
+    return {"flops": flops, "macs": flops // 2, "backbone_flops": backbone}
 
 
 def episode_latency_ms(model: FewShotSegmenter, shots: int = 1, size: int = 200, runs: int = 10,

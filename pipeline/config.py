@@ -75,7 +75,7 @@ class SplitParams(_Section):
         return sorted(set(v))
 
 
-ModelName = Literal["lerenet", "baseline", "prototype"]
+ModelName = Literal["lerenet", "baseline", "prototype", "sofs", "jaffnet"]
 #: the model names of the pipeline, defined once here (``model.MODELS`` is the model package's own
 #: build table; tests/test_architecture.py checks that both list the same names)
 MODEL_NAMES: tuple[str, ...] = get_args(ModelName)
@@ -87,7 +87,7 @@ Variant = Literal["mpr", "mpe", "mpe*", "mpr+mpe", "mpr+mpe*"]
 class ModelParams(_Section):
     """Which models to train/evaluate and their backbone (see ``model.build_model``)."""
 
-    names: list[ModelName] = Field(default_factory=lambda: list(MODEL_NAMES))
+    names: list[ModelName] = Field(default_factory=lambda: ["lerenet", "baseline", "prototype"])
     backbone: Literal["efficientnet_lite0", "resnet50", "vgg16_bn"] = "efficientnet_lite0"
     freeze_backbone: bool = True
     weights: Path | None = None

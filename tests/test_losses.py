@@ -8,7 +8,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.losses import DICE_SMOOTH, mixed_normal_dice, segmentation_loss
+from model.losses import (
+    DICE_SMOOTH,
+    SSIM_C1,
+    SSIM_C2,
+    deep_supervision_loss,
+    gaussian_window,
+    hybrid_loss,
+    iou_loss,
+    mixed_normal_dice,
+    segmentation_loss,
+    ssim_loss,
+    ssim_map,
+)
 
 
 def logits_of(p: torch.Tensor) -> torch.Tensor:
@@ -56,3 +68,78 @@ def test_gradient_flows_and_errors():
         segmentation_loss(logits, torch.zeros(1, 1, 3, 3), "focal")
     with pytest.raises(ValueError, match="differ in shape"):
         mixed_normal_dice(logits, torch.zeros(1, 1, 3, 4))
+
+
+# ----------------------------------------------------------------------------- JAFFNet hybrid loss
+def test_ssim_of_identical_maps_is_one():
+    x = torch.rand(2, 1, 17, 23, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(ssim_map(x, x), torch.ones_like(x))
+    assert ssim_loss(logits_of(x.clamp(0.01, 0.99)), x.clamp(0.01, 0.99)).abs().max().item() < 1e-5
+
+
+def test_ssim_of_constant_maps_matches_the_luminance_term():
+    # away from the zero-padded border: variances 0, so SSIM = (2ab + C1) / (a^2 + b^2 + C1)
+    x, y = torch.full((1, 1, 21, 21), 0.2), torch.full((1, 1, 21, 21), 0.6)
+    expected = (2 * 0.2 * 0.6 + 0.01 ** 2) / (0.2 ** 2 + 0.6 ** 2 + 0.01 ** 2)
+    assert ssim_map(x, y)[0, 0, 10, 10].item() == pytest.approx(expected, rel=1e-4)  # float32 variances
+    assert (SSIM_C1, SSIM_C2) == (0.01 ** 2, 0.03 ** 2)
+
+
+def test_ssim_centre_pixel_matches_a_numpy_computation():
+    """11x11 maps: the centre window covers the whole map (no padding): Gaussian-weighted stats by hand."""
+    import numpy as np
+
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.rand(1, 1, 11, 11, generator=g), torch.rand(1, 1, 11, 11, generator=g)
+    t = np.arange(11) - 5
+    w1 = np.exp(-t ** 2 / (2 * 1.5 ** 2))
+    w = np.outer(w1, w1) / np.outer(w1, w1).sum()
+    np.testing.assert_allclose(gaussian_window().numpy(), w, rtol=1e-6)
+    a, b = x[0, 0].double().numpy(), y[0, 0].double().numpy()
+    mx, my = (w * a).sum(), (w * b).sum()
+    vx, vy, cxy = (w * a * a).sum() - mx ** 2, (w * b * b).sum() - my ** 2, (w * a * b).sum() - mx * my
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    expected = (2 * mx * my + c1) * (2 * cxy + c2) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
+    assert ssim_map(x, y)[0, 0, 5, 5].item() == pytest.approx(expected, rel=1e-4)
+
+
+def test_iou_loss_hand_values():
+    # p = 0.5 everywhere, g = [1, 1, 0, 0]: sum pg = 1, sum(p + g - pg) = 3
+    g = torch.tensor([[[[1.0, 1.0], [0.0, 0.0]]]])
+    assert iou_loss(torch.zeros(1, 1, 2, 2), g).item() == pytest.approx(1 - 1 / 3, rel=1e-6)
+    perfect = torch.where(g > 0, torch.tensor(30.0), torch.tensor(-30.0))
+    assert iou_loss(perfect, g).item() < 1e-6
+    assert iou_loss(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2)).item() == pytest.approx(1.0)
+
+
+def test_hybrid_loss_is_the_sum_of_its_three_terms_and_zero_when_perfect():
+    g = torch.zeros(2, 1, 16, 16)
+    g[0, :, 4:10, 3:12] = 1.0
+    logits = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(2))
+    bce = F.binary_cross_entropy_with_logits(logits, g)
+    total = hybrid_loss(logits, g)
+    expected = bce + iou_loss(logits, g).mean() + (1 - ssim_map(torch.sigmoid(logits), g).mean((1, 2, 3))).mean()
+    assert total.item() == pytest.approx(expected.item(), rel=1e-6)
+    # batch of one with p = 0.5 on 2x2, g = [1, 1, 0, 0]: log 2 + 2/3 + (1 - SSIM)
+    g1 = torch.tensor([[[[1.0, 1.0], [0.0, 0.0]]]])
+    ssim_term = 1 - ssim_map(torch.full_like(g1, 0.5), g1).mean().item()
+    assert hybrid_loss(torch.zeros_like(g1), g1).item() == pytest.approx(math.log(2) + 2 / 3 + ssim_term, rel=1e-6)
+    perfect = torch.where(g[:1] > 0, torch.tensor(30.0), torch.tensor(-30.0))
+    assert hybrid_loss(perfect, g[:1]).item() < 1e-4
+
+
+def test_deep_supervision_sums_the_sides_and_errors():
+    g = torch.zeros(1, 1, 12, 12)
+    g[..., 3:8, 2:9] = 1.0
+    gen = torch.Generator().manual_seed(3)
+    sides = [torch.randn(1, 1, 12, 12, generator=gen, requires_grad=True) for _ in range(3)]
+    total = deep_supervision_loss(sides, g)
+    assert total.item() == pytest.approx(sum(hybrid_loss(s, g).item() for s in sides), rel=1e-6)
+    total.backward()
+    assert all(s.grad is not None and s.grad.abs().sum() > 0 for s in sides)
+    with pytest.raises(ValueError, match="at least one"):
+        deep_supervision_loss([], g)
+    with pytest.raises(ValueError, match="differ in shape"):
+        hybrid_loss(torch.zeros(1, 1, 12, 11), g)
+    with pytest.raises(ValueError, match="odd"):
+        gaussian_window(10)

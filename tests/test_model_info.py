@@ -43,3 +43,26 @@ def test_model_info_rejects_unknown_model():
     result = CliRunner().invoke(app, ["model-info", "--model", "pfenet"])
     assert result.exit_code == 2
     assert "valid models: lerenet, baseline, prototype" in result.output
+
+
+def test_model_info_sofs_and_jaffnet():
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from model.pyramid import encoder_pyramid
+
+    sofs = _invoke("--model", "sofs", "--size", "64")
+    net = build_model("sofs", "efficientnet_lite0")
+    assert sofs["channels"] == 64 and sofs["variant"] is None            # the model's own default width
+    assert sofs["params_head"] == sum(p.numel() for p in net.head_parameters()) == sofs["params_learnable"]
+    lerenet = _invoke("--model", "lerenet", "--size", "64")
+    assert lerenet["backbone_gflops"] == sofs["backbone_gflops"] > 0      # both encode support + query
+    one = _invoke("--model", "jaffnet", "--size", "64", "--fine-tuned")
+    five = _invoke("--model", "jaffnet", "--size", "64", "--fine-tuned", "--shots", "5")
+    assert one["flops"] == five["flops"]                                 # the support is never used
+    assert one["params_learnable"] == one["params_total"]
+    jaff = build_model("jaffnet", "efficientnet_lite0")
+    with torch.no_grad(), FlopCounterMode(display=False) as enc:
+        encoder_pyramid(jaff.backbone, torch.rand(1, 3, 64, 64))
+    assert one["backbone_gflops"] == round(enc.get_total_flops() / 1e9, 3) > 0
+    assert episode_flops(jaff, shots=1, size=64)["backbone_flops"] == enc.get_total_flops()

@@ -12,12 +12,15 @@ from lerenet.commands._common import fail
 
 @app.command("model-info")
 def model_info(
-    model: str = typer.Option("lerenet", "--model", help="lerenet | baseline | prototype"),
+    model: str = typer.Option("lerenet", "--model", help="lerenet | baseline | prototype | sofs | jaffnet"),
     backbone: str = typer.Option("efficientnet_lite0", "--backbone", help="efficientnet_lite0 | resnet50 | vgg16_bn"),
     shots: int = typer.Option(1, "--shots", min=1, help="K support images per episode"),
     size: int = typer.Option(200, "--size", min=16, help="square image side in pixels"),
     variant: str = typer.Option("mpr+mpe*", "--variant", help="LERENet ablation (Table 3)"),
-    channels: int = typer.Option(256, "--channels", min=8, help="channels c of the projected descriptors"),
+    channels: int | None = typer.Option(
+        None, "--channels", min=8,
+        help="c of the projected descriptors (lerenet/baseline, default 256), SOFS embedding / JAFFNet decoder "
+             "width (default 64); omitted = the model's default"),
     freeze_backbone: bool = typer.Option(True, "--frozen/--fine-tuned", help="frozen or fine-tuned backbone"),
     dilated: bool = typer.Option(False, "--dilated", help="ResNet-50 with output stride 8"),
     latency: bool = typer.Option(False, "--latency", help="also time one episode's forward pass"),
@@ -27,7 +30,8 @@ def model_info(
     """Print JSON: total/learnable parameters, FLOPs and MACs (and latency) of one episode.
 
     ResNet-50 / VGG-16-BN are built with random weights (counts and FLOPs do not depend on
-    them); EfficientNet-Lite0 with its packaged ImageNet weights.
+    them); EfficientNet-Lite0 with its packaged ImageNet weights. ``backbone_gflops`` is the
+    compute inside the backbone (JAFFNet ignores the support, so only the query is encoded).
     """
     import torch
 
@@ -46,7 +50,7 @@ def model_info(
     flops = episode_flops(net, shots=shots, size=size)
     out: dict[str, object] = {
         "model": model, "backbone": backbone, "variant": variant if model == "lerenet" else None,
-        "channels": channels, "freeze_backbone": freeze_backbone, "dilated": dilated,
+        "channels": net.config.get("channels"), "freeze_backbone": freeze_backbone, "dilated": dilated,
         "shots": shots, "size": size,
         "params_total": counts["total"], "params_learnable": counts["learnable"],
         "params_backbone": counts["backbone"], "params_head": counts["head"],
