@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.config import Params
+from pipeline.config import Params, check_class_name
 from pipeline.images import replace_dir
 
 log = logging.getLogger(__name__)
@@ -169,7 +169,9 @@ def extend_folds(folds: Mapping[int, Iterable[str]], image_counts: Mapping[str, 
         A new table; existing classes keep their fold and order, new ones are appended.
 
     Raises:
-        ClassTableError: a new class is already in the table or has no image count.
+        ClassTableError: a new class is already in the table, has no image count, or its name is
+            not a safe class name (``pipeline.config.check_class_name``: the folder must be renamed
+            before it can enter ``params.yaml``).
     """
     out = {int(f): list(cs) for f, cs in folds.items()}
     if not out:
@@ -177,6 +179,10 @@ def extend_folds(folds: Mapping[int, Iterable[str]], image_counts: Mapping[str, 
     placed = {c: f for f, cs in out.items() for c in cs}
     load = {f: sum(int(image_counts.get(c, 0)) for c in cs) for f, cs in out.items()}
     for c in sorted(new):
+        try:
+            check_class_name(c)
+        except ValueError as exc:
+            raise ClassTableError(f"new class folder {c!r} cannot join the fold table: {exc}; rename the folder") from None
         if c in placed:
             raise ClassTableError(f"class {c!r} is already in fold {placed[c]} of the fold table")
         if c not in image_counts:
