@@ -22,6 +22,7 @@ promotion gate can compare on them.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -32,7 +33,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.config import Params, check_class_name
-from pipeline.images import replace_dir
+from pipeline.images import VIEW_MARKER, atomic_write_text, replace_dir
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,9 @@ def source_view(params: Params, classes: Mapping[str, Path] | None = None, data_
         view: the view folder to (re)build instead of ``<data_dir>/.source_view``.
 
     Returns:
-        The view folder (rebuilt in a temporary folder and swapped in atomically).
+        The view folder (rebuilt in a temporary folder and swapped in atomically). It also holds
+        ``.lerenet-view.json`` (``pipeline.images.VIEW_MARKER``): for each class the link target and
+        the source root it lies in, so that ingest follows these links and no others.
 
     Raises:
         ClassTableError: a class folder does not exist.
@@ -128,10 +131,16 @@ def source_view(params: Params, classes: Mapping[str, Path] | None = None, data_
     stage = data_dir / f"{view.name}.tmp-{uuid.uuid4().hex[:8]}"
     stage.mkdir()
     try:
+        links = {}
         for name, folder in sorted(classes.items()):
             if not Path(folder).is_dir():
                 raise ClassTableError(f"class {name!r}: folder {folder} does not exist")
-            os.symlink(Path(folder).resolve(), stage / name, target_is_directory=True)
+            target = Path(folder).resolve()
+            os.symlink(target, stage / name, target_is_directory=True)
+            # the root this class link may lead into: the folder that holds the class folder (a link
+            # inside the class that leads out of that root is still refused by ingest)
+            links[name] = {"target": str(target), "root": str(Path(os.path.abspath(folder)).parent.resolve())}
+        atomic_write_text(stage / VIEW_MARKER, json.dumps({"classes": links}, indent=2) + "\n")
         replace_dir(stage, view)
     finally:
         shutil.rmtree(stage, ignore_errors=True)

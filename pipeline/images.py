@@ -32,6 +32,10 @@ from PIL import Image
 #: File and folder names under the data folder (``params.data.dir``).
 RAW_DIR = "raw"
 MANIFEST = "manifest.parquet"
+INGEST_REPORT = "ingest_report.json"  # files of the source that ingest did not use (pipeline.ingest)
+#: Marker written by ``pipeline.classes.source_view`` into a view folder: which class links it holds
+#: and the source root each may point into (``pipeline.ingest`` follows those links and no others).
+VIEW_MARKER = ".lerenet-view.json"
 VALIDATION_DIR = "validation"
 REPORT = "validation/report.json"
 DOCS_DIR = "validation/docs"

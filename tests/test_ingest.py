@@ -70,7 +70,7 @@ def test_reingest_is_byte_identical_and_replaces_raw(small_params):
     ingest(small_params, progress=False)
     assert (data / MANIFEST).read_bytes() == first
     assert not stray.exists()
-    assert sorted(p.name for p in data.iterdir()) == ["manifest.parquet", "raw"]  # no temp folders left
+    assert sorted(p.name for p in data.iterdir()) == ["ingest_report.json", "manifest.parquet", "raw"]  # no temp folders
 
 
 def test_missing_mask_and_corrupt_image_are_recorded_not_raised(small_params, small_source):
