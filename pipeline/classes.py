@@ -140,7 +140,11 @@ def source_view(params: Params, classes: Mapping[str, Path] | None = None, data_
             # the root this class link may lead into: the folder that holds the class folder (a link
             # inside the class that leads out of that root is still refused by ingest)
             links[name] = {"target": str(target), "root": str(Path(os.path.abspath(folder)).parent.resolve())}
-        atomic_write_text(stage / VIEW_MARKER, json.dumps({"classes": links}, indent=2) + "\n")
+        # the configured roots this view draws from: ingest names what the view leaves out of them
+        configured = {str(Path(r).resolve()) for r in (params.data.source, params.data.incoming)
+                      if r is not None and Path(r).is_dir()}
+        roots = sorted(configured) if configured & {v["root"] for v in links.values()} else []
+        atomic_write_text(stage / VIEW_MARKER, json.dumps({"classes": links, "report_roots": roots}, indent=2) + "\n")
         replace_dir(stage, view)
     finally:
         shutil.rmtree(stage, ignore_errors=True)

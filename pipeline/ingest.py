@@ -9,8 +9,13 @@ Source layout (``docs/architecture.md``, ``../shared/datasets/README.md``)::
 Ingest *measures*, validation *judges*: every image file found is copied and gets
 one manifest row, even if it cannot be decoded (``error`` says why) or its mask is
 missing (``mask_path`` is ``None``). ``pipeline.validate`` then applies the rules and
-fails naming file, row and rule. Ingest itself fails only when it cannot read the
-source at all (missing folder, no class folders, a class folder without ``Images/``).
+fails naming file, row and rule. Every other entry of the source (a non-image file, an
+unknown folder, an empty class, a mask without its image, ...) is *skipped and named*
+(``pipeline.source``): logged as a warning and listed in ``ingest_report.json``, which validation
+copies into its report and Data Docs (a mask without its image fails validation). Ingest itself
+fails only when it cannot read the source safely or unambiguously (missing folder, no class
+folders, a class folder without ``Images/``, two images with one stem, a broken symbolic link or
+one that leads outside the source root).
 
 Outputs under ``out_dir`` (default ``params.data.dir``):
 
@@ -23,7 +28,9 @@ Outputs under ``out_dir`` (default ``params.data.dir``):
   ``soft_fraction`` (share of mask pixels with ``tol < v < 255 - tol``), ``sha256``,
   ``phash`` (16 hex chars, ``imagehash.phash``, 64 bits), plus the measurements the
   validation rules need: ``mask_width``, ``mask_height`` (nullable) and ``error``
-  (``None`` or a decode error message).
+  (``None`` or a decode error message);
+* ``ingest_report.json`` -- ``source``, ``images``, ``manifest_sha256`` and ``skipped`` (every entry
+  of the source not used: ``path``, ``reason``, ``action``, ``rule``; :func:`write_ingest_report`).
 """
 
 from __future__ import annotations
@@ -115,7 +122,7 @@ def build_manifest(rows: list[dict]) -> pd.DataFrame:
 
 
 def ingest(params: Params, source: Path | None = None, out_dir: Path | None = None,
-           workers: int | None = None, progress: bool = True) -> pd.DataFrame:
+           workers: int | None = None, progress: bool = True, warn: bool = True) -> pd.DataFrame:
     """Copy ``source`` into ``<out_dir>/raw`` and write ``<out_dir>/manifest.parquet``.
 
     Args:
@@ -125,6 +132,8 @@ def ingest(params: Params, source: Path | None = None, out_dir: Path | None = No
         out_dir: data folder; default ``params.data.dir``.
         workers: threads for copying/decoding/hashing; default ``os.cpu_count()``.
         progress: show a tqdm progress bar for the scan.
+        warn: log a warning naming the entries of the source that are not used (they are always
+            in ``<out_dir>/ingest_report.json``; the CLI prints them itself).
 
     Returns:
         The manifest (schema in the module docstring), one row per image file.
@@ -141,7 +150,8 @@ def ingest(params: Params, source: Path | None = None, out_dir: Path | None = No
     if not items:
         raise IngestError(f"source folder {source} holds no images under <Class>/Images or <Class>/Nd"
                           + (f" ({len(scan.skipped)} other entries, e.g. {scan.skipped[0].path})" if scan.skipped else ""))
-    warn_skipped(scan.skipped, source)
+    if warn:
+        warn_skipped(scan.skipped)
     out_dir.mkdir(parents=True, exist_ok=True)
     stage = out_dir / f".ingest.tmp-{uuid.uuid4().hex[:8]}"  # files go to stage/raw/...
     stage.mkdir()

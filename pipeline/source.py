@@ -74,14 +74,17 @@ class SourceScan:
     skipped: list[Skipped]
 
 
-def _view_links(source: Path) -> dict[str, tuple[Path, Path]]:
-    """``{class: (target, root)}`` of a view folder's marker (``pipeline.classes.source_view``); else {}."""
+def _view_links(source: Path) -> tuple[dict[str, tuple[Path, Path]], list[Path]]:
+    """A view folder's marker (``pipeline.classes.source_view``): ``({class: (target, root)}, roots)``;
+    ``roots`` are the configured source roots whose other top-level entries are to be named. ``({}, [])``
+    for a plain folder."""
     marker = source / VIEW_MARKER
     if not marker.is_file():
-        return {}
+        return {}, []
     try:
-        classes = json.loads(marker.read_text())["classes"]
-        return {str(c): (Path(v["target"]), Path(v["root"])) for c, v in classes.items()}
+        body = json.loads(marker.read_text())
+        links = {str(c): (Path(v["target"]), Path(v["root"])) for c, v in body["classes"].items()}
+        return links, [Path(r) for r in body.get("report_roots", [])]
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise IngestError(f"{marker}: unreadable view marker ({exc}); delete the folder {source} and re-run") from None
 
@@ -228,7 +231,7 @@ def survey_source(source: Path) -> SourceScan:
     """
     check_source(source)
     root = source.resolve()
-    views = _view_links(source)
+    views, view_roots = _view_links(source)
     walk = _Walk(source)
     class_dirs = []
     for p in sorted(source.iterdir()):
@@ -248,6 +251,20 @@ def survey_source(source: Path) -> SourceScan:
                            "move it out of the source folder, or into <Class>/Images")
         elif walk.link_ok(p, p.name, croot):
             class_dirs.append((p, croot))
+    used = {target for target, _ in views.values()}
+    for vroot in view_roots:  # what the view leaves out of a configured source root is named too
+        for p in sorted(vroot.iterdir()) if vroot.is_dir() else []:
+            if Path(os.path.realpath(p)) in used:
+                continue
+            if p.name.startswith("."):
+                walk.skip(f"{p}" + ("/" if p.is_dir() else ""), "hidden entry: ingest never reads hidden files",
+                          "delete it")
+            elif p.is_dir():
+                walk.skip(f"{p}/", "class folder not in the fold table (params.yaml folds:): not ingested",
+                          "`lerenet flow retrain` adds a new class, or add it under folds: yourself")
+            else:
+                walk.skip(str(p), "file at the source root: not part of the layout <Class>/Images|GT|Nd",
+                          "move it out of the source folder, or into <Class>/Images")
     if not class_dirs and not walk.problems:
         raise IngestError(f"source folder {source} holds no class folders (expected <source>/<Class>/Images/...)")
     for cdir, croot in class_dirs:
@@ -262,15 +279,17 @@ def survey_source(source: Path) -> SourceScan:
     return SourceScan(walk.items, walk.skipped)
 
 
-def warn_skipped(skipped: list[Skipped], source: Path, limit: int = 20) -> None:
-    """Log one warning per reason naming the skipped files (at most ``limit`` per reason; all are in the report)."""
+def warn_skipped(skipped: list[Skipped], limit: int = 20) -> None:
+    """Log one warning per reason naming the skipped entries (at most ``limit`` per reason; the ingest
+    report has all)."""
     groups: dict[tuple[str, str, str | None], list[str]] = {}
     for s in skipped:
         groups.setdefault((s.reason, s.action, s.rule), []).append(s.path)
     for (reason, action, rule), paths in groups.items():
         shown = ", ".join(paths[:limit]) + (f" ... and {len(paths) - limit} more" if len(paths) > limit else "")
-        level = "validation will fail" if rule else "not used"
-        log.warning("warning: %s: %d file(s) %s (%s): %s -> %s", source, len(paths), level, reason, shown, action)
+        what = "validation will fail on" if rule else "ingest does not use"
+        log.warning("warning: %s %d entr%s (%s): %s -> %s", what, len(paths), "y" if len(paths) == 1 else "ies",
+                    reason, shown, action)
 
 
 def scan_source(source: Path) -> list[Item]:
@@ -280,5 +299,5 @@ def scan_source(source: Path) -> list[Item]:
         IngestError: as :func:`survey_source`.
     """
     scan = survey_source(source)
-    warn_skipped(scan.skipped, source)
+    warn_skipped(scan.skipped)
     return scan.items

@@ -33,25 +33,35 @@ def ingest_cmd(
     data.source plus the classes of data.incoming named in the fold table, as the Prefect flow does.
     """
     from pipeline.classes import ClassTableError, accepted_classes, source_view
-    from pipeline.ingest import IngestError, ingest, scan_source
+    from pipeline.images import INGEST_REPORT
+    from pipeline.ingest import IngestError, check_source, ingest, load_ingest_report
 
     params = params_or_exit(params_file, _data_override(out))
     try:
         if source is not None:
             origin = str(source.resolve())
-            manifest = ingest(params, source=source.resolve())
+            manifest = ingest(params, source=source.resolve(), warn=False)
         else:
-            scan_source(params.data.source)  # clear errors for a missing source or a malformed class folder
+            check_source(params.data.source)  # clear error for a missing source
             classes = accepted_classes(params)
             extra = sorted(set(classes) - {p.name for p in params.data.source.iterdir()})
             origin = str(params.data.source) + (f" + {extra} from {params.data.incoming}" if extra else "")
-            manifest = ingest(params, source=source_view(params, classes))
+            manifest = ingest(params, source=source_view(params, classes), warn=False)
     except (IngestError, ClassTableError) as exc:
         fail(str(exc))
         return
     n_err = int(manifest["error"].notna().sum())
     typer.echo(f"ingested {len(manifest)} images of {manifest['class_name'].nunique()} classes from "
                f"{origin} into {params.data.dir}" + (f" ({n_err} do not decode: `lerenet validate` lists them)" if n_err else ""))
+    report, _ = load_ingest_report(params.data.dir)
+    skipped = (report or {}).get("skipped", [])
+    if skipped:
+        fatal = sum(1 for s in skipped if s.get("rule"))
+        typer.echo(f"warning: {len(skipped)} entries of the source are not used by ingest"
+                   + (f" ({fatal} will fail validation)" if fatal else "") + "; each is named with what to do in "
+                   f"{params.data.dir / INGEST_REPORT}:", err=True)
+        for s in skipped:
+            typer.echo(f"  {s['path']}: {s['reason']} -> {s['action']}", err=True)
 
 
 @app.command("validate")
@@ -74,6 +84,10 @@ def validate_cmd(
                f"Data Docs: {params.data.dir / report['docs']})")
     for item in report["excluded"]:
         typer.echo(f"  excluded {item['file']}: {item['reason']}")
+    for item in report["skipped"]:
+        typer.echo(f"  not used by ingest {item['path']}: {item['reason']} -> {item['action']}")
+    for warning in report["warnings"]:
+        typer.echo(f"  warning: {warning}")
 
 
 @app.command("split")
