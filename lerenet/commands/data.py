@@ -108,3 +108,34 @@ def split_cmd(
     for fold, s in summary["folds"].items():
         eps = ", ".join(f"{k}={v}" for k, v in s["episodes"].items())
         typer.echo(f"fold {fold}: train {s['train']}, val {s['val']}, test {s['test']} images; episodes {eps}")
+
+
+@app.command("import-coco")
+def import_coco_cmd(
+    annotations: Path = typer.Argument(..., metavar="ANNOTATIONS.json",
+                                       help="COCO instance-segmentation JSON exported by CVAT or Label Studio"),
+    images: Path = typer.Option(..., "--images", metavar="DIR", help="folder the JSON's file_name entries are relative to"),
+    out: Path = typer.Option(..., "--out", metavar="ROOT",
+                             help="root to write <ROOT>/<Class>/Images and GT into (e.g. data.incoming); "
+                                  "existing class folders are never overwritten"),
+    categories: str = typer.Option(None, "--categories", metavar="A,B", help="category names to import (default: all "
+                                                                               "annotated categories)"),
+) -> None:
+    """Import a labelling tool's COCO export (polygons, RLE) into the Surface Defects-4i layout.
+
+    Each category becomes a class folder <ROOT>/<name>/ with Images/<stem>.png|jpg and GT/<stem>.png (255 = the union of the category's instances). Nothing is written when any entry is wrong.
+
+    Example: lerenet import-coco export/annotations/instances_default.json --images export/images --out incoming/ --categories Leather_Fold
+    """
+    from pipeline.coco import CocoError, import_coco
+
+    wanted = [c.strip() for c in categories.split(",") if c.strip()] if categories else None
+    try:
+        result = import_coco(annotations, images, out, wanted)
+    except CocoError as exc:
+        fail(str(exc))
+        return
+    for name, counts in sorted(result.classes.items()):
+        typer.echo(f"wrote {out / name}: {counts['images']} images, {counts['instances']} instances")
+    for note in result.notes:
+        typer.echo(f"note: {note}")
