@@ -92,8 +92,7 @@ def _view_links(source: Path) -> tuple[dict[str, tuple[Path, Path]], list[Path]]
 class _Walk:
     """One scan of a source folder; collects items, skipped entries and fatal problems."""
 
-    def __init__(self, source: Path):
-        self.source = source
+    def __init__(self) -> None:
         self.items: list[Item] = []
         self.skipped: list[Skipped] = []
         self.problems: list[str] = []
@@ -232,7 +231,7 @@ def survey_source(source: Path) -> SourceScan:
     check_source(source)
     root = source.resolve()
     views, view_roots = _view_links(source)
-    walk = _Walk(source)
+    walk = _Walk()
     class_dirs = []
     for p in sorted(source.iterdir()):
         if p.name == VIEW_MARKER and views:

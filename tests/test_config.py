@@ -114,3 +114,14 @@ def test_config_accepts_safe_class_names(tmp_path, name):
     raw = _base()
     raw["folds"][1].append(name)
     assert name in load_params(_write(tmp_path, raw), env={}).folds[1]
+
+
+def test_config_rejects_unsafe_class_name_arriving_in_incoming():
+    """The retrain flow places new incoming class folders with extend_folds before writing params.yaml:
+    an unsafe folder name stops it there, naming the folder."""
+    from pipeline.classes import ClassTableError, extend_folds
+
+    with pytest.raises(ClassTableError, match=r"new class folder 'Leather Fold' cannot join the fold table.*rename"):
+        extend_folds({0: ["A"], 1: ["B"]}, {"A": 5, "B": 5, "Leather Fold": 3}, ["Leather Fold"])
+    assert extend_folds({0: ["A"], 1: ["B"]}, {"A": 5, "B": 9, "Leather_Fold": 3}, ["Leather_Fold"]) == {
+        0: ["A", "Leather_Fold"], 1: ["B"]}
