@@ -48,6 +48,7 @@ import hashlib
 import json
 import logging
 import re
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -346,7 +347,13 @@ def validate(params: Params, data_dir: Path | None = None) -> dict[str, Any]:
                                             "near_duplicates")},
                 "failures": [{**asdict(f), "hint": HINTS.get(f.rule, "")} for f in failures],
                 "data_dir": str(data_dir), "report": str(report_path), "source": str(params.data.source)}
-    gx_run.build_docs(data_dir / DOCS_DIR, json.loads(json.dumps(findings, default=str)))
+    try:
+        gx_run.build_docs(data_dir / DOCS_DIR, json.loads(json.dumps(findings, default=str)))
+    except Exception as exc:  # noqa: BLE001 -- a rendering fault must not hide the validation result
+        shutil.rmtree(data_dir / DOCS_DIR, ignore_errors=True)  # never leave another data version's page
+        report["warnings"].append(f"Data Docs could not be built ({type(exc).__name__}: {exc}); report.json "
+                                  "holds every finding")
+        log.error("Data Docs could not be built: %s", exc)
     atomic_write_text(report_path, json.dumps(report, indent=2, sort_keys=False, default=str) + "\n")
     if failures:
         (data_dir / VALIDATED).unlink(missing_ok=True)
