@@ -260,6 +260,8 @@ def import_coco(annotations: Path, images_dir: Path, out: Path, categories: list
     doc = load_coco(annotations)
     if not images_dir.is_dir():
         raise CocoError(f"--images {images_dir} is not a folder")
+    if out.exists() and not out.is_dir():
+        raise CocoError(f"--out {out} exists and is not a folder")
     cats: dict[int, str] = {}
     for i, c in enumerate(doc["categories"]):
         where = f"{annotations}: {_where('categories', i, c)}"
