@@ -22,6 +22,7 @@ promotion gate can compare on them.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -31,8 +32,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.atomic import atomic_write, replace_dir
-from pipeline.config import Params
+from pipeline.atomic import atomic_write, atomic_write_text, replace_dir
+from pipeline.config import Params, check_class_name
+from pipeline.layout import VIEW_MARKER
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +118,9 @@ def source_view(params: Params, classes: Mapping[str, Path] | None = None, data_
         view: the view folder to (re)build instead of ``<data_dir>/.source_view``.
 
     Returns:
-        The view folder (rebuilt in a temporary folder and swapped in atomically).
+        The view folder (rebuilt in a temporary folder and swapped in atomically). It also holds
+        ``.lerenet-view.json`` (``pipeline.images.VIEW_MARKER``): for each class the link target and
+        the source root it lies in, so that ingest follows these links and no others.
 
     Raises:
         ClassTableError: a class folder does not exist.
@@ -128,10 +132,20 @@ def source_view(params: Params, classes: Mapping[str, Path] | None = None, data_
     stage = data_dir / f"{view.name}.tmp-{uuid.uuid4().hex[:8]}"
     stage.mkdir()
     try:
+        links = {}
         for name, folder in sorted(classes.items()):
             if not Path(folder).is_dir():
                 raise ClassTableError(f"class {name!r}: folder {folder} does not exist")
-            os.symlink(Path(folder).resolve(), stage / name, target_is_directory=True)
+            target = Path(folder).resolve()
+            os.symlink(target, stage / name, target_is_directory=True)
+            # the root this class link may lead into: the folder that holds the class folder (a link
+            # inside the class that leads out of that root is still refused by ingest)
+            links[name] = {"target": str(target), "root": str(Path(os.path.abspath(folder)).parent.resolve())}
+        # the configured roots this view draws from: ingest names what the view leaves out of them
+        configured = {str(Path(r).resolve()) for r in (params.data.source, params.data.incoming)
+                      if r is not None and Path(r).is_dir()}
+        roots = sorted(configured) if configured & {v["root"] for v in links.values()} else []
+        atomic_write_text(stage / VIEW_MARKER, json.dumps({"classes": links, "report_roots": roots}, indent=2) + "\n")
         replace_dir(stage, view)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
@@ -169,7 +183,9 @@ def extend_folds(folds: Mapping[int, Iterable[str]], image_counts: Mapping[str, 
         A new table; existing classes keep their fold and order, new ones are appended.
 
     Raises:
-        ClassTableError: a new class is already in the table or has no image count.
+        ClassTableError: a new class is already in the table, has no image count, or its name is
+            not a safe class name (``pipeline.config.check_class_name``: the folder must be renamed
+            before it can enter ``params.yaml``).
     """
     out = {int(f): list(cs) for f, cs in folds.items()}
     if not out:
@@ -177,6 +193,10 @@ def extend_folds(folds: Mapping[int, Iterable[str]], image_counts: Mapping[str, 
     placed = {c: f for f, cs in out.items() for c in cs}
     load = {f: sum(int(image_counts.get(c, 0)) for c in cs) for f, cs in out.items()}
     for c in sorted(new):
+        try:
+            check_class_name(c)
+        except ValueError as exc:
+            raise ClassTableError(f"new class folder {c!r} cannot join the fold table: {exc}; rename the folder") from None
         if c in placed:
             raise ClassTableError(f"class {c!r} is already in fold {placed[c]} of the fold table")
         if c not in image_counts:

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEFAULT_PARAMS = Path(__file__).resolve().parent.parent / "params.yaml"
 
@@ -30,8 +31,34 @@ class ConfigError(ValueError):
     """``params.yaml`` is missing, unreadable or invalid; the message names file and key."""
 
 
+#: A defect class name: a folder name under ``<root>/`` and a key in episodes, MLflow tags and REST requests.
+#: ASCII letters, digits, ``_``, ``-``, ``.``, ``+``; starts with a letter or digit; at most 100 characters.
+#: So it can never be a path (a slash, a backslash, ``..``), a hidden folder, or need quoting in a shell.
+CLASS_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,99}$"
+_CLASS_NAME_RE = re.compile(CLASS_NAME_PATTERN)
+
+
+def check_class_name(name: object) -> str:
+    """Return ``name`` if it is a safe defect class name (:data:`CLASS_NAME_PATTERN`), else raise.
+
+    Raises:
+        ValueError: naming the bad name and the allowed characters (e.g. ``'../../x'``,
+            ``'a/b'``, ``'Leather Fold'``, ``''``).
+    """
+    if not isinstance(name, str) or not _CLASS_NAME_RE.fullmatch(name) or ".." in name:
+        raise ValueError(
+            f"class name {name!r} is not a safe folder name: use ASCII letters, digits, '_', '-', '.', '+' "
+            "(starting with a letter or digit, no '..', at most 100 characters)")
+    return name
+
+
+#: A validated class name (errors are located at the entry, e.g. ``folds.1.4``).
+ClassName = Annotated[str, AfterValidator(check_class_name)]
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: every float parameter must be finite (`lr: .inf` or `.nan` are rejected)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class DataParams(_Section):
@@ -210,7 +237,7 @@ class Params(_Section):
     root: Path
     profile: str = "cpu"
     data: DataParams
-    folds: dict[int, list[str]]
+    folds: dict[int, list[ClassName]]
     split: SplitParams = SplitParams()
     model: ModelParams = ModelParams()
     train: TrainParams = TrainParams()

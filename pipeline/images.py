@@ -30,8 +30,9 @@ from PIL import Image
 
 from pipeline.atomic import atomic_write_bytes, atomic_write_parquet, atomic_write_text, replace_dir  # noqa: F401
 from pipeline.inference.preprocess import gray_array, resize_image, resize_mask, rgb_array, to_rgb  # noqa: F401
-from pipeline.layout import (DOCS_DIR, EPISODES_DIR, MANIFEST, PROTOCOLS, RAW_DIR, REPORT,  # noqa: F401
-                             SPLITS_DIR, VALIDATED, VALIDATION_DIR, episodes_name, split_name)
+from pipeline.layout import (DOCS_DIR, EPISODES_DIR, INGEST_REPORT, MANIFEST, PROTOCOLS, RAW_DIR, REPORT,  # noqa: F401
+                             SPLITS_DIR, VALIDATED, VALIDATION_DIR, VIEW_MARKER, episodes_name,
+                             split_name)
 
 #: Image file suffixes the ingest step reads (lower case).
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")

@@ -9,8 +9,13 @@ Source layout (``docs/architecture.md``, ``../shared/datasets/README.md``)::
 Ingest *measures*, validation *judges*: every image file found is copied and gets
 one manifest row, even if it cannot be decoded (``error`` says why) or its mask is
 missing (``mask_path`` is ``None``). ``pipeline.validate`` then applies the rules and
-fails naming file, row and rule. Ingest itself fails only when it cannot read the
-source at all (missing folder, no class folders, a class folder without ``Images/``).
+fails naming file, row and rule. Every other entry of the source (a non-image file, an
+unknown folder, an empty class, a mask without its image, ...) is *skipped and named*
+(``pipeline.source``): logged as a warning and listed in ``ingest_report.json``, which validation
+copies into its report and Data Docs (a mask without its image fails validation). Ingest itself
+fails only when it cannot read the source safely or unambiguously (missing folder, no class
+folders, a class folder without ``Images/``, two images with one stem, a broken symbolic link or
+one that leads outside the source root).
 
 Outputs under ``out_dir`` (default ``params.data.dir``):
 
@@ -23,19 +28,22 @@ Outputs under ``out_dir`` (default ``params.data.dir``):
   ``soft_fraction`` (share of mask pixels with ``tol < v < 255 - tol``), ``sha256``,
   ``phash`` (16 hex chars, ``imagehash.phash``, 64 bits), plus the measurements the
   validation rules need: ``mask_width``, ``mask_height`` (nullable) and ``error``
-  (``None`` or a decode error message).
+  (``None`` or a decode error message);
+* ``ingest_report.json`` -- ``source``, ``images``, ``manifest_sha256`` and ``skipped`` (every entry
+  of the source not used: ``path``, ``reason``, ``action``, ``rule``; :func:`write_ingest_report`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import os
 import shutil
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import imagehash
@@ -45,7 +53,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline.config import Params
-from pipeline.images import IMAGE_SUFFIXES, MANIFEST, RAW_DIR, atomic_write_parquet, mask_fractions, replace_dir
+from pipeline.images import (INGEST_REPORT, MANIFEST, RAW_DIR, atomic_write_parquet, atomic_write_text, mask_fractions,
+                             replace_dir)
+from pipeline.source import (ORPHAN_MASK, IngestError, Item, Skipped, SourceScan, check_source, scan_source,
+                             survey_source, warn_skipped)
 
 log = logging.getLogger(__name__)
 
@@ -55,66 +66,7 @@ MANIFEST_COLUMNS = [
 ]
 
 
-class IngestError(RuntimeError):
-    """The source folder cannot be ingested; the message names the path and what to do."""
-
-
-@dataclass(frozen=True)
-class _Item:
-    class_name: str
-    kind: str  # "defect" | "normal"
-    src_image: Path
-    src_mask: Path | None
-    rel_image: str  # relative to the data folder, e.g. raw/MT_Crack/Images/a.jpg
-    rel_mask: str | None
-
-
-def _is_image(p: Path) -> bool:
-    return p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
-
-
-def check_source(source: Path) -> None:
-    """Raise :class:`IngestError` naming ``source`` and the fix if it is not an existing folder."""
-    if not source.exists():
-        raise IngestError(
-            f"source folder {source} does not exist: pass --source DIR, set LERENET_SOURCE, "
-            "or fix data.source in params.yaml")
-    if not source.is_dir():
-        raise IngestError(f"source {source} is not a folder (expected <source>/<Class>/Images, GT, Nd)")
-
-
-def scan_source(source: Path) -> list[_Item]:
-    """List the images of a Surface Defects-4i-layout folder (no pixels read).
-
-    Raises:
-        IngestError: ``source`` missing or not a folder, it holds no class folder, or a
-            class folder has no ``Images/`` subfolder.
-    """
-    check_source(source)
-    class_dirs = sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not class_dirs:
-        raise IngestError(f"source folder {source} holds no class folders (expected <source>/<Class>/Images/...)")
-    items: list[_Item] = []
-    for cdir in class_dirs:
-        images = cdir / "Images"
-        if not images.is_dir():
-            raise IngestError(
-                f"class folder {cdir} has no Images/ subfolder (layout: <Class>/Images, <Class>/GT, "
-                "optional <Class>/Nd); remove the folder or add its images")
-        c = cdir.name
-        for p in sorted(filter(_is_image, images.iterdir())):
-            mask = cdir / "GT" / f"{p.stem}.png"
-            items.append(_Item(c, "defect", p, mask if mask.is_file() else None,
-                               f"{RAW_DIR}/{c}/Images/{p.name}",
-                               f"{RAW_DIR}/{c}/GT/{mask.name}" if mask.is_file() else None))
-        nd = cdir / "Nd"
-        if nd.is_dir():
-            for p in sorted(filter(_is_image, nd.iterdir())):
-                items.append(_Item(c, "normal", p, None, f"{RAW_DIR}/{c}/Nd/{p.name}", None))
-    return items
-
-
-def _describe(item: _Item, stage: Path, threshold: int, soft_tolerance: int) -> dict:
+def _describe(item: Item, stage: Path, threshold: int, soft_tolerance: int) -> dict:
     """Copy one image (and mask) into ``stage`` and measure it; decode errors go to ``error``."""
     data = item.src_image.read_bytes()
     dst = stage / item.rel_image
@@ -170,7 +122,7 @@ def build_manifest(rows: list[dict]) -> pd.DataFrame:
 
 
 def ingest(params: Params, source: Path | None = None, out_dir: Path | None = None,
-           workers: int | None = None, progress: bool = True) -> pd.DataFrame:
+           workers: int | None = None, progress: bool = True, warn: bool = True) -> pd.DataFrame:
     """Copy ``source`` into ``<out_dir>/raw`` and write ``<out_dir>/manifest.parquet``.
 
     Args:
@@ -180,6 +132,8 @@ def ingest(params: Params, source: Path | None = None, out_dir: Path | None = No
         out_dir: data folder; default ``params.data.dir``.
         workers: threads for copying/decoding/hashing; default ``os.cpu_count()``.
         progress: show a tqdm progress bar for the scan.
+        warn: log a warning naming the entries of the source that are not used (they are always
+            in ``<out_dir>/ingest_report.json``; the CLI prints them itself).
 
     Returns:
         The manifest (schema in the module docstring), one row per image file.
@@ -191,9 +145,13 @@ def ingest(params: Params, source: Path | None = None, out_dir: Path | None = No
     """
     source = Path(source or params.data.source).resolve()
     out_dir = Path(out_dir or params.data.dir).resolve()
-    items = scan_source(source)
+    scan = survey_source(source)
+    items = scan.items
     if not items:
-        raise IngestError(f"source folder {source} holds no images under <Class>/Images or <Class>/Nd")
+        raise IngestError(f"source folder {source} holds no images under <Class>/Images or <Class>/Nd"
+                          + (f" ({len(scan.skipped)} other entries, e.g. {scan.skipped[0].path})" if scan.skipped else ""))
+    if warn:
+        warn_skipped(scan.skipped)
     out_dir.mkdir(parents=True, exist_ok=True)
     stage = out_dir / f".ingest.tmp-{uuid.uuid4().hex[:8]}"  # files go to stage/raw/...
     stage.mkdir()
@@ -207,9 +165,48 @@ def ingest(params: Params, source: Path | None = None, out_dir: Path | None = No
         (stage / RAW_DIR).mkdir(exist_ok=True)
         replace_dir(stage / RAW_DIR, raw)
         atomic_write_parquet(out_dir / MANIFEST, manifest)
+        write_ingest_report(out_dir, source, len(manifest), scan.skipped)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     n_err = int(manifest["error"].notna().sum())
-    log.info("ingested %d images (%d classes) from %s into %s; %d with decode errors",
-             len(manifest), manifest["class_name"].nunique(), source, out_dir, n_err)
+    log.info("ingested %d images (%d classes) from %s into %s; %d with decode errors; %d entries skipped",
+             len(manifest), manifest["class_name"].nunique(), source, out_dir, n_err, len(scan.skipped))
     return manifest
+
+
+def write_ingest_report(out_dir: Path, source: Path, images: int, skipped: list[Skipped]) -> Path:
+    """Write ``<out_dir>/ingest_report.json`` (atomically), tied to the manifest by its sha256.
+
+    Content: ``source``, ``images`` (manifest rows), ``manifest_sha256`` (of ``manifest.parquet``'s
+    bytes, so validation can tell a report left over from another ingest), ``skipped`` (list of
+    :class:`Skipped` as dicts: ``path``, ``reason``, ``action``, ``rule``).
+    """
+    digest = hashlib.sha256((out_dir / MANIFEST).read_bytes()).hexdigest()
+    body = {"source": str(source), "images": images, "manifest_sha256": digest,
+            "skipped": [asdict(s) for s in skipped]}
+    path = out_dir / INGEST_REPORT
+    atomic_write_text(path, json.dumps(body, indent=2) + "\n")
+    return path
+
+
+def load_ingest_report(data_dir: Path) -> tuple[dict | None, str | None]:
+    """``(report, problem)``: the ingest report of ``data_dir`` if it belongs to its current manifest.
+
+    ``problem`` says why not (missing, unreadable, or written by another ingest); then ``report`` is None.
+    """
+    path = Path(data_dir) / INGEST_REPORT
+    if not path.is_file():
+        return None, f"{INGEST_REPORT} is missing (data ingested by an older version): re-run `lerenet ingest`"
+    try:
+        report = json.loads(path.read_text())
+        digest = hashlib.sha256((Path(data_dir) / MANIFEST).read_bytes()).hexdigest()
+    except (OSError, ValueError) as exc:
+        return None, f"{INGEST_REPORT} is unreadable ({exc}): re-run `lerenet ingest`"
+    if report.get("manifest_sha256") != digest:
+        return None, f"{INGEST_REPORT} belongs to another ingest than {MANIFEST}: re-run `lerenet ingest`"
+    return report, None
+
+
+__all__ = ["IngestError", "Item", "MANIFEST_COLUMNS", "ORPHAN_MASK", "Skipped", "SourceScan", "build_manifest",
+           "check_source", "ingest", "load_ingest_report", "scan_source", "survey_source", "warn_skipped",
+           "write_ingest_report"]

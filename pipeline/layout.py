@@ -25,6 +25,10 @@ from typing import Any
 #: File and folder names under the data folder (``params.data.dir``).
 RAW_DIR = "raw"
 MANIFEST = "manifest.parquet"
+INGEST_REPORT = "ingest_report.json"  # files of the source that ingest did not use (pipeline.ingest)
+#: Marker written by ``pipeline.classes.source_view`` into a view folder: which class links it holds
+#: and the source root each may point into (``pipeline.ingest`` follows those links and no others).
+VIEW_MARKER = ".lerenet-view.json"
 VALIDATION_DIR = "validation"
 REPORT = "validation/report.json"
 DOCS_DIR = "validation/docs"
@@ -81,6 +85,11 @@ class Layout:
     def manifest(self) -> Path:
         """``<data>/manifest.parquet`` (ingest)."""
         return self.data / MANIFEST
+
+    @property
+    def ingest_report(self) -> Path:
+        """``<data>/ingest_report.json``: files of the source ingest did not use (ingest)."""
+        return self.data / INGEST_REPORT
 
     @property
     def validated(self) -> Path:

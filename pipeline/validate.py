@@ -23,11 +23,18 @@ rule                       meaning                                              
                            train/test side of any fold) have pHash distance <=
                            ``data.near_duplicate_distance``, unless listed in
                            ``data.near_duplicate_allow``
+``mask_has_image``         every mask in ``GT/`` belongs to an image in ``Images/`` (ingest's     python
+                           skipped list): a mask without its image is an annotation lost
 =========================  ===================================================================  =====
 
-Not fatal, reported in ``report.json``: defect images with an empty mask and repeated
-copies of an image within one class (both excluded from ``validated.parquet``), near-duplicates within one class, near-duplicates that involve a
-normal (``Nd``) image (normal images are not used in episodes), allowed pairs.
+Not fatal, reported in ``report.json`` and on the Data Docs page: defect images with an empty
+mask and repeated copies of an image within one class (both excluded from ``validated.parquet``),
+near-duplicates within one class, near-duplicates that involve a normal (``Nd``) image (normal
+images are not used in episodes), allowed pairs, and the files of the source that ingest did not
+use (``ingest_report.json``: non-image files, unknown folders, empty classes, ...).
+
+The Data Docs page (``pipeline.data_docs``) names the data asset (``<source>-manifest``) and the run
+(the data version ``manifest-sha256-<16 hex>``) and shows all of the above next to GX's results.
 
 Outputs under ``params.data.dir``: ``validation/report.json`` and ``validation/docs/``
 (GX Data Docs: open ``validation/docs/index.html``) are written on success *and* on
@@ -40,9 +47,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
+import re
 import shutil
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -50,13 +56,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.config import Params
-from pipeline.images import (DOCS_DIR, replace_dir, MANIFEST, REPORT, VALIDATED, atomic_write_parquet, atomic_write_text,
+from pipeline.config import CLASS_NAME_PATTERN, Params
+from pipeline.images import (DOCS_DIR, MANIFEST, REPORT, VALIDATED, atomic_write_parquet, atomic_write_text,
                              load_manifest)
 
 log = logging.getLogger(__name__)
 
-SUITE_NAME = "manifest"
 
 #: what to do, per rule (appended to each failure line)
 HINTS = {
@@ -76,6 +81,7 @@ HINTS = {
     "class_min_images": "add images to the class, or lower split.shots in params.yaml",
     "near_duplicate": "remove one of the two images, or after review list the pair under "
                       "data.near_duplicate_allow in params.yaml",
+    "mask_has_image": "add the image to <Class>/Images with the mask's stem, or delete the mask; then re-run ingest",
 }
 
 
@@ -108,87 +114,6 @@ class Failure:
         return f"[{self.rule}] {where}: {self.detail} -> {HINTS.get(self.rule, '')}"
 
 
-# ---------------------------------------------------------------------------
-# Great Expectations
-# ---------------------------------------------------------------------------
-def _suite(gx: Any, gxe: Any, params: Params) -> Any:
-    from great_expectations.expectations.row_conditions import Column
-
-    defect = {"row_condition": Column("kind") == "defect"}
-    suite = gx.ExpectationSuite(name=SUITE_NAME)
-    exps = [
-        ("decodes", gxe.ExpectColumnValuesToBeNull(column="error")),
-        ("unique_image", gxe.ExpectColumnValuesToBeUnique(column="sha256")),
-        ("id_format", gxe.ExpectColumnValuesToMatchRegex(column="id", regex=r"^[0-9a-f]{16}$")),
-        ("class_in_fold_table", gxe.ExpectColumnValuesToBeInSet(column="class_name", value_set=params.all_classes)),
-        ("fold_class_has_data", gxe.ExpectColumnDistinctValuesToContainSet(column="class_name",
-                                                                             value_set=params.all_classes)),
-        ("kind", gxe.ExpectColumnValuesToBeInSet(column="kind", value_set=["defect", "normal"])),
-        ("image_size", gxe.ExpectColumnValuesToBeBetween(column="width", min_value=1)),
-        ("image_size", gxe.ExpectColumnValuesToBeBetween(column="height", min_value=1)),
-        ("channels", gxe.ExpectColumnValuesToBeInSet(column="channels", value_set=[1, 3])),
-        ("mask_present", gxe.ExpectColumnValuesToNotBeNull(column="mask_path", **defect)),
-        ("mask_same_size", gxe.ExpectColumnPairValuesToBeEqual(column_A="width", column_B="mask_width",
-                                                               ignore_row_if="either_value_is_missing", **defect)),
-        ("mask_same_size", gxe.ExpectColumnPairValuesToBeEqual(column_A="height", column_B="mask_height",
-                                                               ignore_row_if="either_value_is_missing", **defect)),
-        ("mask_binarisable", gxe.ExpectColumnValuesToBeBetween(column="soft_fraction", min_value=0.0,
-                                                               max_value=params.data.max_soft_fraction, **defect)),
-    ]
-    for rule, exp in exps:
-        exp.meta = {"rule": rule, "hint": HINTS[rule]}
-        suite.add_expectation(exp)
-    return suite
-
-
-def _run_gx(manifest: pd.DataFrame, params: Params, docs_dir: Path) -> tuple[Any, dict]:
-    """Validate ``manifest`` with the suite; build Data Docs into ``docs_dir`` (swapped in atomically).
-
-    Returns the GX validation result and a JSON-able summary.
-    """
-    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
-    import great_expectations as gx  # lazy: ~3 s import
-    import great_expectations.expectations as gxe
-
-    ctx = gx.get_context(mode="ephemeral")
-    ctx.variables.progress_bars = {"globally": False}
-    for site in list(ctx.list_data_docs_sites()):  # the default site writes to a temp folder
-        ctx.delete_data_docs_site(site)
-    stage = docs_dir.parent / f".docs.tmp-{uuid.uuid4().hex[:8]}"
-    ctx.add_data_docs_site("lerenet", {
-        "class_name": "SiteBuilder",
-        "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(stage)},
-        "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-    })
-    asset = ctx.data_sources.add_pandas("lerenet").add_dataframe_asset(SUITE_NAME)
-    batch_def = asset.add_batch_definition_whole_dataframe("manifest")
-    suite = ctx.suites.add(_suite(gx, gxe, params))
-    vd = ctx.validation_definitions.add(gx.ValidationDefinition(name=SUITE_NAME, data=batch_def, suite=suite))
-    checkpoint = ctx.checkpoints.add(gx.Checkpoint(
-        name=SUITE_NAME, validation_definitions=[vd], result_format={"result_format": "COMPLETE"},
-        actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs", site_names=["lerenet"])]))
-    # GX reads pandas' nullable/arrow dtypes poorly: hand it plain object/float columns
-    frame = manifest.astype(object).where(manifest.notna(), None)
-    for col in ("fg_fraction", "soft_fraction"):
-        frame[col] = manifest[col].astype("float64")
-    try:
-        result = checkpoint.run(batch_parameters={"dataframe": frame})
-        replace_dir(stage, docs_dir)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-    vr = next(iter(result.run_results.values()))
-    summary = {"success": bool(vr.success), "statistics": {k: (float(v) if v is not None else None)
-                                                          for k, v in vr.statistics.items()},
-               "expectations": []}
-    for r in vr.results:
-        cfg = r.expectation_config
-        summary["expectations"].append({
-            "rule": cfg.meta.get("rule"), "type": cfg.type,
-            "column": cfg.kwargs.get("column") or f'{cfg.kwargs.get("column_A")}={cfg.kwargs.get("column_B")}',
-            "success": bool(r.success), "unexpected_count": int(r.result.get("unexpected_count") or 0)})
-    return vr, summary
-
-
 def _gx_failures(vr: Any, manifest: pd.DataFrame, params: Params) -> list[Failure]:
     out: list[Failure] = []
     for r in vr.results:
@@ -219,6 +144,9 @@ def _gx_failures(vr: Any, manifest: pd.DataFrame, params: Params) -> list[Failur
                 detail = f"defect image has no mask: expected {rec['class_name']}/GT/{stem}.png in the source folder"
             elif rule == "class_in_fold_table":
                 detail = f"class {rec['class_name']!r} is not in params.yaml folds {params.all_classes}"
+                if not re.fullmatch(CLASS_NAME_PATTERN, str(rec["class_name"])):
+                    detail += (" and its folder name is not a safe class name (ASCII letters, digits, _ - . +): "
+                               "rename the folder first")
             elif rule == "unique_image":
                 same = manifest.index[(manifest["sha256"] == rec["sha256"]) & (manifest.index != row)]
                 detail = "identical (sha256) to " + ", ".join(f"row {i} {manifest.loc[i, 'image_path']}" for i in same)
@@ -306,7 +234,7 @@ def _class_counts(manifest: pd.DataFrame, usable: pd.Series, params: Params) -> 
         n_use = int((in_c & usable & (manifest["kind"] == "defect")).sum())
         per_class[c] = {"defect": n_def, "usable_defect": n_use,
                         "normal": int((in_c & (manifest["kind"] == "normal")).sum())}
-        if 0 < n_def and n_use < need:
+        if (n_def > 0 or in_c.any()) and n_use < need:  # also a class of only Nd (defect-free) images
             fails.append(Failure("class_min_images", None, f"raw/{c}/Images",
                                  f"class {c} has {n_use} usable defect images; K={need - 1} shots need at least "
                                  f"{need} (K supports + 1 query)"))
@@ -331,6 +259,27 @@ def _for_message(failures: list[Failure]) -> list[Failure]:
 # ---------------------------------------------------------------------------
 # step
 # ---------------------------------------------------------------------------
+def _skipped_by_ingest(data_dir: Path) -> tuple[list[dict], list[Failure], list[str]]:
+    """Files ingest did not use (``ingest_report.json``): all of them, the failures among them, warnings."""
+    from pipeline.ingest import load_ingest_report
+
+    report, problem = load_ingest_report(data_dir)
+    if report is None:
+        return [], [], [f"files skipped by ingest are not known: {problem}"]
+    skipped = list(report.get("skipped", []))
+    fails = [Failure(s["rule"], None, s["path"], s["reason"]) for s in skipped if s.get("rule")]
+    return skipped, fails, []
+
+
+def _data_version(data_dir: Path) -> str:
+    """The data version validated: ``manifest-sha256-<16 hex>`` of ``manifest.parquet``'s bytes."""
+    return "manifest-sha256-" + hashlib.sha256((data_dir / MANIFEST).read_bytes()).hexdigest()[:16]
+
+
+def _asset_name(params: Params) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(params.data.source).name or "source") + "-manifest"
+
+
 def validate(params: Params, data_dir: Path | None = None) -> dict[str, Any]:
     """Validate ``<data_dir>/manifest.parquet`` and write ``validated.parquet`` if it passes.
 
@@ -339,10 +288,11 @@ def validate(params: Params, data_dir: Path | None = None) -> dict[str, Any]:
         data_dir: data folder written by ingest; default ``params.data.dir``.
 
     Returns:
-        The report (also written to ``validation/report.json``): ``success``, counts per
-        class, ``excluded`` rows (empty masks, repeated copies of an image within a class) with
-        the reason, near-duplicate listings, ``failures`` and the
-        GX summary; ``docs`` is the Data Docs index path relative to ``data_dir``.
+        The report (also written to ``validation/report.json``): ``success``, ``data_version``,
+        counts per class, ``excluded`` rows (empty masks, repeated copies of an image within a
+        class) with the reason, ``skipped`` (files of the source ingest did not use, from
+        ``ingest_report.json``: path, reason, action, rule), near-duplicate listings, ``failures``,
+        ``warnings`` and the GX summary; ``docs`` is the Data Docs index path relative to ``data_dir``.
 
     Raises:
         pipeline.images.DataArtifactError: no manifest (ingest has not run).
@@ -350,13 +300,19 @@ def validate(params: Params, data_dir: Path | None = None) -> dict[str, Any]:
             ``[rule] row N file: detail -> what to do``. ``validated.parquet`` is then
             absent (a stale one is removed); report and Data Docs are written.
     """
+    from pipeline.data_docs import GxValidation  # lazy: ~3 s import of great_expectations
+
     data_dir = Path(data_dir or params.data.dir).resolve()
     manifest = load_manifest(data_dir)
     manifest = manifest.reset_index(drop=True)
+    version = _data_version(data_dir)
 
     failures = _file_failures(manifest, data_dir)
+    skipped, skip_fails, warnings = _skipped_by_ingest(data_dir)
+    failures += skip_fails
     excluded = _same_class_duplicates(manifest)
-    vr, gx_summary = _run_gx(manifest.drop(index=sorted(excluded)), params, data_dir / DOCS_DIR)
+    gx_run = GxValidation(params, HINTS, _asset_name(params), version)
+    vr = gx_run.run(manifest.drop(index=sorted(excluded)))
     failures += _gx_failures(vr, manifest, params)
 
     broken = {f.row for f in failures if f.row is not None}
@@ -372,18 +328,32 @@ def validate(params: Params, data_dir: Path | None = None) -> dict[str, Any]:
 
     report = {
         "success": not failures,
+        "data_version": version,
         "manifest": MANIFEST,
         "rows": len(manifest),
         "usable_rows": int(usable.sum()) if not failures else None,
         "per_class": per_class,
         "excluded": [{"row": r, "id": manifest.at[r, "id"], "file": manifest.at[r, "image_path"],
                       "reason": excluded[r]} for r in sorted(excluded_rows)],
+        "skipped": skipped,
         "failures": [asdict(f) for f in failures],
+        "warnings": warnings,
         "near_duplicates": {"max_distance": params.data.near_duplicate_distance, **dups},
-        "great_expectations": gx_summary,
+        "great_expectations": gx_run.summary(),
         "docs": f"{DOCS_DIR}/index.html",
     }
     report_path = data_dir / REPORT
+    findings = {**{k: report[k] for k in ("success", "data_version", "excluded", "skipped", "warnings",
+                                            "near_duplicates")},
+                "failures": [{**asdict(f), "hint": HINTS.get(f.rule, "")} for f in failures],
+                "data_dir": str(data_dir), "report": str(report_path), "source": str(params.data.source)}
+    try:
+        gx_run.build_docs(data_dir / DOCS_DIR, json.loads(json.dumps(findings, default=str)))
+    except Exception as exc:  # noqa: BLE001 -- a rendering fault must not hide the validation result
+        shutil.rmtree(data_dir / DOCS_DIR, ignore_errors=True)  # never leave another data version's page
+        report["warnings"].append(f"Data Docs could not be built ({type(exc).__name__}: {exc}); report.json "
+                                  "holds every finding")
+        log.error("Data Docs could not be built: %s", exc)
     atomic_write_text(report_path, json.dumps(report, indent=2, sort_keys=False, default=str) + "\n")
     if failures:
         (data_dir / VALIDATED).unlink(missing_ok=True)
@@ -394,6 +364,6 @@ def validate(params: Params, data_dir: Path | None = None) -> dict[str, Any]:
             f"report: {report_path}; Data Docs: {data_dir / DOCS_DIR / 'index.html'}", failures, report_path)
     validated = manifest[~manifest.index.isin(sorted(excluded_rows))].reset_index(drop=True)
     atomic_write_parquet(data_dir / VALIDATED, validated)
-    log.info("validation passed: %d rows, %d usable, %d excluded (see report)",
-             len(manifest), len(validated), len(excluded_rows))
+    log.info("validation passed: %d rows, %d usable, %d excluded, %d files of the source not used (see report)",
+             len(manifest), len(validated), len(excluded_rows), len(skipped))
     return report

@@ -72,3 +72,56 @@ def test_unknown_profile_and_missing_file(tmp_path):
 def test_overrides_merge_deeply(tmp_path):
     params = load_params(_write(tmp_path, _base()), overrides={"train": {"episodes": 7}}, env={})
     assert params.train.episodes == 7 and params.train.batch_size == _base()["train"]["batch_size"]
+
+
+# ---- issue 14 item 10: parameters that have the right type but are wrong -----------------
+@pytest.mark.parametrize("section,key,value", [
+    ("train", "lr", float("inf")), ("train", "lr", float("nan")), ("train", "lr", float("-inf")),
+    ("train", "momentum", float("nan")), ("data", "max_soft_fraction", float("nan")),
+    ("split", "val_fraction", float("nan")), ("mlflow", "promotion_margin", float("inf")),
+    ("services", "start_timeout", float("inf")),
+])
+def test_config_rejects_non_finite_float(tmp_path, section, key, value):
+    raw = _base()
+    raw[section][key] = value
+    with pytest.raises(ConfigError, match=rf"{section}\.{key}: Input should be a finite number"):
+        load_params(_write(tmp_path, raw), env={})
+
+
+def test_config_rejects_non_finite_float_written_as_yaml(tmp_path):
+    """The YAML spellings a user types (`.inf`, `.nan`) reach the model as floats and are rejected."""
+    for spelling in (".inf", ".nan", "-.Inf", ".NaN"):
+        text = DEFAULT_PARAMS.read_text().replace("  lr: 0.05 ", f"  lr: {spelling} ", 1)
+        assert f"lr: {spelling}" in text
+        p = tmp_path / "params.yaml"
+        p.write_text(text)
+        with pytest.raises(ConfigError, match=r"train\.lr: Input should be a finite number"):
+            load_params(p, env={})
+
+
+@pytest.mark.parametrize("name", ["../../x", "..", "a/b", "a\\b", "/abs", "Leather Fold", "", ".hidden",
+                                  "-rf", "x..y", "naïve", "a\x00b", "c" * 101])
+def test_config_rejects_unsafe_fold_class_name(tmp_path, name):
+    raw = _base()
+    raw["folds"][1].append(name)
+    position = len(raw["folds"][1]) - 1
+    with pytest.raises(ConfigError, match=rf"folds\.1\.{position}: .*class name .* is not a safe folder name"):
+        load_params(_write(tmp_path, raw), env={})
+
+
+@pytest.mark.parametrize("name", ["Leather_Fold", "MT-Crack", "steel.v2", "A+B", "7", "c" * 100])
+def test_config_accepts_safe_class_names(tmp_path, name):
+    raw = _base()
+    raw["folds"][1].append(name)
+    assert name in load_params(_write(tmp_path, raw), env={}).folds[1]
+
+
+def test_config_rejects_unsafe_class_name_arriving_in_incoming():
+    """The retrain flow places new incoming class folders with extend_folds before writing params.yaml:
+    an unsafe folder name stops it there, naming the folder."""
+    from pipeline.classes import ClassTableError, extend_folds
+
+    with pytest.raises(ClassTableError, match=r"new class folder 'Leather Fold' cannot join the fold table.*rename"):
+        extend_folds({0: ["A"], 1: ["B"]}, {"A": 5, "B": 5, "Leather Fold": 3}, ["Leather Fold"])
+    assert extend_folds({0: ["A"], 1: ["B"]}, {"A": 5, "B": 9, "Leather_Fold": 3}, ["Leather_Fold"]) == {
+        0: ["A", "Leather_Fold"], 1: ["B"]}

@@ -334,5 +334,5 @@ def test_new_class_detection_and_source_view(tmp_path, small_source):
     # the accepted view (what ingest reads) has the base classes only, until the fold table names it
     assert sorted(accepted_classes(params)) == ["Leather_Color", "MT_Uneven", "Steel_In"]
     view = source_view(params)
-    assert sorted(p.name for p in view.iterdir()) == ["Leather_Color", "MT_Uneven", "Steel_In"]
+    assert sorted(p.name for p in view.iterdir()) == [".lerenet-view.json", "Leather_Color", "MT_Uneven", "Steel_In"]
     assert (view / "Steel_In").resolve() == (small_source / "Steel_In").resolve()

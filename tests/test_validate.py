@@ -166,3 +166,67 @@ def test_hamming_pairs():
     assert hamming_pairs(hashes, 2) == [(0, 1, 2)]
     assert hamming_pairs(hashes, 1) == []
     assert hamming_pairs(hashes, 64, block=1) == [(0, 1, 2), (0, 2, 64), (1, 2, 62)]
+
+
+# ---- issue 16: the Data Docs page names the asset and the run and shows every exclusion and warning ----
+def _page_text(data) -> tuple[str, str]:
+    """(raw HTML, visible text) of the one validation page of the Data Docs site."""
+    import re
+
+    pages = list((data / DOCS_DIR / "validations").rglob("*.html"))
+    assert len(pages) == 1, pages
+    raw = pages[0].read_text()
+    text = re.sub(r"<(script|style)\b.*?</\1>", " ", raw, flags=re.S)
+    text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", text))
+    return raw, text
+
+
+def test_data_docs_name_the_asset_and_run_and_list_exclusions(small_params, small_source):
+    (small_source / "Steel_In" / "Images" / "<img src=x onerror=alert(1)>.txt").write_text("not an image")
+    ingest(small_params, progress=False)
+    report = validate(small_params)
+    raw, text = _page_text(small_params.data.dir)
+    assert "Data asset: source-manifest" in text and "Data asset: None" not in text
+    assert report["data_version"].startswith("manifest-sha256-")
+    assert f"Run Name {report['data_version']}" in text and "__none__" not in raw
+    assert "LERENet validation: PASSED" in text
+    # the empty-mask exclusion, with its reason, and the file ingest skipped, with what to do
+    assert f"Excluded from validated.parquet (1) row file reason 14 raw/{EMPTY_MASK_IMAGE} empty mask" in text
+    assert "Files of the source not used by ingest (1)" in text and "convert it to PNG" in text
+    # file names are escaped, never injected as HTML
+    assert "<img src=x onerror" not in raw and "&lt;img src=x onerror=alert(1)&gt;.txt" in raw
+    # the page's findings are the report's
+    assert report["skipped"][0]["path"] == "Steel_In/Images/<img src=x onerror=alert(1)>.txt"
+
+
+def test_data_docs_show_python_rule_failures_and_near_duplicates(small_params, small_source):
+    """A failure found outside GX (class_min_images) makes the page say FAILED and name it; a within-class
+    near-duplicate (reported, not fatal) and a repeated copy are listed."""
+    for name in ("color0", "color102", "color108"):
+        (small_source / "Leather_Color" / "Images" / f"{name}.png").unlink()
+        (small_source / "Leather_Color" / "GT" / f"{name}.png").unlink()
+    for sub in ("Images", "GT"):
+        shutil.copy2(small_source / "Steel_In" / sub / "In_1.png", small_source / "Steel_In" / sub / "In_1_copy.png")
+    ingest(small_params, progress=False)
+    with pytest.raises(DataValidationError):
+        validate(small_params)
+    _, text = _page_text(small_params.data.dir)
+    assert "LERENet validation: FAILED (1 problems)" in text
+    assert "class_min_images" in text and "Leather_Color has 4 usable" in text and "add images to the class" in text
+    assert "raw/Steel_In/Images/In_1_copy.png exact duplicate" in text
+    assert "within_class raw/Steel_In/Images/In_1.png | raw/Steel_In/Images/In_1_copy.png 0" in text
+
+
+def test_validation_warns_when_the_ingest_report_is_missing_or_stale(small_params):
+    ingest(small_params, progress=False)
+    data = small_params.data.dir
+    (data / "ingest_report.json").unlink()
+    report = validate(small_params)
+    assert report["success"] and "ingest_report.json is missing" in report["warnings"][0]
+    ingest(small_params, progress=False)
+    body = json.loads((data / "ingest_report.json").read_text())
+    body["manifest_sha256"] = "0" * 64
+    (data / "ingest_report.json").write_text(json.dumps(body))
+    report = validate(small_params)
+    assert "belongs to another ingest" in report["warnings"][0]
+    assert "belongs to another ingest" in _page_text(data)[1]
