@@ -62,7 +62,7 @@ def selection_classes(params: Params, fold: int | None) -> list[str]:
     if n >= len(classes):
         raise ValueError(f"train.selection_classes={n} leaves no training class of the {len(classes)} of fold "
                          f"{fold}; lower it")
-    rng = np.random.default_rng([int(params.split.seed), 104729, -1 if fold is None else int(fold)])
+    rng = np.random.default_rng([int(params.split.seed), 104729, 1000 if fold is None else int(fold)])
     order = [classes[int(i)] for i in rng.permutation(len(classes))]
     picked: list[str] = []
     while len(picked) < n:
