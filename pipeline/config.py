@@ -126,6 +126,12 @@ class ModelParams(_Section):
     prior_skip: bool = False
     query_path: Literal["on", "dropout", "off"] = "on"
 
+    @field_validator("query_path", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, v: Any) -> Any:
+        # YAML 1.1 reads a bare on/off as a boolean: `query_path: off` means "off"
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
+
     @field_validator("priors")
     @classmethod
     def _distinct_priors(cls, v: list[str]) -> list[str]:

@@ -192,3 +192,4 @@ def test_config_rejects_bad_support_switches(project):
     with pytest.raises(ConfigError, match="query_path"):
         load(project, model={"query_path": "sideways"})
     assert np.isclose(load(project).train.bce_weight, 0.01)
+    assert load(project, model={"query_path": False}).model.query_path == "off"   # YAML 1.1 `off`
