@@ -23,8 +23,10 @@ from model.layers import (
     resize_mask,
     shot_prototype,
 )
+from model.priors import check_kinds, frozen_priors, nearest_neighbour_score
 
 VARIANTS = ("mpr", "mpe", "mpe*", "mpr+mpe", "mpr+mpe*")
+QUERY_PATHS = ("on", "dropout", "off")
 
 
 def cosine_prior(query: torch.Tensor, support: torch.Tensor, masks: torch.Tensor,
@@ -74,13 +76,21 @@ class MultiPrototypeReasoning(nn.Module):
     3. graph reasoning (``GloReGCN`` learned adjacency, default, or ``LaplacianGCN``) to
        ``S`` features per node;
     4. back-projection with the query's node prototypes ``P^v_q`` to ``S x L``, 1x1 conv to
-       ``c``, BatchNorm, residual add to ``X_q``: ``P_main``.
+       ``c``, BatchNorm, residual add to ``X_q``: ``P_main``. The residual is the raw-query
+       path that lets a head segment "anything defect-like" without the support:
+       ``query_path="dropout"`` drops it channel-wise in training (``Dropout2d(query_dropout)``),
+       ``"off"`` removes it (``P_main`` is the reasoning output alone).
 
     ``forward(x_q (B,c,h,w), x_s (B,c,h,w) masked, shot-averaged)`` -> ``(B,c,h,w)``.
     """
 
-    def __init__(self, channels: int, num_nodes: int, num_state: int, graph: str = "glore") -> None:
+    def __init__(self, channels: int, num_nodes: int, num_state: int, graph: str = "glore",
+                 query_path: str = "on", query_dropout: float = 0.5) -> None:
         super().__init__()
+        if query_path not in QUERY_PATHS:
+            raise ValueError(f"unknown query_path {query_path!r}; valid: {', '.join(QUERY_PATHS)}")
+        self.query_path = query_path
+        self.query_drop = nn.Dropout2d(query_dropout) if query_path == "dropout" else nn.Identity()
         if graph not in GRAPHS:
             raise ValueError(f"unknown graph {graph!r}; valid: {', '.join(GRAPHS)}")
         self.node_proj = nn.Conv1d(channels, num_nodes, 1)
@@ -99,7 +109,9 @@ class MultiPrototypeReasoning(nn.Module):
         g_d = (pd_q @ pv_s.transpose(1, 2)) / length                          # (B, S, N) = P^d_q P^v_s^T
         nodes = self.gcn(torch.cat([g_v, g_d], dim=1))                        # (B, S, N)
         y = (nodes @ pv_q).view(b, -1, h, w)                                  # (B, S, h, w)
-        return x_q + self.out(y)
+        if self.query_path == "off":
+            return self.out(y)
+        return self.query_drop(x_q) + self.out(y)
 
 
 class MultiPrototypeExcitation(nn.Module):
@@ -167,15 +179,37 @@ class LERENet(FewShotSegmenter):
         num_nodes: graph nodes ``N`` (default ``c // 4``).
         num_state: state channels ``S`` (default ``c // 2``).
         dropout: Dropout2d after the projection.
+        priors: class-agnostic guidance on the *frozen* features (``model.priors``: ``"fg"``,
+            ``"abnormal"``, ``"nn"``), one map per kind and backbone level, appended to the IFM
+            input beside ``[P_main; P_aux]``. Empty (default) = the paper's model.
+        prior_skip: output ``logit = a * nn + b + IFM(...)`` where ``nn`` is the level-averaged
+            nearest-neighbour map (:func:`model.priors.nearest_neighbour_score`), ``a`` and ``b``
+            learned scalars (initialised ``skip_scale`` and 0) and the IFM classifier's last conv
+            zero-initialised: the untrained network *is* the nearest-support-descriptor
+            classifier, and training learns a correction to it (a residual on a support-driven
+            decision instead of a base-class detector learned from scratch).
+        skip_scale: initial ``a`` (logit per unit of cosine difference), > 0.
+        query_path: the MPR residual (raw query features): ``"on"`` (paper), ``"dropout"``
+            or ``"off"`` (:class:`MultiPrototypeReasoning`).
+        query_dropout: drop rate of ``query_path="dropout"``.
 
     Raises:
-        ValueError: unknown variant or graph, ``channels < 8``.
+        ValueError: unknown variant, graph, prior kind or query path; ``channels < 8``;
+            ``skip_scale <= 0``.
     """
 
     def __init__(self, backbone: Backbone, *, freeze_backbone: bool = True, variant: str = "mpr+mpe*",
                  channels: int = 256, graph: str = "glore", num_nodes: int | None = None,
-                 num_state: int | None = None, dropout: float = 0.5) -> None:
+                 num_state: int | None = None, dropout: float = 0.5, priors: tuple[str, ...] | list[str] = (),
+                 prior_skip: bool = False, skip_scale: float = 20.0, query_path: str = "on",
+                 query_dropout: float = 0.5) -> None:
         super().__init__(backbone, freeze_backbone=freeze_backbone)
+        self.priors = tuple(priors)
+        if self.priors:
+            check_kinds(self.priors)
+        if skip_scale <= 0:
+            raise ValueError(f"skip_scale must be > 0, got {skip_scale}")
+        self.levels = tuple(int(c) for c in backbone.level_channels)
         if variant not in VARIANTS:
             raise ValueError(f"unknown LERENet variant {variant!r}; valid variants (Table 3): {', '.join(VARIANTS)}")
         if channels < 8:
@@ -187,13 +221,21 @@ class LERENet(FewShotSegmenter):
         self.mpr: MultiPrototypeReasoning | None = None
         self.mpe: MultiPrototypeExcitation | None = None
         if "mpr" in parts:
-            self.mpr = MultiPrototypeReasoning(channels, num_nodes or channels // 4, num_state or channels // 2, graph)
+            self.mpr = MultiPrototypeReasoning(channels, num_nodes or channels // 4, num_state or channels // 2, graph,
+                                               query_path, query_dropout)
             in_ch += channels
         mpe = next((p for p in parts if p.startswith("mpe")), None)
         if mpe is not None:
             self.mpe = MultiPrototypeExcitation(channels, with_prior=mpe.endswith("*"))
             in_ch += channels + self.mpe.out_channels_extra
+        in_ch += len(self.priors) * len(self.levels)
         self.ifm = InformationFusion(in_ch, channels)
+        self.skip: nn.Parameter | None = None
+        if prior_skip:
+            self.skip = nn.Parameter(torch.tensor([float(skip_scale), 0.0]))  # (a, b)
+            last = self.ifm.cls[-1]
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
 
     def forward_features(self, support_feats: torch.Tensor, support_masks: torch.Tensor,
                          query_feats: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
@@ -220,5 +262,10 @@ class LERENet(FewShotSegmenter):
             parts.append(self.mpr(x_q, (x_s * m_s).mean(dim=1)))              # Eq. 16: mean over shots
         if self.mpe is not None:
             parts.append(self.mpe(x_q, x_s, m_s))
+        if self.priors:  # on the frozen features, not the learned projection (model/priors.py)
+            parts.append(frozen_priors(query_feats, support_feats, m_s, self.levels, self.priors).to(parts[0].dtype))
         logits = self.ifm(torch.cat(parts, dim=1))
+        if self.skip is not None:
+            nn_score = nearest_neighbour_score(query_feats, support_feats, m_s, self.levels)
+            logits = logits.float() + self.skip[0] * nn_score + self.skip[1]
         return F.interpolate(logits, size=tuple(int(s) for s in out_size), mode="bilinear", align_corners=False)

@@ -121,6 +121,34 @@ class ModelParams(_Section):
     variant: Variant = "mpr+mpe*"
     channels: int = Field(256, ge=8)
     dilated: bool = False  # ResNet-50 only: dilated layer3/layer4, output stride 8
+    # LERENet only (model.LERENet): frozen-feature guidance, prior skip, raw-query path (docs/model.md)
+    priors: list[Literal["fg", "abnormal", "nn"]] = Field(default_factory=list)
+    prior_skip: bool = False
+    query_path: Literal["on", "dropout", "off"] = "on"
+
+    @field_validator("query_path", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, v: Any) -> Any:
+        # YAML 1.1 reads a bare on/off as a boolean: `query_path: off` means "off"
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
+
+    @field_validator("priors")
+    @classmethod
+    def _distinct_priors(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"priors must not repeat a kind, got {v}")
+        return v
+
+    def lerenet_options(self) -> dict[str, Any]:
+        """The LERENet-only keywords of ``model.build_model`` (empty where they keep the paper's model)."""
+        opts: dict[str, Any] = {}
+        if self.priors:
+            opts["priors"] = list(self.priors)
+        if self.prior_skip:
+            opts["prior_skip"] = True
+        if self.query_path != "on":
+            opts["query_path"] = self.query_path
+        return opts
 
 
 class TrainParams(_Section):
@@ -143,6 +171,12 @@ class TrainParams(_Section):
     seed: int = 0
     num_workers: int = Field(0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # support learning (docs/model.md, docs/experiments.md)
+    loss: Literal["bce", "dice"] = "bce"          # dice = SOFS mixed normal Dice + bce_weight * BCE
+    bce_weight: float = Field(0.01, ge=0)
+    negative_share: float = Field(0.0, ge=0, lt=1)  # share of episodes whose query has none of the support's defect
+    selection_classes: int = Field(0, ge=0)        # whole training classes held out for model selection (0: images)
+    validate_at_start: bool = False                # score the untrained network too (step 0 is selectable)
 
 
 class EvaluateParams(_Section):

@@ -28,11 +28,48 @@ Pools = dict[str, list[str]]
 
 @dataclass(frozen=True)
 class Episode:
-    """One episode: ``K`` support ids and one query id, all of ``class_name``."""
+    """One episode: ``K`` support ids of ``class_name`` and one query id.
+
+    ``negative``: the query holds none of the support's defect (an image of another class or a
+    defect-free image), so its target is empty; otherwise the query is of ``class_name`` too.
+    """
 
     class_name: str
     support_ids: tuple[str, ...]
     query_id: str
+    negative: bool = False
+
+
+def material(class_name: str) -> str:
+    """The material of a Surface Defects-4i class: the prefix before the first ``_`` (``MT_Crack`` -> ``MT``)."""
+    return class_name.split("_", 1)[0]
+
+
+def selection_classes(params: Params, fold: int | None) -> list[str]:
+    """Whole training classes held out of training for model selection (``train.selection_classes``).
+
+    Deterministic in ``(split.seed, fold)``: the fold's training classes are shuffled, then taken
+    one per material in turn (so the held-out classes differ in material where possible). Never a
+    test class of ``fold``. Empty when ``train.selection_classes`` is 0.
+
+    Raises:
+        ValueError: fewer than ``selection_classes + 1`` training classes (nothing left to train on).
+    """
+    n = params.train.selection_classes
+    classes = sorted(params.train_classes(fold))
+    if n == 0:
+        return []
+    if n >= len(classes):
+        raise ValueError(f"train.selection_classes={n} leaves no training class of the {len(classes)} of fold "
+                         f"{fold}; lower it")
+    rng = np.random.default_rng([int(params.split.seed), 104729, 1000 if fold is None else int(fold)])
+    order = [classes[int(i)] for i in rng.permutation(len(classes))]
+    picked: list[str] = []
+    while len(picked) < n:
+        used = {material(c) for c in picked}
+        fresh = [c for c in order if c not in picked and material(c) not in used]
+        picked.append((fresh or [c for c in order if c not in picked])[0])
+    return sorted(picked)
 
 
 def class_pools(rows: pd.DataFrame, ids: Iterable[str] | None = None) -> Pools:
@@ -94,14 +131,52 @@ def training_pools(params: Params, fold: int | None) -> tuple[Pools, Pools]:
     """
     rows = load_validated(params.data.dir, kind="defect")
     if fold is None:
-        return holdout_pools(params, class_pools(rows))
-    split = load_split(params.data.dir, fold)
-    train, val = class_pools(rows, split["train_ids"]), class_pools(rows, split["val_ids"])
-    leak = (set(train) | set(val)) & set(split["test_classes"])
-    if leak:
-        raise ValueError(f"data/splits/fold{fold}.json: test class(es) {sorted(leak)} appear in train/val ids; "
-                         "re-run `dvc repro split`")
-    return train, val
+        train, val = holdout_pools(params, class_pools(rows))
+    else:
+        split = load_split(params.data.dir, fold)
+        train, val = class_pools(rows, split["train_ids"]), class_pools(rows, split["val_ids"])
+        leak = (set(train) | set(val)) & set(split["test_classes"])
+        if leak:
+            raise ValueError(f"data/splits/fold{fold}.json: test class(es) {sorted(leak)} appear in train/val ids; "
+                             "re-run `dvc repro split`")
+    held = selection_classes(params, fold)
+    if not held:
+        return train, val
+    # selection on held-out *classes*: they leave training entirely; the others train on all their images
+    pools = {c: sorted([*train.get(c, []), *val.get(c, [])]) for c in sorted(set(train) | set(val))}
+    return ({c: v for c, v in pools.items() if c not in held}, {c: v for c, v in pools.items() if c in held})
+
+
+def normal_pools(params: Params, classes: Iterable[str]) -> Pools:
+    """Defect-free (``normal``) image ids of ``classes`` (negative training queries), by class."""
+    rows = load_validated(params.data.dir, kind="normal")
+    wanted = set(classes)
+    return class_pools(rows[rows["class_name"].isin(wanted)]) if len(rows) else {}
+
+
+def draw_episode(pools: Mapping[str, Sequence[str]], shots: int, rng: np.random.Generator,
+                 negative_share: float = 0.0, normals: Mapping[str, Sequence[str]] | None = None) -> Episode:
+    """A training episode (:func:`sample_episode`), turned negative with probability ``negative_share``.
+
+    A negative episode keeps its support and replaces the query: with probability 1/2 a
+    defect-free image of the support's material (when ``normals`` has one), else a defect image
+    of another class, of the same material when one exists (e.g. an ``MT_Crack`` query for an
+    ``MT_Break`` support): the support must say which defect to segment. With
+    ``negative_share == 0`` the RNG is consumed exactly as by :func:`sample_episode`.
+    """
+    ep = sample_episode(pools, shots, rng)
+    if negative_share <= 0 or rng.random() >= negative_share:
+        return ep
+    mat = material(ep.class_name)
+    normal_ids = [i for c in sorted(normals or {}) if material(c) == mat for i in (normals or {})[c]]
+    if normal_ids and rng.random() < 0.5:
+        return Episode(ep.class_name, ep.support_ids, normal_ids[int(rng.integers(len(normal_ids)))], True)
+    others = [c for c in sorted(pools) if c != ep.class_name and pools[c]]
+    if not others:
+        return ep
+    same = [c for c in others if material(c) == mat]
+    c = (same or others)[int(rng.integers(len(same or others)))]
+    return Episode(ep.class_name, ep.support_ids, pools[c][int(rng.integers(len(pools[c])))], True)
 
 
 def episode_rng(seed: int, index: int) -> np.random.Generator:

@@ -50,12 +50,13 @@ from pipeline import device as dev
 from pipeline.atomic import atomic_write_text
 from pipeline.checkpoint import build_net, save_model
 from pipeline.config import MODEL_NAMES, Params
-from pipeline.episodes import training_pools, validation_episodes
+from pipeline.episodes import normal_pools, training_pools, validation_episodes
 from pipeline.features import FeatureStore, build_feature_store
 from pipeline.images import load_validated
 from pipeline.layout import Layout, fold_tag
 from pipeline.training.batches import CachedEpisodes, ImageEpisodes, check_store, image_loader, total_steps
-from pipeline.training.loop import Session, TrainingStopped, optimizer, run_steps, scheduler, validate
+from pipeline.training.loop import (Session, TrainingStopped, optimizer, run_steps, scheduler, start_validation,
+                                    validate)
 from pipeline.training.state import Progress, resume
 
 CURVE_FIELDS = ("step", "episodes", "loss", "lr", "val_miou", "episodes_per_s")
@@ -111,10 +112,14 @@ def _batches(params: Params, store: FeatureStore | None, pools: Any, rows: dict[
              device: torch.device) -> Callable[[int], dict[str, torch.Tensor]]:
     """``batch(step)`` for the loop: cached features (random stored view per image) or a DataLoader."""
     t = params.train
+    normals = normal_pools(params, pools) if t.negative_share > 0 else {}
     if store is not None:
-        source = CachedEpisodes(store, pools, t.shots, t.seed, t.augment)
+        source = CachedEpisodes(store, pools, t.shots, t.seed, t.augment, t.negative_share, normals)
         return lambda step: source.batch(step * t.batch_size, t.batch_size)
-    loader_iter = iter(image_loader(params, pools, rows, start, device))
+    if normals:
+        normal_rows = load_validated(params.data.dir, kind="normal").to_dict("records")
+        rows = {**rows, **{r["id"]: r for r in normal_rows}}
+    loader_iter = iter(image_loader(params, pools, rows, start, device, normals))
     return lambda step: next(loader_iter)
 
 
@@ -222,6 +227,8 @@ def train(params: Params, fold: int | None, model_name: str, out_dir: Path | Non
             if tracker:
                 tracker.add("val_miou", p.best, 0)
         else:
+            if t.validate_at_start and p.step == 0 and not p.curve:
+                start_validation(session, p)
             run_steps(session, _batches(params, store, train_pools, rows, p.step, device), p, steps)
         return _finish(params, fold, model_name, net, p, steps, (out_dir, curve_file), tracker, t0)
     except BaseException as exc:

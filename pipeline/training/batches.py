@@ -21,7 +21,7 @@ import torch
 
 from pipeline.augment import augment_pair, build_augment
 from pipeline.config import Params
-from pipeline.episodes import Episode, Pools, episode_rng, sample_episode
+from pipeline.episodes import Episode, Pools, draw_episode, episode_rng
 from pipeline.features import FeatureStore, view_seed
 from pipeline.images import read_image, read_mask, resolve
 from pipeline.inference.preprocess import clean_pair, to_tensor_pair
@@ -35,35 +35,42 @@ def total_steps(params: Params) -> int:
 class CachedEpisodes:
     """Episodes assembled from a :class:`FeatureStore` (frozen backbone): no backbone call."""
 
-    def __init__(self, store: FeatureStore, pools: Pools, shots: int, seed: int, augment: bool) -> None:
+    def __init__(self, store: FeatureStore, pools: Pools, shots: int, seed: int, augment: bool,
+                 negative_share: float = 0.0, normals: Pools | None = None) -> None:
         self.store, self.pools, self.shots, self.seed, self.augment = store, pools, shots, seed, augment
+        self.negative_share, self.normals = negative_share, normals or {}
 
     def batch(self, first: int, n: int) -> dict[str, Any]:
-        """Episodes ``first .. first+n-1``: features ``(n,K,Cb,h,w)``, ``(n,Cb,h,w)``; masks ``(n,K,1,S,S)``, ``(n,1,S,S)``."""
-        sup, qry, sv, qv = [], [], [], []
+        """Episodes ``first .. first+n-1``: features ``(n,K,Cb,h,w)``, ``(n,Cb,h,w)``; masks ``(n,K,1,S,S)``,
+        ``(n,1,S,S)`` (all zero for a negative episode's query, :func:`pipeline.episodes.draw_episode`)."""
+        sup, qry, sv, qv, empty = [], [], [], [], []
         for idx in range(first, first + n):
             rng = episode_rng(self.seed, idx)
-            ep = sample_episode(self.pools, self.shots, rng)
+            ep = draw_episode(self.pools, self.shots, rng, self.negative_share, self.normals)
             ids = [*ep.support_ids, ep.query_id]
             views = [int(rng.integers(self.store.views_of(i))) if self.augment else 0 for i in ids]
             sup.extend(ep.support_ids)
             qry.append(ep.query_id)
             sv.extend(views[:-1])
             qv.append(views[-1])
-        return gather(self.store, sup, qry, sv, qv, n, self.shots)
+            empty.append(ep.negative)
+        return gather(self.store, sup, qry, sv, qv, n, self.shots, empty)
 
 
 def gather(store: FeatureStore, sup: Sequence[str], qry: Sequence[str], sv: Sequence[int] | int,
-           qv: Sequence[int] | int, n: int, k: int) -> dict[str, torch.Tensor]:
+           qv: Sequence[int] | int, n: int, k: int, empty: Sequence[bool] | None = None) -> dict[str, torch.Tensor]:
     """A batch of ``n`` K-shot episodes from the store: support ids ``sup`` (n*K) and views ``sv``, query
     ids ``qry`` and views ``qv`` -> ``support_feats (n,K,Cb,h,w)``, ``support_masks (n,K,1,S,S)``,
-    ``query_feats (n,Cb,h,w)``, ``query_masks (n,1,S,S)``."""
+    ``query_feats (n,Cb,h,w)``, ``query_masks (n,1,S,S)``; ``empty[j]``: query ``j``'s target is all zeros."""
     s = store.image_size
+    query_masks = store.masks(qry, qv)
+    if empty is not None and any(empty):
+        query_masks = query_masks * (~torch.tensor(list(empty), dtype=torch.bool)).view(n, 1, 1, 1).to(query_masks.dtype)
     return {
         "support_feats": store.get(sup, sv).unflatten(0, (n, k)),
         "support_masks": store.masks(sup, sv).reshape(n, k, 1, s, s),
         "query_feats": store.get(qry, qv),
-        "query_masks": store.masks(qry, qv),
+        "query_masks": query_masks,
     }
 
 
@@ -75,19 +82,23 @@ class ImageEpisodes(torch.utils.data.Dataset):
     """
 
     def __init__(self, params: Params, pools: Pools, rows: dict[str, Any], augment: bool,
-                 episodes: Sequence[Episode] | None = None) -> None:
+                 episodes: Sequence[Episode] | None = None, normals: Pools | None = None) -> None:
         self.params, self.pools, self.rows, self.augment = params, pools, rows, augment
+        self.normals = normals or {}
         self.fixed = list(episodes) if episodes is not None else None
         self.pipeline = build_augment(params.train.image_size)
 
     def __len__(self) -> int:
         return len(self.fixed) if self.fixed is not None else total_steps(self.params) * self.params.train.batch_size
 
-    def _pair(self, image_id: str, seed: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _pair(self, image_id: str, seed: int | None, empty: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         row = self.rows[image_id]
         data_dir = self.params.data.dir
         image = read_image(resolve(data_dir, row["image_path"]))
-        mask = read_mask(resolve(data_dir, row["mask_path"]), self.params.data.mask_threshold)
+        if empty or not row.get("mask_path"):
+            mask = np.zeros(image.shape[:2], bool)
+        else:
+            mask = read_mask(resolve(data_dir, row["mask_path"]), self.params.data.mask_threshold)
         if seed is None:
             return to_tensor_pair(*clean_pair(image, mask, self.params.train.image_size))
         return to_tensor_pair(*augment_pair(self.pipeline, image, mask, seed))
@@ -96,10 +107,12 @@ class ImageEpisodes(torch.utils.data.Dataset):
         if self.fixed is not None:
             ep, seeds = self.fixed[idx], None
         else:
-            ep = sample_episode(self.pools, self.params.train.shots, episode_rng(self.params.train.seed, idx))
+            t = self.params.train
+            ep = draw_episode(self.pools, t.shots, episode_rng(t.seed, idx), t.negative_share, self.normals)
             seeds = self.augment
         ids = [*ep.support_ids, ep.query_id]
-        pairs = [self._pair(i, view_seed(self.params.train.seed, f"{idx}:{i}", j) if seeds else None)
+        pairs = [self._pair(i, view_seed(self.params.train.seed, f"{idx}:{i}", j) if seeds else None,
+                            empty=ep.negative and j == len(ids) - 1)
                  for j, i in enumerate(ids)]
         return {
             "support_images": torch.stack([p[0] for p in pairs[:-1]]),
@@ -110,10 +123,10 @@ class ImageEpisodes(torch.utils.data.Dataset):
 
 
 def image_loader(params: Params, pools: Pools, rows: dict[str, Any], start_step: int,
-                 device: torch.device) -> torch.utils.data.DataLoader:
+                 device: torch.device, normals: Pools | None = None) -> torch.utils.data.DataLoader:
     """A DataLoader over :class:`ImageEpisodes` yielding the batches of steps ``start_step ..`` (resume)."""
     t = params.train
-    ds = ImageEpisodes(params, pools, rows, augment=t.augment)
+    ds = ImageEpisodes(params, pools, rows, augment=t.augment, normals=normals)
     sampler = range(start_step * t.batch_size, total_steps(params) * t.batch_size)
     return torch.utils.data.DataLoader(
         ds, batch_size=t.batch_size, sampler=sampler, num_workers=t.num_workers,

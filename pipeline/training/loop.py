@@ -1,6 +1,7 @@
 """The optimisation loop of :func:`pipeline.train.train`: optimiser, schedule, validation, steps.
 
-* Loss: binary cross-entropy with logits between the query logits and its mask (paper Eq. 6).
+* Loss (``train.loss``): binary cross-entropy with logits between the query logits and its mask
+  (paper Eq. 6), or SOFS's mixed normal Dice + ``train.bce_weight`` x BCE (``model.losses``).
 * Optimiser (authors' code): SGD, momentum ``train.momentum`` (0.9), weight decay
   ``train.weight_decay`` (1e-4); poly schedule ``lr_s = lr * (1 - s / steps) ** poly_power``;
   a fine-tuned backbone gets ``lr * backbone_lr_mult``.
@@ -19,8 +20,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
+
+from model.losses import segmentation_loss
 
 from pipeline import device as dev
 from pipeline.config import Params
@@ -129,9 +131,11 @@ class Session:
 
 
 def _step(s: Session, b: dict[str, torch.Tensor]) -> tuple[float, float]:
-    """One optimiser step (BCE, backward, SGD, schedule); returns ``(loss, lr used)``."""
+    """One optimiser step (``train.loss``: BCE or mixed normal Dice + BCE; backward, SGD, schedule);
+    returns ``(loss, lr used)``."""
     logits = s.forward(b)
-    loss = F.binary_cross_entropy_with_logits(logits.float(), dev.to_device(b["query_masks"], s.device))
+    t = s.params.train
+    loss = segmentation_loss(logits.float(), dev.to_device(b["query_masks"], s.device), t.loss, t.bce_weight)
     s.opt.zero_grad(set_to_none=True)
     s.scaler.scale(loss).backward()
     s.scaler.step(s.opt)
@@ -151,6 +155,14 @@ def _validate_into(s: Session, p: Progress, done: int, row: dict[str, Any]) -> N
     if score > p.best:
         p.best, p.best_step = score, done
         p.best_state = {k: v.detach().to("cpu").clone() for k, v in s.net.state_dict().items()}
+
+
+def start_validation(s: Session, p: Progress) -> None:
+    """Score the untrained network (``train.validate_at_start``): step 0 becomes a curve row and a
+    candidate of model selection, so training is kept only where it beats its starting point."""
+    row = {"step": 0, "episodes": 0, "loss": None, "lr": None, "val_miou": None, "episodes_per_s": None}
+    _validate_into(s, p, 0, row)
+    p.curve.append(row)
 
 
 def run_steps(s: Session, batches: Callable[[int], dict[str, torch.Tensor]], p: Progress, steps: int) -> None:

@@ -1,0 +1,167 @@
+"""Support-learning ablation (issue 11): one configuration of LERENet, trained per fold, scored side by side.
+
+For each fold the configuration (``params.yaml`` + ``-S key=value`` overrides, as ``dvc exp run -S``)
+is trained without MLflow into ``bench/support/<name>/fold<f>/`` and scored on
+
+* **selection** (what a default may be chosen on): K=1 and K=5 episodes whose support and query are
+  images of the fold's held-out *training* classes (``train.selection_classes``), never a test class;
+* **test** (reported only, never selected on): the saved paper-protocol episodes, the same episodes
+  with a *mismatched* support (K images of another novel class of the fold, same material first,
+  seeded), and the false alarms on the test classes' defect-free images at K=1.
+
+One JSON line per configuration is appended to ``bench/support/runs.jsonl``; ``docs/experiments.md``
+is written from it. Usage::
+
+    python -m pipeline.bench.support_ablation NAME [--folds 0,1,2] [-S model.prior_skip=true ...]
+    python -m pipeline.bench.support_ablation proto --untrained prototype   # a parameter-free model
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+
+from pipeline.config import Params, load_params
+from pipeline.episodes import material, selection_classes, training_pools, validation_episodes
+from pipeline.evaluation.data import FeatureSource, ImageTable, open_store_for
+from pipeline.evaluation.scoring import false_alarms, score_episodes
+from pipeline.images import load_episodes, load_validated
+from pipeline.inference.predictor import Predictor
+
+OUT = Path("bench/support")
+
+
+def _override(params_file: Path, sets: list[str]) -> Params:
+    raw = yaml.safe_load(params_file.read_text())
+    for item in sets:
+        key, _, value = item.partition("=")
+        node = raw
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = yaml.safe_load(value)
+    tmp = params_file.parent / f".params-{abs(hash(tuple(sets))) % 10**8}.yaml"
+    tmp.write_text(yaml.safe_dump(raw, sort_keys=False))
+    try:
+        return load_params(tmp)
+    finally:
+        tmp.unlink()
+
+
+def mismatched(paper: pd.DataFrame, ids: dict[str, list[str]], seed: int = 2718) -> pd.DataFrame:
+    """The paper episodes with each support set replaced by K images of another novel class (same material first)."""
+    rng = np.random.default_rng(seed)
+    out = paper.copy()
+    sups = []
+    for c, sup in zip(paper["class_name"], paper["support_ids"]):
+        others = [o for o in sorted(ids) if o != c]
+        same = [o for o in others if material(o) == material(c)]
+        pool = same or others
+        o = pool[int(rng.integers(len(pool)))]
+        pick = rng.choice(len(ids[o]), size=len(sup), replace=False)
+        sups.append([ids[o][int(j)] for j in pick])
+    out["support_ids"] = sups
+    return out
+
+
+def _selection_scores(params: Params, fold: int, net: torch.nn.Module, store: Any) -> dict[str, float]:
+    from pipeline.training.loop import validate
+
+    train_pools, val_pools = training_pools(params, fold)
+    out = {}
+    for k in (1, 5):
+        eps = validation_episodes(val_pools, train_pools, k, params.train.val_episodes, params.train.seed + 1)
+        out[f"k{k}"] = round(100 * validate(net, eps, store=store), 2)
+    return out
+
+
+def score_fold(params: Params, fold: int, predictor: Predictor) -> dict[str, Any]:
+    """Selection and test scores of one trained (or parameter-free) network on ``fold``."""
+    data_dir = Path(params.data.dir)
+    rows = load_validated(data_dir)
+    table = ImageTable(rows, data_dir, params.data.mask_threshold)
+    test = params.test_classes(fold)
+    store = open_store_for(params, predictor, data_dir)
+    src = FeatureSource(predictor, table, store)
+    res: dict[str, Any] = {"selection": _selection_scores(params, fold, predictor.net, store)}
+    defect = rows[(rows["kind"] == "defect") & rows["class_name"].isin(test)]
+    ids = {c: sorted(p["id"]) for c, p in defect.groupby("class_name")}
+    normal = rows[(rows["kind"] == "normal") & rows["class_name"].isin(test)]
+    normal_ids = {c: p["id"].tolist() for c, p in normal.groupby("class_name")}
+    for k in params.split.shots:
+        paper = load_episodes(data_dir, fold, "paper", k).reset_index(drop=True)
+        acc, _ = score_episodes(src, paper)
+        mis, _ = score_episodes(src, mismatched(paper, ids))
+        res[f"k{k}"] = {"paper": round(100 * acc.miou(test), 2), "mismatched": round(100 * mis.miou(test), 2),
+                        "per_class": {c: round(100 * v, 1) for c, v in acc.class_iou(test).items()}}
+        if k == 1:
+            sets = {c: part["support_ids"].tolist() for c, part in paper.groupby("class_name")}
+            fa = false_alarms(src, sets, normal_ids)
+            res["fp_k1"] = None if fa is None else round(100 * fa.image_rate, 1)
+    return res
+
+
+def run(name: str, params: Params, folds: list[int], untrained: str | None, sets: list[str]) -> dict[str, Any]:
+    """Train (unless ``untrained``) and score ``name`` on ``folds``; append the row to ``runs.jsonl``."""
+    from pipeline.checkpoint import build_net
+    from pipeline.train import train
+
+    row: dict[str, Any] = {"name": name, "sets": sets, "untrained": untrained, "folds": {}}
+    t0 = time.perf_counter()
+    for f in folds:
+        fold_dir = OUT / name / f"fold{f}"
+        if untrained:
+            net = build_net(params, untrained).eval()
+            predictor = Predictor(net, params.train.image_size, {"model": untrained})
+            info: dict[str, Any] = {}
+        else:
+            r = train(params, f, "lerenet", fold_dir, checkpoint_file=fold_dir / "state.pt",
+                      curve_file=fold_dir / "curve.csv", track=False, progress=False)
+            predictor = Predictor.load(r.model_path)
+            info = {"best_step": r.best_step, "steps": r.steps, "best_val": round(100 * r.best_val_miou, 2),
+                    "train_s": r.seconds}
+        row["folds"][f] = {**info, **score_fold(params, f, predictor),
+                           "selection_classes": selection_classes(params, f)}
+    row["seconds"] = round(time.perf_counter() - t0, 1)
+    row["episodes"] = params.train.episodes
+    folds_v = list(row["folds"].values())
+    mean = lambda get: round(float(np.mean([get(v) for v in folds_v])), 2)  # noqa: E731
+    row["mean"] = {
+        "sel_k1": mean(lambda v: v["selection"]["k1"]), "sel_k5": mean(lambda v: v["selection"]["k5"]),
+        "k1": mean(lambda v: v["k1"]["paper"]), "k5": mean(lambda v: v["k5"]["paper"]),
+        "mis_k1": mean(lambda v: v["k1"]["mismatched"]), "mis_k5": mean(lambda v: v["k5"]["mismatched"]),
+        "fp_k1": mean(lambda v: v["fp_k1"] or 0.0),
+    }
+    row["mean"]["gain_k1"] = round(row["mean"]["k1"] - row["mean"]["mis_k1"], 2)
+    OUT.mkdir(parents=True, exist_ok=True)
+    with (OUT / "runs.jsonl").open("a") as fh:
+        fh.write(json.dumps(row) + "\n")
+    return row
+
+
+def main() -> None:
+    """CLI entry (see module docstring)."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("name")
+    ap.add_argument("--folds", default="0,1,2")
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--untrained", default=None, help="score a parameter-free model (prototype) or lerenet at init")
+    ap.add_argument("-S", dest="sets", action="append", default=[])
+    a = ap.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    params = _override(Path(a.params), a.sets)
+    row = run(a.name, params, [int(f) for f in a.folds.split(",")], a.untrained, a.sets)
+    print(json.dumps(row["mean"]), json.dumps({f: {k: v for k, v in d.items() if k != "per_class"}
+                                                 for f, d in row["folds"].items()}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""Support learning (issue 11): frozen-feature priors, the prior skip, the raw-query switch, negative
+episodes, held-out selection classes and step-0 validation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from _train_data import load, shared_project
+from model import build_model
+from model.layers import resize_mask
+from model.priors import frozen_priors, nearest_neighbour_score
+
+
+def _unit(*vals):
+    v = torch.tensor(vals, dtype=torch.float32)
+    return v / v.norm()
+
+
+def _hand_episode():
+    """One episode, 2 channels, 1 level, support grid 1x3 (defect, background, half-defect), query 1x2."""
+    s = torch.stack([_unit(1, 0), _unit(0, 1), _unit(1, 1)], dim=1).view(1, 1, 2, 1, 3)
+    m = torch.tensor([1.0, 0.0, 0.3]).view(1, 1, 1, 1, 3)
+    q = torch.stack([_unit(1, 0.1), _unit(0.1, 1)], dim=1).view(1, 2, 1, 2)
+    return q, s, m
+
+
+def test_priors_by_hand():
+    q, s, m = _hand_episode()
+    got = frozen_priors(q, s, m, (2,), ("fg", "abnormal", "nn"))[0, :, 0]     # (3, 2)
+    cos = lambda a, b: float(F.cosine_similarity(a, b, dim=0))  # noqa: E731
+    q0, q1 = q[0, :, 0, 0], q[0, :, 0, 1]
+    d, b = s[0, 0, :, 0, 0], s[0, 0, :, 0, 1]
+    # cell 2 (share 0.3 < 0.5 x peak) is neither defect nor background
+    expect = torch.tensor([[cos(q0, d), cos(q1, d)],
+                           [1 - cos(q0, b), 1 - cos(q1, b)],
+                           [cos(q0, d) - cos(q0, b), cos(q1, d) - cos(q1, b)]])
+    assert torch.allclose(got, expect, atol=1e-5)
+    assert got[2, 0] > 0 > got[2, 1]   # nearest neighbour: q0 defect, q1 background
+
+
+def test_priors_per_level_and_errors():
+    q, s, m = _hand_episode()
+    two = frozen_priors(torch.cat([q, q], 1), torch.cat([s, s], 2), m, (2, 2), ("nn", "fg"))
+    assert two.shape == (1, 4, 1, 2) and torch.equal(two[:, :2], two[:, 2:])
+    with pytest.raises(ValueError, match="do not sum"):
+        frozen_priors(q, s, m, (3,), ("fg",))
+    with pytest.raises(ValueError, match="priors must be"):
+        frozen_priors(q, s, m, (2,), ("fg", "fg"))
+    with pytest.raises(ValueError, match="priors must be"):
+        build_model("lerenet", channels=16, pretrained=False, priors=["shape"])
+
+
+def _feature_episode(b=2, k=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    sf = torch.rand(b, k, 152, 10, 10, generator=g)
+    sm = torch.zeros(b, k, 1, 80, 80)
+    sm[..., 16:40, 24:56] = 1.0
+    qf = torch.rand(b, 152, 10, 10, generator=g)
+    return sf, sm, qf
+
+
+def test_prior_skip_starts_as_the_nearest_neighbour_classifier_and_trains():
+    torch.manual_seed(0)
+    net = build_model("lerenet", channels=16, pretrained=False, priors=["fg", "abnormal", "nn"], prior_skip=True)
+    net.eval()
+    sf, sm, qf = _feature_episode()
+    out = net.forward_features(sf, sm, qf, (80, 80))
+    m = resize_mask(sm.flatten(0, 1), (10, 10)).unflatten(0, (2, 3))
+    ref = F.interpolate(20.0 * nearest_neighbour_score(qf, sf, m, (40, 112)), size=(80, 80), mode="bilinear")
+    assert torch.allclose(out, ref, atol=1e-4)
+    # the learned correction is not dead: one SGD step changes the output
+    net.train()
+    opt = torch.optim.SGD(net.head_parameters(), lr=0.1)
+    loss = F.binary_cross_entropy_with_logits(net.forward_features(sf, sm, qf, (80, 80)), torch.zeros(2, 1, 80, 80))
+    loss.backward()
+    assert net.ifm.cls[-1].weight.grad.abs().sum() > 0
+    opt.step()
+    net.eval()
+    assert not torch.allclose(net.forward_features(sf, sm, qf, (80, 80)), out)
+
+
+def test_prediction_depends_on_support_with_prior_skip():
+    net = build_model("lerenet", channels=16, pretrained=False, prior_skip=True).eval()
+    sf, sm, qf = _feature_episode()
+    moved = torch.zeros_like(sm)
+    moved[..., 50:70, 5:30] = 1.0
+    assert not torch.allclose(net.forward_features(sf, sm, qf, (80, 80)), net.forward_features(sf, moved, qf, (80, 80)))
+
+
+@pytest.mark.parametrize("path", ["off", "dropout"])
+def test_query_path_switch(path):
+    torch.manual_seed(0)
+    on = build_model("lerenet", channels=16, pretrained=False).eval()
+    torch.manual_seed(0)
+    other = build_model("lerenet", channels=16, pretrained=False, query_path=path).eval()
+    sf, sm, qf = _feature_episode()
+    same = torch.allclose(on.forward_features(sf, sm, qf, (80, 80)), other.forward_features(sf, sm, qf, (80, 80)))
+    assert same == (path == "dropout")   # dropout acts in training only; off removes the residual
+    with pytest.raises(ValueError, match="query_path"):
+        build_model("lerenet", channels=16, pretrained=False, query_path="sometimes")
+
+
+# ----------------------------------------------------------------------------- training side
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    from pipeline.features import build_feature_store
+
+    pf = shared_project(tmp_path_factory)
+    build_feature_store(load(pf), progress=False)
+    return pf
+
+
+def test_draw_episode_negatives():
+    from pipeline.episodes import draw_episode, episode_rng, sample_episode
+
+    pools = {"MT_Break": [f"b{i}" for i in range(6)], "MT_Crack": [f"c{i}" for i in range(6)],
+             "Steel_In": [f"s{i}" for i in range(6)]}
+    normals = {"MT_Fray": ["n0", "n1"]}
+    for i in range(20):  # share 0: exactly the old sampler
+        assert draw_episode(pools, 1, episode_rng(0, i)) == sample_episode(pools, 1, episode_rng(0, i))
+    eps = [draw_episode(pools, 1, episode_rng(0, i), 0.5, normals) for i in range(400)]
+    neg = [e for e in eps if e.negative]
+    assert 0.4 < len(neg) / len(eps) < 0.6
+    for e in neg:
+        q = e.query_id
+        if e.class_name.startswith("MT_"):   # same material: the other MT class or an MT normal image
+            assert q[0] in "cbn" and not q.startswith(e.class_name[3].lower())
+        else:                                 # no other Steel class: any other class
+            assert q[0] in "bc"
+    assert any(e.query_id.startswith("n") for e in neg)
+
+
+def test_selection_classes_are_training_classes_and_deterministic(project):
+    from pipeline.episodes import material, selection_classes, training_pools
+
+    params = load(project, train={"selection_classes": 1})
+    held = selection_classes(params, 0)
+    assert held == selection_classes(params, 0) and len(held) == 1
+    assert not set(held) & set(params.test_classes(0))
+    train, val = training_pools(params, 0)
+    assert set(val) == set(held) and not set(train) & set(held)
+    assert len({material(c) for c in selection_classes(load(project, train={"selection_classes": 2}), None)}) == 2
+    assert selection_classes(load(project), 0) == []
+    with pytest.raises(ValueError, match="selection_classes"):
+        selection_classes(load(project, train={"selection_classes": 2}), 0)
+
+
+def test_negative_batches_have_empty_targets(project):
+    from pipeline.episodes import normal_pools, training_pools
+    from pipeline.features import FeatureStore, feature_store_path
+    from pipeline.training.batches import CachedEpisodes
+
+    params = load(project, train={"negative_share": 0.5})
+    pools, _ = training_pools(params, None)
+    store = FeatureStore.open(feature_store_path(params, params.data.dir))
+    src = CachedEpisodes(store, pools, 1, 0, True, 0.5, normal_pools(params, pools))
+    b = src.batch(0, 32)
+    empty = b["query_masks"].flatten(1).sum(1) == 0
+    assert 0 < int(empty.sum()) < 32                   # some negatives, not all
+    assert (b["support_masks"].flatten(1).sum(1) > 0).all()
+
+
+def test_training_with_support_switches_selects_step_zero_when_it_is_best(project, tmp_path):
+    from pipeline.train import train
+
+    params = load(project, model={"priors": ["fg", "nn"], "prior_skip": True, "query_path": "off"},
+                  train={"loss": "dice", "bce_weight": 0.01, "negative_share": 0.3, "validate_at_start": True,
+                         "lr": 50.0})  # an absurd lr wrecks the head: selection must keep the untrained net
+    r = train(params, 0, "lerenet", tmp_path / "m", checkpoint_file=tmp_path / "s.pt", curve_file=tmp_path / "c.csv",
+              track=False, progress=False)
+    rows = (tmp_path / "c.csv").read_text().splitlines()
+    assert rows[1].startswith("0,0,")                   # step 0 scored
+    if r.best_step == 0:
+        from pipeline.inference.model_file import load_model
+
+        net, meta = load_model(r.model_path)
+        assert meta["config"]["prior_skip"] is True
+        assert float(net.skip[0]) == pytest.approx(20.0)
+    assert r.best_val_miou >= float(rows[1].split(",")[4]) - 1e-6
+
+
+def test_config_rejects_bad_support_switches(project):
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match="priors"):
+        load(project, model={"priors": ["fg", "fg"]})
+    with pytest.raises(ConfigError, match="negative_share"):
+        load(project, train={"negative_share": 1.0})
+    with pytest.raises(ConfigError, match="query_path"):
+        load(project, model={"query_path": "sideways"})
+    assert np.isclose(load(project).train.bce_weight, 0.01)
+    assert load(project, model={"query_path": False}).model.query_path == "off"   # YAML 1.1 `off`
