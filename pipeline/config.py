@@ -85,11 +85,14 @@ class DataParams(_Section):
 
 
 class SplitParams(_Section):
-    """Fold split and saved test episodes (paper and standard protocols)."""
+    """Fold split and saved test episodes (paper and standard protocols, and the ``mismatched``
+    control: the paper episodes with the support from another novel class, drawn with
+    ``mismatched_seed``; pipeline/split.py)."""
 
     shots: list[int] = Field(default_factory=lambda: [1, 5])
     val_fraction: float = Field(0.15, gt=0.0, lt=1.0)
     paper_seed: int = 1334
+    mismatched_seed: int = Field(2718, ge=0)
     standard_seeds: list[int] = Field(default_factory=lambda: [0, 1, 2, 3, 4])
     standard_episodes: int = Field(1000, ge=1)
     seed: int = 0

@@ -6,6 +6,10 @@ What is measured (issue 4, ``docs/architecture.md``):
   mIoU over the fold's test classes, FB-IoU pooled over the fold; for each K in
   ``params.split.shots`` and each protocol in ``params.evaluate.protocols``. The standard protocol is
   scored per seed and reported as mean ± std (ddof=1) over ``params.split.standard_seeds``.
+* **Support sensitivity**: whenever ``paper`` is evaluated, the ``mismatched`` episodes too (the
+  paper episodes with the support from another novel class of the fold, pipeline/split.py), through
+  the same Predictor and features; ``support gain = paper mIoU - mismatched mIoU`` (~0 for a model
+  that ignores its support). Not a switch of its own: the file costs one more paper-sized pass.
 * **Resolution**: supports and query are resized to ``S x S`` (the model's training size, bilinear;
   masks nearest), the model's logits are bilinearly upsampled to the query's *original* ``(H, W)``
   and thresholded at logit > 0 (sigmoid > 0.5); ground truth is the original mask binarised with
@@ -38,7 +42,7 @@ from pipeline.atomic import atomic_write_text
 from pipeline.config import Params
 from pipeline.evaluation.data import EvaluationError, FeatureSource, ImageTable, open_store_for
 from pipeline.evaluation.fold import evaluate_model
-from pipeline.evaluation.results import FoldMetrics
+from pipeline.evaluation.results import MISMATCHED, FoldMetrics
 from pipeline.images import load_episodes, load_split, load_validated
 from pipeline.inference.predictor import Predictor
 from pipeline.layout import Layout
@@ -78,7 +82,8 @@ def _fold_inputs(params: Params, fold: int, names: Sequence[str], data_dir: Path
     table = ImageTable(rows, data_dir, params.data.mask_threshold)
     normal = rows[(rows["kind"] == "normal") & rows["class_name"].isin(test_classes)]
     normal_ids = {c: part["id"].tolist() for c, part in normal.groupby("class_name")}
-    episodes = {(p, k): load_episodes(data_dir, fold, p, k) for p in params.evaluate.protocols for k in params.split.shots}
+    protocols = list(params.evaluate.protocols) + ([MISMATCHED] if "paper" in params.evaluate.protocols else [])
+    episodes = {(p, k): load_episodes(data_dir, fold, p, k) for p in protocols for k in params.split.shots}
     missing = [p for p in (layout.model_file(fold, n) for n in names) if not p.is_file()]
     if missing:
         raise EvaluationError(f"model file(s) missing: {[str(p) for p in missing]}; train them first "

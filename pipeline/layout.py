@@ -36,7 +36,9 @@ VALIDATED = "validated.parquet"
 SPLITS_DIR = "splits"
 EPISODES_DIR = "episodes"
 FEATURES_DIR = "features"
-PROTOCOLS = ("paper", "standard")
+#: saved episode files per fold and K; ``mismatched`` is derived from ``paper`` (support-sensitivity
+#: control, pipeline/split.py) and scored whenever ``paper`` is (it is not an ``evaluate.protocols`` entry)
+PROTOCOLS = ("paper", "standard", "mismatched")
 
 
 def fold_tag(fold: int | None) -> str:

@@ -4,9 +4,12 @@ Tables (values in %, one decimal; the standard protocol as mean ± std over its 
 
 1. mIoU: one row per (model, K, protocol), one column per fold, and the mean over folds;
 2. FB-IoU: the same layout;
-3. false alarms on defect-free images: per (model, K) and fold, "mean predicted defect area /
+3. support sensitivity: per (model, K) and fold "mismatched mIoU / support gain" (paper mIoU minus
+   the mIoU on the same episodes with the support from another novel class; ~0 for a model that
+   ignores its support), and both means over folds;
+4. false alarms on defect-free images: per (model, K) and fold, "mean predicted defect area /
    share of images with any predicted defect";
-4. latency: median ms per query per (model, K) and fold, with the device each fold ran on.
+5. latency: median ms per query per (model, K) and fold, with the device each fold ran on.
 
 A fold whose metrics file is missing is shown as "n/a" (the table says which folds were found).
 """
@@ -87,6 +90,36 @@ def _model_of(folds: Mapping[int, FoldMetrics], f: int, model: str):
     return fm.models.get(model) if fm else None
 
 
+def _signed(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:+.1f}"
+
+
+def support_table(folds: Mapping[int, FoldMetrics], fold_ids: list[int]) -> list[str]:
+    """Markdown lines of the support-sensitivity table: per (model, K) and fold ``mismatched mIoU /
+    support gain`` (%), then the mean mismatched mIoU and the mean support gain over folds ("n/a"
+    unless every fold has both). Empty when no fold has a mismatched score."""
+    if not any(m.mismatched for fm in folds.values() for m in fm.models.values()):
+        return []
+    lines = ["### Support sensitivity (paper episodes; % mismatched-support mIoU / support gain = paper - mismatched)",
+             "", "| model | K | " + " | ".join(f"fold {f}" for f in fold_ids)
+             + " | mean mismatched mIoU | mean support gain |", "|" + " --- |" * (4 + len(fold_ids))]
+    for model in _models(folds):
+        for k in _shots(folds, model):
+            cells, mism, gains = [], [], []
+            for f in fold_ids:
+                m = _model_of(folds, f, model)
+                score, gain = (m.mismatched.get(k), m.support_gain(k)) if m else (None, None)
+                cells.append("n/a" if score is None else f"{_pct(score.miou)} / {_signed(gain)}")
+                if score is not None and gain is not None:
+                    mism.append(score.miou)
+                    gains.append(gain)
+            full = len(gains) == len(fold_ids)
+            lines.append(f"| {model} | {k} | " + " | ".join(cells) + " | "
+                         + (f"{_pct(sum(mism) / len(mism))} | {_signed(sum(gains) / len(gains))}" if full else "n/a | n/a")
+                         + " |")
+    return lines + [""]
+
+
 def results_table(folds: Mapping[int, FoldMetrics], fold_ids: list[int] | None = None) -> str:
     """Render the markdown tables for ``{fold: FoldMetrics}``; ``fold_ids`` = columns (default: the keys)."""
     fold_ids = sorted(folds) if fold_ids is None else fold_ids
@@ -111,6 +144,7 @@ def results_table(folds: Mapping[int, FoldMetrics], fold_ids: list[int] | None =
                     mean = _pct(sum(vals) / len(vals)) if len(vals) == len(fold_ids) else "n/a"
                     lines.append(f"| {model} | {k} | {p} | " + " | ".join(cells) + f" | {mean} |")
         lines.append("")
+    lines += support_table(folds, fold_ids)
     lines += ["### False alarms on defect-free images (% mean predicted defect area / % images with any predicted defect)",
               "", "| model | K | " + " | ".join(f"fold {f}" for f in fold_ids) + " |",
               "|" + " --- |" * (2 + len(fold_ids))]

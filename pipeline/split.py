@@ -14,7 +14,15 @@ For fold ``f`` (``params.folds``):
     1334 as in the authors' code);
   - ``standard``: for each seed in ``split.standard_seeds``, ``split.standard_episodes``
     episodes: class uniformly at random, then query and K distinct supports of that class
-    (``default_rng(seed)``; ``episode`` counts 0..N-1 within a seed).
+    (``default_rng(seed)``; ``episode`` counts 0..N-1 within a seed);
+  - ``mismatched`` (support-sensitivity control, :func:`mismatched_episodes`): the ``paper`` episodes
+    (same ``episode``, ``class_name``, ``query_id``) with the support set replaced by K images of
+    *another* test class of the fold -- one of the same material (name prefix up to the first
+    ``_``: ``MT_``, ``Steel_``, ``Leather_``) when the fold has one, else any other test class --
+    drawn with ``default_rng(split.mismatched_seed)``; column ``support_class`` names it. The
+    query's ground truth stays its own mask, so a model that ignores its support scores the same
+    as on ``paper`` and ``paper mIoU - mismatched mIoU`` is the support gain. A fold with a single
+    test class has no other novel class: its mismatched files are written empty (0 rows).
 
 Only usable defect images (``validated.parquet``, kind ``defect``) enter splits and episodes;
 ids are manifest ids (sha256 prefix), so files survive a re-ingest of the same content.
@@ -42,6 +50,8 @@ from pipeline.images import (EPISODES_DIR, SPLITS_DIR, atomic_write_parquet, epi
 log = logging.getLogger(__name__)
 
 EPISODE_COLUMNS = ["episode", "seed", "class_name", "support_ids", "query_id"]
+#: the ``mismatched`` episode files add the class the supports were drawn from
+MISMATCHED_COLUMNS = [*EPISODE_COLUMNS, "support_class"]
 
 
 class SplitError(ValueError):
@@ -103,6 +113,57 @@ def standard_episodes(ids: dict[str, list[str]], shots: int, seeds: list[int], n
     return pd.DataFrame(rows, columns=EPISODE_COLUMNS)
 
 
+def material(class_name: str) -> str | None:
+    """Material of a class: its name up to and including the first ``_`` (``"MT_Crack"`` -> ``"MT_"``),
+    or ``None`` for a name without ``_`` (a material of its own)."""
+    head, sep, _ = class_name.partition("_")
+    return head + sep if sep and head else None
+
+
+def mismatch_candidates(test_classes: list[str]) -> dict[str, list[str]]:
+    """For each test class, the test classes its mismatched supports may come from.
+
+    The other test classes of the same :func:`material` when there are any, else all other test
+    classes (fold-table order); an empty list when the fold has a single test class.
+    """
+    out = {}
+    for c in test_classes:
+        others = [o for o in test_classes if o != c]
+        same = [o for o in others if material(c) is not None and material(o) == material(c)]
+        out[c] = same or others
+    return out
+
+
+def mismatched_episodes(paper: pd.DataFrame, ids: dict[str, list[str]], shots: int, seed: int) -> pd.DataFrame:
+    """The ``paper`` episodes with each support set replaced by K images of another test class.
+
+    Args:
+        paper: the fold's ``paper`` episode frame for K = ``shots`` (:func:`paper_episodes`).
+        ids: usable ids per test class of the fold (the dict :func:`paper_episodes` was given).
+        shots: K (every test class has more than K images: :func:`split` checks it).
+        seed: ``split.mismatched_seed``; one ``default_rng(seed)`` draws, episode by episode, the
+            support class (uniform over :func:`mismatch_candidates`) and then K distinct images of it.
+
+    Returns:
+        Columns :data:`MISMATCHED_COLUMNS`: ``episode``, ``class_name`` (the query's class) and
+        ``query_id`` as in ``paper``, ``seed`` = ``seed``, the new ``support_ids`` and their
+        ``support_class``. Empty (0 rows) when the fold has a single test class.
+    """
+    candidates = mismatch_candidates(list(ids))
+    if not any(candidates.values()):
+        return pd.DataFrame({c: pd.Series(dtype=object if c in ("class_name", "support_ids", "query_id",
+                                                                "support_class") else "int64")
+                             for c in MISMATCHED_COLUMNS})
+    rng = np.random.default_rng(seed)
+    rows = []
+    for ep in paper.itertuples(index=False):
+        pool = candidates[ep.class_name]
+        other = pool[int(rng.integers(len(pool)))]
+        support = rng.choice(np.array(ids[other], dtype=object), size=shots, replace=False).tolist()
+        rows.append((int(ep.episode), seed, ep.class_name, support, ep.query_id, other))
+    return pd.DataFrame(rows, columns=MISMATCHED_COLUMNS)
+
+
 def fold_split(params: Params, fold: int, ids: dict[str, list[str]]) -> dict[str, Any]:
     """The split file content of ``fold`` (see module docstring) from usable ids per class."""
     test_classes, train_classes = params.test_classes(fold), params.train_classes(fold)
@@ -125,7 +186,8 @@ def split(params: Params, data_dir: Path | None = None) -> dict[str, Any]:
         data_dir: data folder holding ``validated.parquet``; default ``params.data.dir``.
 
     Returns:
-        Summary ``{"folds": {f: {"train": n, "val": n, "test": n, "episodes": {"paper_k1": n, ...}}}}``.
+        Summary ``{"folds": {f: {"train": n, "val": n, "test": n, "episodes": {"paper_k1": n, ...,
+        "mismatched_k1": n, ...}}}}``.
 
     Raises:
         pipeline.images.DataArtifactError: ``validated.parquet`` missing (validation not run or failed).
@@ -153,6 +215,8 @@ def split(params: Params, data_dir: Path | None = None) -> dict[str, Any]:
                 frames = {"paper": paper_episodes(test_ids, k, params.split.paper_seed),
                           "standard": standard_episodes(test_ids, k, params.split.standard_seeds,
                                                         params.split.standard_episodes)}
+                frames["mismatched"] = mismatched_episodes(frames["paper"], test_ids, k,
+                                                           params.split.mismatched_seed)
                 for protocol, frame in frames.items():
                     atomic_write_parquet(episodes_path(stage, fold, protocol, k), frame)
                     counts[f"{protocol}_k{k}"] = len(frame)

@@ -112,7 +112,7 @@ def test_standard_protocol(prepared):
 def test_byte_identical_on_rerun_and_on_reingest(prepared, tmp_path):
     params, _ = prepared
     before = _digests(params.data.dir)
-    assert len(before) == 3 + 3 * 2 * 2
+    assert len(before) == 3 + 3 * 3 * 2  # split files + (paper, standard, mismatched) x K per fold
     split(params)
     assert _digests(params.data.dir) == before
     fresh = _prepare(tmp_path)  # a second, independent ingest of the same content

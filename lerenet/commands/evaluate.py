@@ -78,6 +78,7 @@ def evaluate_cmd(
     layout = Layout.of(params)
     for name, m in result.models.items():
         cells = [f"k{k}/{protocol} mIoU {score.miou:.3f}" for k, by in m.scores.items() for protocol, score in by.items()]
+        cells += [f"k{k} support gain {m.support_gain(k):+.3f}" for k in m.mismatched if m.support_gain(k) is not None]
         typer.echo(f"fold {fold} {name}: " + ", ".join(cells))
     typer.echo(f"wrote {layout.fold_metrics(fold)}, {layout.per_class(fold)}, {layout.per_class_plot(fold)}")
 

@@ -3,6 +3,9 @@
 * **K-shot**: the K supports of an episode are passed together; the model averages over shots
   (paper Eq. 16).
 * **Standard protocol**: scored per seed, reported as mean +- std (ddof=1) over seeds.
+* **Mismatched** (support-sensitivity control): the paper episodes with the support from another
+  novel class, scored like ``paper`` (same batches, same Predictor) into ``ModelMetrics.mismatched``;
+  an empty episode set (a fold with one test class) is skipped.
 * **False alarms**: for each test class with defect-free (``normal``/``Nd``) images, the support sets
   of the first protocol seen for each K (cycled) are run against those images.
 * **Latency**: median wall time of ``latency_queries`` full predictions of one query from decoded
@@ -19,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.evaluation.data import FeatureSource
-from pipeline.evaluation.results import SEEDED_PROTOCOLS, ModelMetrics, ProtocolScore
+from pipeline.evaluation.results import MISMATCHED, SEEDED_PROTOCOLS, ModelMetrics, ProtocolScore
 from pipeline.evaluation.scoring import false_alarms, latency_ms, overlay_indices, overlay_items, score_episodes
 from pipeline.metrics import mean_std
 
@@ -64,7 +67,8 @@ def evaluate_model(src: FeatureSource, fold: int, model_name: str, test_classes:
 
     Args:
         src: the model's Predictor and the images' features (:class:`~pipeline.evaluation.data.FeatureSource`).
-        episodes: ``{(protocol, K): episode rows}``; the ``standard`` rows carry several seeds.
+        episodes: ``{(protocol, K): episode rows}``; the ``standard`` rows carry several seeds; a
+            ``("mismatched", K)`` entry is scored into ``metrics.mismatched`` (skipped when empty).
         normal_ids: defect-free image ids per test class.
         latency_queries: timed predictions per K. overlay_per_class: overlay episodes kept per class.
 
@@ -76,21 +80,28 @@ def evaluate_model(src: FeatureSource, fold: int, model_name: str, test_classes:
     metrics = ModelMetrics()
     rows: list[dict[str, Any]] = []
     overlays: dict[str, list[Any]] = {}
-    for (protocol, k), eps in sorted(episodes.items(), key=lambda x: (x[0][1], x[0][0])):
-        slot = metrics.scores.setdefault(k, {})
+    # per K: the protocols in name order, the mismatched control last (it never supplies the support
+    # sets of the false alarms)
+    for (protocol, k), eps in sorted(episodes.items(), key=lambda x: (x[0][1], x[0][0] == MISMATCHED, x[0][0])):
+        if protocol == MISMATCHED and eps.empty:
+            continue
         if protocol in SEEDED_PROTOCOLS:
-            slot[protocol] = _score_seeded(src, eps, protocol, k, fold, model_name, test_classes, batch_size, rows)
+            score = _score_seeded(src, eps, protocol, k, fold, model_name, test_classes, batch_size, rows)
         else:
             keep = overlay_indices(eps, overlay_per_class)
             acc, kept = score_episodes(src, eps.reset_index(drop=True), batch_size, keep,
                                        desc=f"{model_name} k{k} {protocol}")
-            slot[protocol] = ProtocolScore(protocol, acc.miou(test_classes), acc.fbiou(), int(len(eps)))
+            score = ProtocolScore(protocol, acc.miou(test_classes), acc.fbiou(), int(len(eps)))
             for c, v in acc.class_iou(test_classes).items():
                 rows.append(_per_class_row(fold, model_name, k, protocol, c, v, np.nan, acc.episodes[c]))
             if kept:
                 overlays[f"k{k}_{protocol}"] = overlay_items(src.table, eps.reset_index(drop=True), kept)
+        if protocol == MISMATCHED:
+            metrics.mismatched[k] = score
+        else:
+            metrics.scores.setdefault(k, {})[protocol] = score
         # false alarms and latency once per K, from the support sets of the first protocol seen
-        if k not in metrics.latency_ms:
+        if k not in metrics.latency_ms and protocol != MISMATCHED:
             sets = {c: part["support_ids"].tolist() for c, part in eps.groupby("class_name")}
             fa = false_alarms(src, sets, normal_ids, batch_size)
             if fa is not None:

@@ -3,7 +3,9 @@
 Schema of the file (unchanged; ``docs/architecture.md``)::
 
     {model: {"k<K>": {"paper": {"miou", "fbiou", "episodes"},
-                      "standard": {"miou_mean", "miou_std", "fbiou_mean", "fbiou_std", "seeds", "episodes"}},
+                      "standard": {"miou_mean", "miou_std", "fbiou_mean", "fbiou_std", "seeds", "episodes"},
+                      "mismatched": {"miou", "fbiou", "episodes"},
+                      "support_gain": paper miou - mismatched miou},
              "fp": {"k<K>": {"area_fraction", "image_rate", "images", "per_class": {class: {...}}}},
              "latency_ms": {"k<K>": ms}},
      "device": "..."}
@@ -11,6 +13,12 @@ Schema of the file (unchanged; ``docs/architecture.md``)::
 The key convention (``miou`` for the paper protocol, ``miou_mean`` for the standard protocol's mean
 over seeds) lives only in :class:`ProtocolScore`; readers use ``score.miou`` / ``score.fbiou``
 whatever the protocol. IoU values are in [0, 1]; floats are rounded to 4 decimals on writing.
+
+``mismatched`` (the paper episodes with the support from another novel class of the fold,
+pipeline/split.py) is a control, not a quality protocol: it is kept in
+:attr:`ModelMetrics.mismatched`, apart from :attr:`ModelMetrics.scores`, so that whatever ranks
+models on ``scores`` (the registry's promotion gate, the mIoU tables) never averages it in.
+``support_gain`` is derived (:meth:`ModelMetrics.support_gain`), never read back.
 """
 
 from __future__ import annotations
@@ -23,6 +31,11 @@ from typing import Any
 
 #: protocols scored over several seeds (reported as mean +- sample std over seeds)
 SEEDED_PROTOCOLS = ("standard",)
+#: the support-sensitivity control: scored on ``episodes/fold<f>_mismatched_k<K>.parquet`` whenever
+#: ``paper`` is, held in :attr:`ModelMetrics.mismatched`
+MISMATCHED = "mismatched"
+#: the key of ``paper miou - mismatched miou`` inside ``"k<K>"``
+SUPPORT_GAIN = "support_gain"
 
 
 def _rounded(obj: Any, nd: int = 4) -> Any:
@@ -116,7 +129,10 @@ class ModelMetrics:
     """Everything measured for one model on one fold.
 
     Attributes:
-        scores: ``{K: {protocol: ProtocolScore}}`` (insertion order = the file's order).
+        scores: ``{K: {protocol: ProtocolScore}}`` for the protocols of ``evaluate.protocols``
+            (insertion order = the file's order).
+        mismatched: ``{K: ProtocolScore}`` (protocol ``"mismatched"``) for the K whose fold has a
+            mismatched episode set (none when the fold has a single test class or ``paper`` is not evaluated).
         fp: ``{K: FalseAlarms}`` for the K with defect-free test images (may be empty).
         latency_ms: ``{K: median ms per query}``.
     """
@@ -124,14 +140,36 @@ class ModelMetrics:
     scores: dict[int, dict[str, ProtocolScore]] = field(default_factory=dict)
     fp: dict[int, FalseAlarms] = field(default_factory=dict)
     latency_ms: dict[int, float] = field(default_factory=dict)
+    mismatched: dict[int, ProtocolScore] = field(default_factory=dict)
 
     def score(self, shots: int, protocol: str) -> ProtocolScore:
-        """The score of K = ``shots`` under ``protocol`` (``KeyError`` if it was not evaluated)."""
+        """The score of K = ``shots`` under ``protocol`` (``KeyError`` if it was not evaluated);
+        ``protocol="mismatched"`` reads :attr:`mismatched`."""
+        if protocol == MISMATCHED:
+            return self.mismatched[shots]
         return self.scores[shots][protocol]
 
+    def support_gain(self, shots: int) -> float | None:
+        """Support gain at K = ``shots``: paper mIoU - mismatched mIoU (in [-1, 1]; ~0 for a model that
+        ignores its support), or ``None`` when either was not evaluated."""
+        paper = (self.scores.get(shots) or {}).get("paper")
+        other = self.mismatched.get(shots)
+        return None if paper is None or other is None else paper.miou - other.miou
+
     def to_json(self) -> dict[str, Any]:
-        """``{"k<K>": {protocol: ...}, ..., ["fp": {...},] "latency_ms": {...}}``."""
+        """``{"k<K>": {protocol: ..., ["mismatched": ..., "support_gain": x]}, ..., ["fp": {...},]
+        "latency_ms": {...}}``.
+
+        ``support_gain`` is written as the difference of the two mIoUs rounded to 4 decimals (the
+        file's precision), so the file's numbers add up and a read-write round trip is exact.
+        """
         d: dict[str, Any] = {f"k{k}": {p: s.to_json() for p, s in by.items()} for k, by in self.scores.items()}
+        for k, s in self.mismatched.items():
+            slot = d.setdefault(f"k{k}", {})
+            slot[MISMATCHED] = s.to_json()
+            gain = self.support_gain(k)
+            if gain is not None:
+                slot[SUPPORT_GAIN] = round(round(self.score(k, "paper").miou, 4) - round(s.miou, 4), 4)
         if self.fp:
             d["fp"] = {f"k{k}": v.to_json() for k, v in self.fp.items()}
         d["latency_ms"] = {f"k{k}": ms for k, ms in self.latency_ms.items()}
@@ -140,11 +178,15 @@ class ModelMetrics:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> ModelMetrics:
         """Inverse of :meth:`to_json`."""
-        scores = {int(kk[1:]): {p: ProtocolScore.from_json(p, v) for p, v in by.items()}
-                  for kk, by in d.items() if kk.startswith("k") and kk[1:].isdigit()}
+        per_k = {int(kk[1:]): by for kk, by in d.items() if kk.startswith("k") and kk[1:].isdigit()}
+        scores = {k: {p: ProtocolScore.from_json(p, v) for p, v in by.items() if p not in (MISMATCHED, SUPPORT_GAIN)}
+                  for k, by in per_k.items()}
+        scores = {k: by for k, by in scores.items() if by}
+        mismatched = {k: ProtocolScore.from_json(MISMATCHED, by[MISMATCHED]) for k, by in per_k.items()
+                      if MISMATCHED in by}
         fp = {int(kk[1:]): FalseAlarms.from_json(v) for kk, v in (d.get("fp") or {}).items()}
         lat = {int(kk[1:]): float(v) for kk, v in (d.get("latency_ms") or {}).items()}
-        return cls(scores, fp, lat)
+        return cls(scores, fp, lat, mismatched)
 
 
 @dataclass

@@ -2,7 +2,8 @@
 
 Metric names (:func:`flat_metrics`): ``test_k<K>_<protocol>_<name>`` for every key of the protocol's
 score in ``metrics/fold<f>.json`` (``miou``, ``fbiou``, ``episodes``; ``miou_mean``, ``miou_std``, ...),
-``fp_k<K>_area_fraction``, ``fp_k<K>_image_rate``, ``latency_ms_k<K>``. Artifacts under
+the support-sensitivity control as ``test_k<K>_mismatched_{miou,fbiou,episodes}`` and
+``test_k<K>_support_gain`` (paper - mismatched mIoU), ``fp_k<K>_area_fraction``, ``fp_k<K>_image_rate``, ``latency_ms_k<K>``. Artifacts under
 ``evaluation/``: ``per_class_iou.{json,csv,png}``, ``overlays_k<K>_<protocol>.png``.
 """
 
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from pipeline.config import Params
 from pipeline.evaluation.fold import ModelResult
-from pipeline.evaluation.results import ModelMetrics
+from pipeline.evaluation.results import MISMATCHED, SUPPORT_GAIN, ModelMetrics
 from pipeline.layout import Layout
 
 log = logging.getLogger(__name__)
@@ -23,12 +24,19 @@ log = logging.getLogger(__name__)
 
 def flat_metrics(metrics: ModelMetrics) -> dict[str, float]:
     """Flatten a model's metrics to MLflow metric names, e.g. ``test_k1_paper_miou``,
-    ``test_k5_standard_miou_mean``, ``fp_k1_image_rate``, ``latency_ms_k1`` (per-class FP omitted)."""
+    ``test_k5_standard_miou_mean``, ``test_k1_mismatched_miou``, ``test_k1_support_gain``,
+    ``fp_k1_image_rate``, ``latency_ms_k1`` (per-class FP omitted)."""
     flat: dict[str, float] = {}
     for k, by_protocol in metrics.scores.items():
         for protocol, score in by_protocol.items():
             for name, val in score.to_json().items():
                 flat[f"test_k{k}_{protocol}_{name}"] = float(val)
+    for k, score in metrics.mismatched.items():
+        for name, val in score.to_json().items():
+            flat[f"test_k{k}_{MISMATCHED}_{name}"] = float(val)
+        gain = metrics.support_gain(k)
+        if gain is not None:
+            flat[f"test_k{k}_{SUPPORT_GAIN}"] = float(gain)
     for k, fa in metrics.fp.items():
         flat[f"fp_k{k}_area_fraction"] = float(fa.area_fraction)
         flat[f"fp_k{k}_image_rate"] = float(fa.image_rate)
