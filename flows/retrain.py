@@ -98,7 +98,7 @@ def retrain_on_new_classes(params_path: str | None = None, overrides: dict[str, 
     # files are gone fails here, naming version and artifact, and the classes stay new for the next run
     champion = registry.alias_version(params, registry.CHAMPION)
     if champion:
-        registry.require_artifacts(params, champion)
+        registry.require_artifacts(params, champion, "probed")
 
     # 2. fold table with the new classes placed, and the source view to ingest -- in memory
     folds, to_place, view = place_new_classes(params, new)

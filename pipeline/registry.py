@@ -399,8 +399,9 @@ def promote(params: Params, version: str | int, *, force: bool = False) -> Promo
     return decision
 
 
-def require_artifacts(params: Params, version: str | int) -> None:
-    """Check that registered ``version`` still has its model files (``MLmodel`` and the checkpoint it names).
+def require_artifacts(params: Params, version: str | int, purpose: str = "promoted") -> None:
+    """Check that registered ``version`` still has its model files (``MLmodel`` and the checkpoint it names)
+    before it is ``purpose`` (``promoted``, ``probed``: words of the message).
 
     Raises:
         RegistryError: an artifact is missing; names the version, the artifact and where it was looked for.
@@ -409,7 +410,7 @@ def require_artifacts(params: Params, version: str | int) -> None:
 
     problem = missing_files(params.mlflow.registered_model, str(version), tracking.tracking_uri(params))
     if problem:
-        raise RegistryError(f"{params.mlflow.registered_model} v{version} cannot be promoted: {problem}")
+        raise RegistryError(f"{params.mlflow.registered_model} v{version} cannot be {purpose}: {problem}")
 
 
 def recorded_decision(name: str, version: str, tags: Mapping[str, str]) -> PromotionDecision | None:
