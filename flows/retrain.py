@@ -8,14 +8,17 @@ Steps (orchestration only; the work is done by ``pipeline/`` functions):
    ``pipeline.classes.extend_folds`` (fold with the fewest test images; new classes counted by their
    image files), because validation requires every class to be in the table.
 3. **New data version**: ingest the accepted classes plus the new ones (a folder of symlinks), validate
-   against the extended table; then write the table back to the params file (comments kept,
-   ruamel.yaml) and -- in a DVC project -- ``dvc commit --force ingest validate``, so ``data/raw`` is
-   re-versioned and the ``params.yaml``/``dvc.lock`` changes are ready to commit with git. Bad data
-   fails here and leaves the params file untouched.
+   against the extended table. Bad data fails here and leaves the params file untouched.
 4. **Probe the champion**: ``models:/<name>@champion`` is evaluated on each new class as a novel class
    (K in ``split.shots``, e.g. 1 and 5; ``pipeline.usecases.probe.probe_champion``), logged to MLflow as
    run ``probe-<class>``: how well the deployed model already handles the new defect, before any
-   retraining.
+   retraining. The champion's model files are checked before step 2
+   (``pipeline.registry.require_artifacts``): a champion whose files are gone fails the flow naming the
+   version and the missing artifact, before anything is written. Then the table is written back to the
+   params file (comments kept, ruamel.yaml) and -- in a DVC project -- ``dvc commit --force ingest
+   validate``, so ``data/raw`` is re-versioned and the ``params.yaml``/``dvc.lock`` changes are ready to
+   commit with git. A failing probe leaves the params file untouched, so the classes are new again on
+   the next run.
 5. **Retrain**: the ``training_pipeline`` flow as a subflow (CV, production model, register as
    challenger, promotion gate).
 
@@ -91,28 +94,35 @@ def retrain_on_new_classes(params_path: str | None = None, overrides: dict[str, 
     logger.info("new classes: %s", new)
     before = tracking.data_version(params)
 
+    # the champion to probe, and its model files, checked before anything is written: a champion whose
+    # files are gone fails here, naming version and artifact, and the classes stay new for the next run
+    champion = registry.alias_version(params, registry.CHAMPION)
+    if champion:
+        registry.require_artifacts(params, champion, "probed")
+
     # 2. fold table with the new classes placed, and the source view to ingest -- in memory
     folds, to_place, view = place_new_classes(params, new)
     staged = load_params(path, _merge(overrides, {"folds": folds}))
 
-    # 3. new data version: accepted classes + the new ones, validated against the extended table;
-    #    only then is the table written back to the params file and the data version committed
+    # 3. new data version: accepted classes + the new ones, validated against the extended table
     ingest_task(staged, view)
     validate_task(staged)
+
+    # 4. probe the deployed model on each new class, before retraining -- and before the table is written
+    #    back, so a failing probe leaves the params file as it was (the classes are new again next run)
+    probe: dict[str, Any] = {}
+    for c in new:
+        probe[c] = probe_task(staged, c, champion) if champion else None
+    if not champion:
+        logger.info("no champion registered yet: nothing to probe")
+
+    # only now is the table written back to the params file and the data version committed
     if to_place:
         write_folds(path, folds)
     params = load_params(path, overrides)
     commit = dvc_commit(params.root, ["ingest", "validate"])
     after = tracking.data_version(params)
     logger.info("data version %s -> %s (dvc commit: %s); folds %s", before, after, commit, folds)
-
-    # 4. probe the deployed model on each new class, before retraining
-    champion = registry.alias_version(params, registry.CHAMPION)
-    probe: dict[str, Any] = {}
-    for c in new:
-        probe[c] = probe_task(params, c, champion) if champion else None
-    if not champion:
-        logger.info("no champion registered yet: nothing to probe")
 
     # 5. retrain + gate
     result = training_pipeline(str(path), overrides, fold_workers)

@@ -7,16 +7,21 @@ Two kinds of file:
   with ``torch.load(weights_only=True)``. Written by :func:`save_model`; read by
   :func:`pipeline.inference.model_file.load_model` (re-exported here), which the served model ships.
 * **training state** (``checkpoints/<tag>/<model>/state.pt``): model, optimiser, scheduler,
-  gradient-scaler and RNG states, step, best validation score and state, curve so far. Our own
-  trusted file, loaded with ``weights_only=False`` (it holds NumPy RNG state).
+  gradient-scaler and RNG states, step, best validation score and state, curve so far, and the key
+  it was written for (:mod:`pipeline.training.state`). Also plain tensors and JSON-like values only:
+  NumPy arrays (the NumPy RNG state) are stored as ``{"__ndarray__": dtype, "data": list}`` and
+  turned back on reading, so the file loads with ``torch.load(weights_only=True)``; a state that
+  needs unpickling of arbitrary objects (written by an older version, or not by us) is refused.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from pipeline.atomic import atomic_torch_save
@@ -24,24 +29,68 @@ from pipeline.inference.model_file import (META_KEYS, MODEL_FORMAT, CheckpointEr
                                            build_from_meta, load_model)
 
 
+_NDARRAY = "__ndarray__"
+
+
+def _plain(obj: Any) -> Any:
+    """``obj`` with every NumPy array replaced by ``{"__ndarray__": dtype, "data": list}`` (and NumPy
+    scalars by Python numbers), containers rebuilt with the same type (dict, list, tuple)."""
+    if isinstance(obj, np.ndarray):
+        return {_NDARRAY: str(obj.dtype), "data": obj.tolist()}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_plain(v) for v in obj)
+    return obj
+
+
+def _restore(obj: Any) -> Any:
+    """Inverse of :func:`_plain`."""
+    if isinstance(obj, dict):
+        if set(obj) == {_NDARRAY, "data"}:
+            return np.asarray(obj["data"], dtype=obj[_NDARRAY])
+        return {k: _restore(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_restore(v) for v in obj)
+    return obj
+
+
 def save_state(path: str | os.PathLike[str], state: dict[str, Any]) -> None:
-    """Write a resumable training state dict (see module docstring) atomically."""
-    atomic_torch_save(state, path)
+    """Write a resumable training state dict (see module docstring) atomically; NumPy arrays are
+    stored as plain lists so that :func:`load_state` needs no unpickling of objects."""
+    atomic_torch_save(_plain(state), path)
 
 
 def load_state(path: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """Read a training state written by :func:`save_state`; ``None`` if the file does not exist.
+    """Read a training state written by :func:`save_state` with ``torch.load(weights_only=True)``;
+    ``None`` if the file does not exist.
 
     Raises:
-        CheckpointError: the file exists but cannot be read (names the file; delete it to start over).
+        CheckpointError: the file exists but cannot be read, or needs unpickling of arbitrary
+            objects (a pickled state of an older version, or a file not written by us); the message
+            names the file and says to delete it to train from scratch.
     """
     path = Path(path)
     if not path.is_file():
         return None
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        why = next((ln.strip().split(" was not")[0] for ln in str(exc).splitlines() if "Unsupported global" in ln), None)
+        if why is None:  # not even a torch file
+            raise CheckpointError(f"{path}: cannot read training state ({exc}); delete it to train from scratch") from None
+        raise CheckpointError(
+            f"{path}: refusing to load this training state: it holds pickled Python objects that "
+            f"torch.load(weights_only=True) does not allow (written by an older version of the pipeline, "
+            f"or not by it; loading it could run code): {why}. Delete the file to train from scratch") from None
     except Exception as exc:  # corrupted / foreign file
         raise CheckpointError(f"{path}: cannot read training state ({exc}); delete it to train from scratch") from exc
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not a training state (a {type(state).__name__}, expected a dict); "
+                              "delete it to train from scratch")
+    return _restore(state)
 
 
 def save_model(path: str | os.PathLike[str], net: torch.nn.Module, meta: dict[str, Any]) -> None:

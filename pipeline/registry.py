@@ -32,6 +32,12 @@ No common cells: not promoted (the reason says so; ``force=True`` overrides, rec
 The ``champion`` alias is moved by a single ``set_registered_model_alias`` call after every
 decision tag is written, so there is never more than one champion and never a champion whose
 decision is not on record.
+
+Idempotent (:func:`promote`): a version whose decision is on record (tag ``decision`` = ``promoted`` /
+``not promoted``) is not decided again -- a retry returns the recorded decision and changes nothing,
+except finishing an alias move the recorded decision made but a failure interrupted
+(:func:`recorded_decision`). A version whose model files are gone (``MLmodel`` or its checkpoint
+deleted from the artifact store) is never promoted: :func:`require_artifacts`.
 """
 
 from __future__ import annotations
@@ -310,7 +316,9 @@ def promote(params: Params, version: str | int, *, force: bool = False) -> Promo
     Rule (module docstring): mean mIoU over the cells both versions were scored on with identical
     saved episodes; promoted iff challenger >= champion + ``params.mlflow.promotion_margin``; the
     first model is promoted; ``force`` promotes whatever the scores (recorded in the reason).
-    Calling it again on the current champion is a no-op that reports so.
+    Calling it again on a decided version returns the decision on record and changes nothing (a
+    recorded refusal can still be overridden with ``force``); on a champion without a recorded decision
+    it reports that it is already the champion.
 
     Returns:
         The decision; also written on the version as tags ``decision``, ``decision.reason``,
@@ -318,7 +326,8 @@ def promote(params: Params, version: str | int, *, force: bool = False) -> Promo
         ``decision.champion_miou``, ``decision.margin``, ``decision.time``.
 
     Raises:
-        RegistryError: the version does not exist or has no ``cv.*`` metric tags.
+        RegistryError: the version does not exist, has no ``cv.*`` metric tags, or its model files are
+            gone (:func:`require_artifacts`).
         MlflowException: the registry failed (tag ``decision`` is then ``error`` if it could be written).
     """
     from mlflow.exceptions import MlflowException
@@ -333,6 +342,13 @@ def promote(params: Params, version: str | int, *, force: bool = False) -> Promo
     if not mine:
         raise RegistryError(f"{name} v{version} has no cv.* metric tags; it cannot be gated (register it with "
                             "pipeline.registry.register)")
+    recorded = recorded_decision(name, version, mv.tags)
+    if recorded is not None and not (force and not recorded.promoted):
+        _finish_recorded_move(params, recorded)
+        log.info("%s v%s: decision already on record (%s, %s): not decided again", name, version,
+                 mv.tags.get("decision"), mv.tags.get("decision.time"))
+        return recorded
+    require_artifacts(params, version)
     before = alias_version(params, CHAMPION)
     compared: list[str] = []
     ch_score = champ_score = None
@@ -381,6 +397,48 @@ def promote(params: Params, version: str | int, *, force: bool = False) -> Promo
         raise
     log.info("%s v%s: %s (%s)", name, version, tags["decision"], reason)
     return decision
+
+
+def require_artifacts(params: Params, version: str | int, purpose: str = "promoted") -> None:
+    """Check that registered ``version`` still has its model files (``MLmodel`` and the checkpoint it names)
+    before it is ``purpose`` (``promoted``, ``probed``: words of the message).
+
+    Raises:
+        RegistryError: an artifact is missing; names the version, the artifact and where it was looked for.
+    """
+    from pipeline.registry_state import missing_files
+
+    problem = missing_files(params.mlflow.registered_model, str(version), tracking.tracking_uri(params))
+    if problem:
+        raise RegistryError(f"{params.mlflow.registered_model} v{version} cannot be {purpose}: {problem}")
+
+
+def recorded_decision(name: str, version: str, tags: Mapping[str, str]) -> PromotionDecision | None:
+    """The :class:`PromotionDecision` on record in a version's ``decision*`` tags, or ``None`` when none is
+    (``pending``, ``error`` or no tag): :func:`pipeline.registry_state.decision_fields`."""
+    from pipeline.registry_state import decision_fields
+
+    fields = decision_fields(tags)
+    return None if fields is None else PromotionDecision(name, str(version), **fields)
+
+
+def _finish_recorded_move(params: Params, d: PromotionDecision) -> None:
+    """A recorded ``promoted`` whose alias move was interrupted (champion still the recorded
+    ``champion_before``): move it now. Any other state (already moved, or the champion has moved on
+    since) is left as it is."""
+    if not d.promoted:
+        return
+    current = alias_version(params, CHAMPION)
+    if current == d.version or current != d.champion_before:
+        return
+    cl = client(params)
+    cl.set_registered_model_alias(d.model, CHAMPION, d.version)
+    log.warning("%s v%s: finished the interrupted move of %s (recorded decision: %s)", d.model, d.version,
+                CHAMPION, d.reason)
+    if alias_version(params, CHALLENGER) == d.version:
+        cl.delete_registered_model_alias(d.model, CHALLENGER)
+    if d.champion_before is not None:
+        _safe(lambda: cl.set_model_version_tag(d.model, d.champion_before, "superseded_by", d.version))
 
 
 def _mean(values: Iterable[float]) -> float:

@@ -53,13 +53,20 @@ def git_commit(root: Path) -> str:
     return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
 
 
+MACHINE_LOCAL_PARAMS = {"data": ("source", "incoming", "dir"), "mlflow": ("tracking_uri",),
+                        "train": ("device", "num_workers")}
+"""Settings that say where or how fast this machine runs the work, not what the result is: left out of
+:func:`params_hash` (with ``root`` and the whole ``services`` section)."""
+
+
 def params_hash(params: Params) -> str:
-    """16-hex sha256 of the resolved parameters, excluding machine-specific paths (root, data
-    source/incoming/dir) and the tracking URI: equal on every clone for equal settings."""
-    d = params.model_dump(mode="json", exclude={"root"})
-    for k in ("source", "incoming", "dir"):
-        d["data"].pop(k, None)
-    d["mlflow"].pop("tracking_uri", None)
+    """16-hex sha256 of the resolved parameters, excluding machine-local settings (root, data
+    source/incoming/dir, the tracking URI, ``train.device``, ``train.num_workers`` and ``services``):
+    equal on every clone and machine for equal settings."""
+    d = params.model_dump(mode="json", exclude={"root", "services"})
+    for section, keys in MACHINE_LOCAL_PARAMS.items():
+        for k in keys:
+            d.get(section, {}).pop(k, None)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

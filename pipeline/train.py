@@ -18,7 +18,9 @@ batch_size)``.
   are checkpointed; on CPU the same seed gives bit-identical weights and metrics.
 * Checkpoints: every ``train.checkpoint_every`` steps (and at the end) the full training state
   is written atomically to ``checkpoints/<tag>/<model>/state.pt``; a restarted run with the same
-  params resumes from it and ends with the result of an uninterrupted run.
+  params, data version and training code resumes from it and ends with the result of an uninterrupted
+  run; a state written for other params, data or code (finished or not) is stale: training starts
+  over and says why (:mod:`pipeline.training.state`).
 * Model selection: every ``train.val_every`` steps (and at the last step), mean foreground IoU
   over the training classes on ``train.val_episodes`` fixed episodes whose queries are the fold's
   held-out ``val_ids``; the best state is kept. Test classes are never touched.
@@ -57,7 +59,7 @@ from pipeline.layout import Layout, fold_tag
 from pipeline.training.batches import CachedEpisodes, ImageEpisodes, check_store, image_loader, total_steps
 from pipeline.training.loop import (Session, TrainingStopped, optimizer, run_steps, scheduler, start_validation,
                                     validate)
-from pipeline.training.state import Progress, resume
+from pipeline.training.state import Progress, code_version, resume, state_key
 
 CURVE_FIELDS = ("step", "episodes", "loss", "lr", "val_miou", "episodes_per_s")
 
@@ -95,7 +97,7 @@ def _meta(params: Params, net: torch.nn.Module, fold: int | None, model_name: st
         "model": model_name, "backbone": params.model.backbone, "variant": params.model.variant,
         "channels": params.model.channels, "freeze_backbone": params.model.freeze_backbone,
         "image_size": params.train.image_size, "train_shots": params.train.shots, "fold": fold,
-        "params_hash": params_hash(params), "data_version": data_version(params),
+        "params_hash": params_hash(params), "data_version": data_version(params), "code_version": code_version(),
         "git_commit": git_commit(params.root), "step": step, "best_val_miou": best, "best_step": best_step,
         "run_id": run_id, "config": dict(getattr(net, "config", {}) or {}),
     }
@@ -179,7 +181,6 @@ def train(params: Params, fold: int | None, model_name: str, out_dir: Path | Non
         DataArtifactError: validated data or the fold's split is missing (run the data stages).
         TrainingStopped: ``stop_after`` reached.
     """
-    from pipeline.tracking import params_hash
     from pipeline.training.tracking import Tracker
 
     _check_args(params, fold, model_name)
@@ -212,7 +213,7 @@ def train(params: Params, fold: int | None, model_name: str, out_dir: Path | Non
     opt = optimizer(net, params) if trainable else None
     sched = scheduler(opt, steps, t.poly_power) if opt is not None else None
     scaler = dev.grad_scaler(device)
-    key = (params_hash(params), fold, model_name)
+    key = state_key(params, fold, model_name)  # a state written for other params/data/code is stale: not resumed
     p = resume(state_file, key, net, opt, sched, scaler) if trainable else Progress()
 
     tracker = Tracker(params, fold, model_name, p.run_id) if track else None

@@ -336,3 +336,30 @@ def test_new_class_detection_and_source_view(tmp_path, small_source):
     view = source_view(params)
     assert sorted(p.name for p in view.iterdir()) == [".lerenet-view.json", "Leather_Color", "MT_Uneven", "Steel_In"]
     assert (view / "Steel_In").resolve() == (small_source / "Steel_In").resolve()
+
+
+def test_retrain_with_a_champion_whose_files_are_gone_names_them_and_writes_nothing(
+        prefect_harness, tmp_path, small_source, champion_checkpoint):
+    """The champion's registered files were deleted: the retrain flow fails before writing anything, naming
+    the version and the missing artifact, and the new class is still new on the next run."""
+    from flows.retrain import retrain_on_new_classes
+    from pipeline.classes import new_classes
+    from pipeline.ingest import ingest
+    from pipeline.validate import validate
+
+    if not (INCOMING / "Leather_Fold").is_dir():
+        pytest.skip(f"{INCOMING / 'Leather_Fold'} not available (set LERENET_TEST_INCOMING)")
+    pfile = tiny_params_file(tmp_path, small_source, INCOMING)
+    params = load_params(pfile, env={})
+    ingest(params, progress=False)
+    assert validate(params)["success"]
+    v1 = R.register(params, champion_checkpoint, [R.CvCell(0, "paper", 1, 0.3, 0.5, "e0")], model_name="prototype")
+    R.promote(params, v1)
+    files = R.client(params).get_model_version_download_uri(params.mlflow.registered_model, v1)
+    shutil.rmtree(files[len("file://"):])
+    before = pfile.read_bytes()
+    manifest = (tmp_path / "data" / "manifest.parquet").read_bytes()
+    with pytest.raises(R.RegistryError, match=rf"v{v1} cannot be probed: .*v{v1}\): artifact MLmodel is missing"):
+        retrain_on_new_classes(str(pfile))
+    assert pfile.read_bytes() == before and (tmp_path / "data" / "manifest.parquet").read_bytes() == manifest
+    assert new_classes(load_params(pfile, env={})) == ["Leather_Fold"]  # not "nothing new" next time

@@ -87,7 +87,75 @@ def test_promotion_both_ways_and_tie_within_margin(params, checkpoint):
     assert holders == [better]
     # gating the champion again is a no-op
     again = R.promote(params, better)
-    assert again.promoted and "already the champion" in again.reason
+    assert again == d and again.champion_before == v1
+
+
+def test_promotion_retry_of_a_decided_version_changes_nothing(params, checkpoint):
+    """A retried promote (e.g. the flow's task after the card failed) returns the recorded decision: the
+    champion it replaced and the compared cells stay as decided, no tag is rewritten."""
+    v1 = R.register(params, checkpoint, cells(0.40, 0.40))
+    R.promote(params, v1)
+    v2 = R.register(params, checkpoint, cells(0.50, 0.50))
+    first = R.promote(params, v2)
+    assert first.promoted and first.champion_before == v1 and first.compared
+    tags = version_tags(params, v2)
+    retry = R.promote(params, v2)
+    assert retry == first  # not "already the champion" with champion_before = itself and nothing compared
+    assert version_tags(params, v2) == tags and R.alias_version(params, R.CHAMPION) == v2
+    # a refusal on record stays a refusal, unless forced
+    v3 = R.register(params, checkpoint, cells(0.10, 0.10))
+    refused = R.promote(params, v3)
+    assert R.promote(params, v3) == refused and not refused.promoted
+    assert R.promote(params, v3, force=True).promoted and R.alias_version(params, R.CHAMPION) == v3
+
+
+def test_interrupted_alias_move_is_finished_by_the_retry(params, checkpoint):
+    """The state a crash between the decision tags and the alias move leaves: the retry moves the alias."""
+    v1 = R.register(params, checkpoint, cells(0.40, 0.40))
+    R.promote(params, v1)
+    v2 = R.register(params, checkpoint, cells(0.50, 0.50))
+    c, name = R.client(params), params.mlflow.registered_model
+    for k, v in {"decision": "promoted", "decision.reason": "CV mIoU 0.5000 >= champion v1 0.4000 + margin 0.01",
+                 "decision.compared": "cv.f0.paper.k1,cv.f1.paper.k1", "decision.champion_before": v1,
+                 "decision.challenger_miou": "0.500000", "decision.champion_miou": "0.400000",
+                 "decision.margin": "0.01"}.items():
+        c.set_model_version_tag(name, v2, k, v)
+    assert R.alias_version(params, R.CHAMPION) == v1  # decided, not moved
+    d = R.promote(params, v2)
+    assert d.promoted and d.champion_before == v1 and d.compared == ["cv.f0.paper.k1", "cv.f1.paper.k1"]
+    assert R.alias_version(params, R.CHAMPION) == v2 and R.alias_version(params, R.CHALLENGER) is None
+    assert version_tags(params, v1)["superseded_by"] == v2
+
+
+def _version_files(params, version: str) -> Path:
+    uri = R.client(params).get_model_version_download_uri(params.mlflow.registered_model, version)
+    assert uri.startswith("file://")
+    return Path(uri[len("file://"):])
+
+
+def test_version_whose_artifacts_are_gone_is_not_promoted_and_not_loaded(params, checkpoint):
+    """Files deleted from the artifact store: promote fails with RegistryError naming version and artifact;
+    loading the alias (what `lerenet predict` does) names them too; the champion stays."""
+    import shutil
+
+    from pipeline.inference.resolve import ModelNotFoundError, open_model
+    from pipeline.tracking import tracking_uri
+
+    v1 = R.register(params, checkpoint, cells(0.40, 0.40))
+    R.promote(params, v1)
+    v2 = R.register(params, checkpoint, cells(0.50, 0.50))
+    ckpt = next(_version_files(params, v2).rglob("model.pt"))
+    ckpt.unlink()
+    with pytest.raises(R.RegistryError, match=rf"v{v2} cannot be promoted: .*artifact artifacts/model.pt is missing"):
+        R.promote(params, v2)
+    assert R.alias_version(params, R.CHAMPION) == v1 and version_tags(params, v2)["decision"] == "pending"
+    shutil.rmtree(_version_files(params, v2))
+    with pytest.raises(R.RegistryError, match=rf"v{v2} cannot be promoted: .*artifact MLmodel is missing"):
+        R.promote(params, v2)
+    name = params.mlflow.registered_model
+    shutil.rmtree(_version_files(params, v1))  # the champion's files gone too: loading it says which
+    with pytest.raises(ModelNotFoundError, match=rf"@champion \(registered {name} v{v1}\): artifact MLmodel is missing"):
+        open_model(f"models:/{name}@champion", tracking_uri(params))
 
 
 def test_gate_compares_only_identical_episodes(params, checkpoint):

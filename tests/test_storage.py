@@ -229,3 +229,60 @@ def test_promoted_champion_publishes_its_model_card(s3, small_params_file, tmp_p
     d2 = registry.promote(params, v2)
     assert not d2.promoted and publish_champion_card(params, v2, d2.promoted, env=env) == []
     assert read_model_card(store, params.services.models_bucket, params.mlflow.registered_model).version == v1
+
+
+def test_promotion_retried_after_card_failure_changes_nothing_and_publishes_the_card(
+        s3, small_params_file, tmp_path, monkeypatch):
+    """The flow's promote task after the card failed (S3 unreachable: a closed port) is retried: the retry
+    keeps the recorded decision (champion_before, compared cells), publishes the card once the store is
+    back, and between the two the version's ``model_card`` tag and the record say why the card lags."""
+    import json as _json
+
+    from model import build_model
+    from pipeline import registry
+    from pipeline.checkpoint import save_model
+    from pipeline.config import load_params
+    from pipeline.faults import is_transient
+    from pipeline.usecases.register import ModelCardError, gate
+
+    s3_params, store = s3
+    params = load_params(small_params_file, env={})
+    ckpt = tmp_path / "model.pt"
+    save_model(ckpt, build_model("prototype", pretrained=False),
+               dict(model="prototype", backbone="efficientnet_lite0", freeze_backbone=True, variant="mpr+mpe*",
+                    channels=64, image_size=64))
+    per_class = params.root / "metrics" / "per_class"
+    per_class.mkdir(parents=True)
+    (per_class / "fold0.csv").write_text("fold,model,shots,protocol,class_name,iou,iou_std,episodes\n"
+                                         "0,lerenet,1,paper,MT_Uneven,0.25,,5\n")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", store.settings.access_key_id)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", store.settings.secret_access_key)
+    monkeypatch.setenv("LERENET_S3_ENDPOINT_URL", svc.s3_endpoint(s3_params))
+    bucket, name = params.services.models_bucket, params.mlflow.registered_model
+    v1 = registry.register(params, ckpt, [registry.CvCell(0, "paper", 1, 0.4, 0.6, "e0")], model_name="prototype")
+    assert gate(params, v1).card_uris
+    v2 = registry.register(params, ckpt, [registry.CvCell(0, "paper", 1, 0.6, 0.7, "e0")], model_name="prototype")
+
+    monkeypatch.setenv("LERENET_S3_ENDPOINT_URL", f"http://127.0.0.1:{free_ports(1)[0]}")  # store unreachable
+    with pytest.raises(ModelCardError, match=rf"v{v2} was promoted, but its model card was not published") as err:
+        gate(params, v2)
+    assert is_transient(err.value)  # so the flow's promote task is retried
+    tags = registry.client(params).get_model_version(name, v2).tags
+    assert registry.alias_version(params, registry.CHAMPION) == v2
+    assert tags["model_card"].startswith("failed: ") and "unreachable" in tags["model_card"]
+    record = _json.loads((params.root / "reports" / "registry.json").read_text())
+    assert record["champion_before"] == v1 and "not published" in record["model_card"]
+    decided = {k: v for k, v in tags.items() if k.startswith("decision")}
+
+    monkeypatch.setenv("LERENET_S3_ENDPOINT_URL", svc.s3_endpoint(s3_params))  # the store is back: the retry
+    retry = gate(params, v2)
+    assert retry.decision.champion_before == v1 and retry.decision.compared == ["cv.f0.paper.k1"]
+    tags = registry.client(params).get_model_version(name, v2).tags
+    assert {k: v for k, v in tags.items() if k.startswith("decision")} == decided  # decision not rewritten
+    assert tags["model_card"] == "published: " + ",".join(retry.card_uris)
+    assert read_model_card(store, bucket, name).version == v2
+    again = gate(params, v2)  # a further retry changes nothing
+    assert again.decision == retry.decision and again.card_uris == retry.card_uris
+    # a late retry of v1's promotion after v2 took over: v1 stays decided, the champion card stays v2's
+    assert gate(params, v1).decision.promoted and registry.alias_version(params, registry.CHAMPION) == v2
+    assert read_model_card(store, bucket, name).version == v2

@@ -110,6 +110,91 @@ def test_resume_after_kill_equals_uninterrupted_run(reference, tmp_path):
     assert _curve(res.curve_path) == _curve(ref.curve_path)
 
 
+def test_stale_finished_state_is_not_reused_after_params_or_data_change(reference, tmp_path, caplog):
+    """A real finished ``state.pt`` is resumed only for the params, data version and code it was written for."""
+    import logging
+    import shutil
+
+    import yaml
+
+    from pipeline.checkpoint import load_state
+    from pipeline.layout import Layout
+    from pipeline.train import train
+
+    params, ref = reference
+    finished = Layout.of(params).train_state(0, "lerenet")
+    assert load_state(finished)["step"] == 12  # the reference run's final state
+    state = tmp_path / "state.pt"
+    kw = dict(out_dir=tmp_path / "out", checkpoint_file=state, curve_file=tmp_path / "curve.csv", track=False,
+              progress=False)
+    caplog.set_level(logging.WARNING, logger="pipeline.training.state")
+
+    shutil.copy(finished, state)  # same params, data and code: resumed (nothing left to train)
+    assert train(params, 0, "lerenet", **kw).resumed_from == 12
+    assert "stale" not in caplog.text
+
+    shutil.copy(finished, state)  # params changed: stale, trains from step 0, says why
+    changed = train(load(params.root / "params.yaml", train={"lr": 0.02}), 0, "lerenet", **kw)
+    assert changed.resumed_from == 0 and changed.steps == 12
+    assert "stale training state" in caplog.text and "params_hash" in caplog.text
+    a, _ = _state(ref.model_path)
+    b, meta = _state(changed.model_path)
+    assert not all(torch.equal(a[k], b[k]) for k in a)  # not the old weights under new provenance
+    assert load_state(state)["params_hash"] == meta["params_hash"] != load_state(finished)["params_hash"]
+
+    # data changed (a new DVC data version of data/raw; same params file): stale again
+    caplog.clear()
+    other = tmp_path / "project"
+    other.mkdir()
+    shutil.copy(params.root / "params.yaml", other / "params.yaml")
+    raw = Layout.of(params).raw.as_posix()
+    (other / "dvc.lock").write_text(yaml.safe_dump(
+        {"schema": "2.0", "stages": {"ingest": {"cmd": "lerenet ingest", "outs": [{"path": raw, "md5": "0f" * 16 + ".dir"}]}}}))
+    new_data = load(other / "params.yaml")
+    shutil.copy(finished, state)
+    res = train(new_data, 0, "lerenet", **kw)
+    assert res.resumed_from == 0
+    assert "data_version" in caplog.text and "params_hash" not in caplog.text
+    assert _state(res.model_path)[1]["data_version"] == "0f" * 16 + ".dir"
+
+
+def test_code_version_follows_the_training_code_not_the_commit(tmp_path):
+    from pipeline.training.state import CODE_PATHS, code_version
+
+    for rel in ("model/lerenet.py", "pipeline/training/loop.py", "pipeline/report.py"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("x = 1\n")
+    v0 = code_version(tmp_path)
+    assert v0 == code_version(tmp_path) and len(v0) == 16
+    (tmp_path / "pipeline/report.py").write_text("x = 2\n")  # not training code
+    assert code_version(tmp_path) == v0
+    (tmp_path / "pipeline/training/loop.py").write_text("x = 2\n")
+    assert code_version(tmp_path) != v0
+    assert "model" in CODE_PATHS and code_version() != code_version(tmp_path)  # the running code
+
+
+def test_training_state_loads_weights_only_and_pickled_state_is_refused(reference, tmp_path):
+    import numpy as np
+
+    from pipeline.checkpoint import CheckpointError, load_state
+    from pipeline.layout import Layout
+
+    params, _ = reference
+    path = Layout.of(params).train_state(0, "lerenet")
+    raw = torch.load(path, map_location="cpu", weights_only=True)  # no pickled objects in our state
+    assert raw["step"] == 12 and {"params_hash", "data_version", "code_version"} <= set(raw)
+    rng = load_state(path)["rng"]
+    assert isinstance(rng["numpy"][1], np.ndarray) and rng["numpy"][1].dtype == np.uint32
+    pickled = tmp_path / "old_state.pt"
+    torch.save({**raw, "rng": {"numpy": np.random.get_state()}}, pickled)  # an older version's pickled state
+    with pytest.raises(CheckpointError, match=r"old_state.pt: refusing to load.*numpy.*Delete the file"):
+        load_state(pickled)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a torch file")
+    with pytest.raises(CheckpointError, match="cannot read training state"):
+        load_state(garbage)
+
+
 def test_same_seed_same_result_other_seed_differs(reference, tmp_path):
     from pipeline.train import train
 

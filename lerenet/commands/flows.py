@@ -2,7 +2,8 @@
 
 * ``lerenet register [--promote]`` -- register the production model (alias ``challenger``) and gate it
   (DVC stage ``register``; writes the decision record ``registry.json``);
-* ``lerenet promote VERSION [--force]`` -- run the promotion gate on a registered version;
+* ``lerenet promote VERSION [--force]`` -- run the promotion gate on a registered version (idempotent:
+  a decided version keeps its decision) and publish the champion's model card if not yet published;
 * ``lerenet flow training`` / ``lerenet flow retrain`` -- run a Prefect flow in this process;
 * ``lerenet serve [--stop]`` -- Prefect server on 127.0.0.1 (``pipeline.services``) + the served
   deployments (scheduled retrain, on-demand training) as service process ``prefect-serve``
@@ -64,16 +65,19 @@ def promote_cmd(
     force: bool = typer.Option(False, "--force", help="promote whatever the scores (recorded as forced)"),
     params_file: Path = ParamsOption,
 ) -> None:
-    """Gate a registered version: it becomes champion if its CV mIoU >= champion's + margin on identical episodes."""
+    """Gate a registered version: it becomes champion if its CV mIoU >= champion's + margin on identical episodes.
+    A decided version keeps its recorded decision; a champion whose model card is not published yet gets it."""
     from pipeline import registry
+    from pipeline.usecases.register import ModelCardError, publish_card
 
     params = params_or_exit(params_file)
     try:
         d = registry.promote(params, version, force=force)
-    except registry.RegistryError as exc:
+        _, card = publish_card(params, d.version, d.promoted)
+    except (registry.RegistryError, ModelCardError) as exc:
         fail(str(exc))
         return
-    typer.echo(json.dumps(d.as_dict(), indent=2))
+    typer.echo(json.dumps({**d.as_dict(), "model_card": card}, indent=2))
 
 
 def _overrides(values: list[str]) -> dict:

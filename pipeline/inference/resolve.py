@@ -163,11 +163,16 @@ def _local_checkpoint(path: Path) -> Path:
                              "`lerenet train` or an MLflow model folder")
 
 
-def _open_logged(text: str, tracking_uri: str | None, map_location: torch.device
-                 ) -> tuple[torch.nn.Module, dict[str, Any], ModelSource]:
+def _label(text: str, source: ModelSource) -> str:
+    """``models:/x@champion (registered x v3)`` -- the URI and, from the registry, which version it is."""
+    if source.registered_name and source.version:
+        return f"{text} (registered {source.registered_name} v{source.version})"
+    return text
+
+
+def _client(text: str, tracking_uri: str | None) -> tuple[Any, str]:
     import mlflow
     from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
 
     uri = tracking_uri or mlflow.get_tracking_uri()
     if text.startswith(("models:/", "runs:/")) and uri.startswith("sqlite:///") \
@@ -175,19 +180,78 @@ def _open_logged(text: str, tracking_uri: str | None, map_location: torch.device
         raise ModelNotFoundError(f"{text}: the MLflow database {uri[len('sqlite:///'):]} does not exist, so "
                                  "nothing is registered; train and register a model first (or set "
                                  "MLFLOW_TRACKING_URI, or pass a checkpoint path)")
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri), uri
+
+
+def _missing(what: str, label: str, location: str, detail: str) -> ModelNotFoundError:
+    detail = next((ln.strip() for ln in reversed(str(detail).splitlines()) if ln.strip()), "")[:300]
+    return ModelNotFoundError(f"{label}: artifact {what} is missing from {location} ({detail}); the version's "
+                              "files were deleted or moved: register the model again, or point the alias at a "
+                              "version whose files exist")
+
+
+def _fetch_mlmodel(text: str, location: str, source: ModelSource, uri: str, dst: Path) -> str:
+    """Download ``MLmodel`` into ``dst``; the checkpoint entry it names. Raises ModelNotFoundError naming
+    the version and the missing artifact."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    label = _label(text, source)
+    try:
+        mlmodel = mlflow.artifacts.download_artifacts(artifact_uri=f"{location}/MLmodel", dst_path=str(dst),
+                                                      tracking_uri=uri)
+    except (MlflowException, OSError) as exc:
+        raise _missing("MLmodel", label, location, getattr(exc, "message", str(exc))) from None
+    return _checkpoint_entry(Path(mlmodel))
+
+
+def check_artifacts(spec: str, tracking_uri: str | None = None) -> ModelSource:
+    """Check that the logged model named by the URI ``spec`` still has its ``MLmodel`` and the checkpoint it
+    names, without downloading the checkpoint.
+
+    Returns:
+        The model's :class:`ModelSource` (registry name and version where ``spec`` is a ``models:/`` URI).
+
+    Raises:
+        ModelNotFoundError: unknown model/alias/version/run, or an artifact is missing; the message names
+            the URI, the registered version and the missing artifact.
+    """
+    import mlflow
+
+    text = str(spec)
+    client, uri = _client(text, tracking_uri)
+    location, source = _model_location(client, text)
+    tmp = Path(tempfile.mkdtemp(prefix="lerenet-check-"))
+    try:
+        entry = _fetch_mlmodel(text, location, source, uri, tmp)
+        folder, _, name = entry.rpartition("/")
+        try:
+            listed = mlflow.artifacts.list_artifacts(artifact_uri=f"{location}/{folder}".rstrip("/"),
+                                                     tracking_uri=uri)
+        except Exception as exc:  # noqa: BLE001 -- any failure to list is "cannot be found" to the user
+            raise _missing(entry, _label(text, source), location, str(exc)) from None
+        if not any(Path(a.path).name == name and not a.is_dir for a in listed or []):
+            raise _missing(entry, _label(text, source), location, "not listed by the artifact store")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return source
+
+
+def _open_logged(text: str, tracking_uri: str | None, map_location: torch.device
+                 ) -> tuple[torch.nn.Module, dict[str, Any], ModelSource]:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client, uri = _client(text, tracking_uri)
     location, source = _model_location(client, text)
     tmp = Path(tempfile.mkdtemp(prefix="lerenet-model-"))
     try:  # only MLmodel and the checkpoint are fetched, with explicit URIs (no global MLflow state)
+        entry = _fetch_mlmodel(text, location, source, uri, tmp)
         try:
-            mlmodel = mlflow.artifacts.download_artifacts(artifact_uri=f"{location}/MLmodel", dst_path=str(tmp),
-                                                          tracking_uri=uri)
-            entry = _checkpoint_entry(Path(mlmodel))
             ckpt = mlflow.artifacts.download_artifacts(artifact_uri=f"{location}/{entry}",
                                                        dst_path=str(tmp / "ckpt"), tracking_uri=uri)
-        except MlflowException as exc:
-            raise ModelNotFoundError(f"{text}: could not download the model from {location} "
-                                     f"({exc.message})") from None
+        except (MlflowException, OSError) as exc:
+            raise _missing(entry, _label(text, source), location, getattr(exc, "message", str(exc))) from None
         net, meta = load_model(ckpt, map_location=map_location)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -95,7 +95,7 @@ def validate(net: torch.nn.Module, episodes: Sequence[Episode], *, store: Featur
 @dataclass
 class Session:
     """What the step loop needs: the network and its optimiser state, the episode sources, where to
-    checkpoint and what to report. ``key`` = ``(params_hash, fold, model_name)`` of the resumable state."""
+    checkpoint and what to report. ``key``: the :class:`~pipeline.training.state.StateKey` of the resumable state."""
 
     params: Params
     net: torch.nn.Module
@@ -107,7 +107,7 @@ class Session:
     store: FeatureStore | None
     val_data: ImageEpisodes | None
     state_file: Any
-    key: tuple[str, int | None, str]
+    key: tuple  # pipeline.training.state.StateKey
     tracker: Any = None
     desc: str = "train"
     progress: bool = True

@@ -41,24 +41,69 @@ def register_production(params: Params, model_name: str = PRODUCTION_MODEL, chec
 
 
 def gate(params: Params, version: str, *, force: bool = False, record: Path | None = None) -> GateOutcome:
-    """Promotion gate on ``version``, then the decision record, then (if promoted and S3 is configured)
-    the champion's model card.
+    """Promotion gate on ``version``, then (if promoted and S3 is configured) the champion's model card,
+    then the decision record.
+
+    Safe to retry (the flow's ``promote`` task is): the gate returns the decision on record for a decided
+    version (:func:`pipeline.registry.promote`), and the card is published only while ``version`` is the
+    champion and not yet published. The card's state is recorded on the version (tag ``model_card``:
+    ``pending`` before publishing, then ``published: <uris>``, ``failed: <error> …`` or ``not published:
+    <why>``) and in the record, so registry and card never disagree without a recorded reason.
 
     Raises:
-        pipeline.registry.RegistryError: the version does not exist or has no CV tags.
-        ModelCardError: promoted, record written, but the card could not be published.
+        pipeline.registry.RegistryError: the version does not exist, has no CV tags, or its files are gone.
+        ModelCardError: promoted, but the card could not be published (recorded; a retry publishes it).
     """
     from pipeline import registry
-    from pipeline.model_card import publish_champion_card
 
     decision = registry.promote(params, version, force=force)
-    path = registry.write_record(record or Layout.of(params).registry_record, decision)
+    path = record or Layout.of(params).registry_record
     try:
-        uris = publish_champion_card(params, version, decision.promoted)
-    except StorageError as exc:
-        raise ModelCardError(f"{decision.model} v{version} was promoted, but its model card was not published: "
-                             f"{exc}") from exc
+        uris, card = publish_card(params, str(version), decision.promoted)
+    except ModelCardError as exc:
+        registry.write_record(path, decision, {"model_card": str(exc)})
+        raise
+    registry.write_record(path, decision, {"model_card": card})
     return GateOutcome(decision, path, uris)
+
+
+def publish_card(params: Params, version: str, promoted: bool) -> tuple[list[str], str]:
+    """Publish the model card of a promoted ``version`` once, while it is the champion and S3 is configured,
+    recording its state in tag ``model_card`` (see :func:`gate`); returns ``(uris, state)``.
+
+    Raises:
+        ModelCardError: the store failed (tag ``model_card`` = ``failed: …``; calling again retries).
+    """
+    from pipeline import registry
+    from pipeline.model_card import publish_champion_card, s3_configured
+    from pipeline.registry_state import CARD_TAG
+
+    if not promoted:
+        return [], "not published: not promoted"
+    cl, name = registry.client(params), params.mlflow.registered_model
+    state = cl.get_model_version(name, version).tags.get(CARD_TAG, "")
+    if state.startswith("published: "):
+        return state[len("published: "):].split(","), state
+    champion = registry.alias_version(params, registry.CHAMPION)
+    if champion != version:
+        state = f"not published: v{champion} is the champion now"
+    elif not s3_configured():
+        state = "not published: no S3 endpoint configured"
+    else:
+        cl.set_model_version_tag(name, version, CARD_TAG, "pending")
+        try:
+            uris = publish_champion_card(params, version, True)
+        except StorageError as exc:
+            msg = (f"{name} v{version} was promoted, but its model card was not published: {exc} -> the champion "
+                   f"card in S3 still shows the previous champion; run `lerenet promote {version}` (or retry the "
+                   "flow's promote task) to publish it")
+            registry._safe(lambda: cl.set_model_version_tag(name, version, CARD_TAG, f"failed: {msg}"[:5000]))
+            raise ModelCardError(msg) from exc
+        state = "published: " + ",".join(uris)
+        cl.set_model_version_tag(name, version, CARD_TAG, state)
+        return uris, state
+    cl.set_model_version_tag(name, version, CARD_TAG, state)
+    return [], state
 
 
 def register_and_gate(params: Params, model_name: str = PRODUCTION_MODEL, checkpoint: Path | None = None, *,
