@@ -53,6 +53,7 @@ from typing import Any
 import pandas as pd
 
 from pipeline import tracking
+from pipeline.registry_text import cells_from_tags  # noqa: F401 -- re-exported (older callers)
 from pipeline.atomic import atomic_write_text
 from pipeline.config import PRODUCTION_MODEL, Params
 from pipeline.layout import Layout
@@ -203,18 +204,6 @@ def collect_cv_cells(params: Params, model_name: str = PRODUCTION_MODEL, data_di
                 cells.append(CvCell(fold, protocol, k, score.miou, score.fbiou,
                                     episodes_hash(layout.episodes(fold, protocol, k))))
     return cells
-
-
-def cells_from_tags(tags: Mapping[str, str]) -> dict[str, tuple[float, str]]:
-    """``{cell key: (miou, episodes hash)}`` read back from a version's tags."""
-    out = {}
-    for k, v in tags.items():
-        if k.startswith("cv.f") and k.endswith(".miou"):
-            key = k[: -len(".miou")]
-            ep = tags.get(f"{key}.episodes")
-            if ep:
-                out[key] = (float(v), ep)
-    return out
 
 
 # ---------------------------------------------------------------------------

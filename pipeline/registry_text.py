@@ -102,6 +102,18 @@ def cells_of_document(doc: Mapping[str, Any]) -> dict[str, tuple[float, str]]:
             for c in doc.get("cells", [])}
 
 
+def cells_from_tags(tags: Mapping[str, str]) -> dict[str, tuple[float, str]]:
+    """``{cell key: (miou, episodes hash)}`` read back from a version's tags."""
+    out = {}
+    for k, v in tags.items():
+        if k.startswith("cv.f") and k.endswith(".miou"):
+            key = k[: -len(".miou")]
+            ep = tags.get(f"{key}.episodes")
+            if ep:
+                out[key] = (float(v), ep)
+    return out
+
+
 def load_cells_document(params: Params, run_id: str | None) -> dict[str, Any] | None:
     """:data:`CELLS_JSON` of the register run ``run_id``; ``None`` when there is no run or no such artifact
     (a version registered before the cells moved out of the tags, or by hand)."""
@@ -139,12 +151,10 @@ def _no_progress_bar() -> Iterator[None]:
 
 def version_cells(params: Params, mv: Any) -> dict[str, tuple[float, str]]:
     """The cells of model version ``mv``: from its run's :data:`CELLS_JSON`, else (older versions) from
-    its ``cv.f*`` tags (:func:`pipeline.registry.cells_from_tags`); ``{}`` when it has none."""
+    its ``cv.f*`` tags (:func:`cells_from_tags`); ``{}`` when it has none."""
     doc = load_cells_document(params, getattr(mv, "run_id", None))
     if doc is not None:
         return cells_of_document(doc)
-    from pipeline.registry import cells_from_tags
-
     return cells_from_tags(mv.tags)
 
 
@@ -242,9 +252,13 @@ def describe_version(params: Params, version: str) -> str:
     Raises:
         mlflow.exceptions.MlflowException: the registry failed.
     """
-    from pipeline.registry import client
+    import mlflow
 
-    cl = client(params)
+    from pipeline import tracking
+
+    tracking.configure(params)
+    uri = tracking.tracking_uri(params)
+    cl = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
     name = params.mlflow.registered_model
     mv = cl.get_model_version(name, str(version))
     exp_id = None
