@@ -238,5 +238,15 @@ def test_register_and_gate_use_case_registers_promotes_and_records(params, check
     assert version_tags(params, version)["cv.false_alarm_rate"] == f"{sum(0.2 + 0.1 * f for f in folds) / len(folds):.4f}"
     assert "False-alarm rate" in R.client(params).get_model_version(params.mlflow.registered_model, version).description
     assert cv_summary(params, "lerenet") == {"paper.k1": 0.2, "standard.k1": 0.2}
+    # the pipeline's parent run carries the CV summary and says which version was registered
+    from pipeline import tracking
+
+    parent = R.client(params).get_run(tracking.parent_run_id(params))
+    assert parent.data.metrics["cv_lerenet_k1_miou"] == pytest.approx(0.2)
+    assert parent.data.metrics["cv_lerenet_false_alarm_rate"] == pytest.approx(0.3)
+    note = parent.data.tags["mlflow.note.content"]
+    assert f"{params.mlflow.registered_model} v{version}" in note and "| **lerenet** | 0.2000 | 0.5000 | 30.0% |" in note
+    mv = R.client(params).get_model_version(params.mlflow.registered_model, version)
+    assert R.client(params).get_run(mv.run_id).info.run_name == "register-lerenet"
     v2, none = register_and_gate(params, "lerenet", checkpoint, promote=False)
     assert none is None and R.alias_version(params, R.CHALLENGER) == v2 and R.alias_version(params, R.CHAMPION) == version
