@@ -9,6 +9,7 @@ fold and ``all`` for the production model (``fold=None``)::
     <root>/models/<tag>/<model>/{model.pt,run.json}   <root>/checkpoints/<tag>/<model>/state.pt
     <root>/metrics/train/<tag>_<model>.csv            <root>/metrics/fold<f>.json
     <root>/metrics/per_class/fold<f>.csv              <root>/metrics/plots/per_class_fold<f>.csv
+    <root>/metrics/summary/fold<f>.json               <root>/metrics/curves/{val_miou,loss}_fold<f>.csv
     <root>/docs/results_table.md  <root>/reports/registry.json  <root>/bench/results.json
 
 ``dvc.yaml`` restates these paths for DVC (it cannot import Python); ``tests/test_architecture.py``
@@ -100,7 +101,7 @@ class Layout:
 
     @property
     def validation_report(self) -> Path:
-        """``<data>/validation/report.json`` (validate; DVC metrics)."""
+        """``<data>/validation/report.json`` (validate)."""
         return self.data / REPORT
 
     @property
@@ -150,7 +151,7 @@ class Layout:
 
     def curve(self, fold: int | None, model: str) -> Path:
         """``<root>/metrics/train/<tag>_<model>.csv`` (DVC plot)."""
-        return self.metrics_dir / "train" / f"{fold_tag(fold)}_{model}.csv"
+        return self.train_curves_dir / f"{fold_tag(fold)}_{model}.csv"
 
     def train_state(self, fold: int | None, model: str) -> Path:
         """``<root>/checkpoints/<tag>/<model>/state.pt``: resumable state, outside DVC outputs (DVC
@@ -164,7 +165,7 @@ class Layout:
         return self.root / "metrics"
 
     def fold_metrics(self, fold: int) -> Path:
-        """``<root>/metrics/fold<f>.json`` (evaluate; DVC metrics)."""
+        """``<root>/metrics/fold<f>.json`` (evaluate; the detailed metrics, a plain output)."""
         return self.metrics_dir / f"fold{fold}.json"
 
     def per_class(self, fold: int) -> Path:
@@ -174,6 +175,30 @@ class Layout:
     def per_class_plot(self, fold: int) -> Path:
         """``<root>/metrics/plots/per_class_fold<f>.csv`` (evaluate; DVC plot)."""
         return self.metrics_dir / "plots" / f"per_class_fold{fold}.csv"
+
+    @property
+    def summary_dir(self) -> Path:
+        """``<root>/metrics/summary`` (report; DVC metrics: the compact files)."""
+        return self.metrics_dir / "summary"
+
+    def fold_summary(self, fold: int) -> Path:
+        """``<root>/metrics/summary/fold<f>.json``: compact metrics of a fold (``pipeline.summary``)."""
+        return self.summary_dir / f"fold{fold}.json"
+
+    @property
+    def curves_dir(self) -> Path:
+        """``<root>/metrics/curves`` (report; tables of the DVC comparison plots)."""
+        return self.metrics_dir / "curves"
+
+    def curve_plot(self, fold: int, kind: str) -> Path:
+        """``<root>/metrics/curves/<kind>_fold<f>.csv``: ``step`` + one column per model (``kind``:
+        ``val_miou`` | ``loss``)."""
+        return self.curves_dir / f"{kind}_fold{fold}.csv"
+
+    @property
+    def train_curves_dir(self) -> Path:
+        """``<root>/metrics/train``: every training curve (:meth:`curve`)."""
+        return self.metrics_dir / "train"
 
     def per_class_tables(self) -> list[Path]:
         """Every existing ``metrics/per_class/fold*.csv``, sorted."""

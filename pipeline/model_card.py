@@ -2,8 +2,8 @@
 
 The card (:class:`pipeline.storage.ModelCard`) is what a consumer of the champion needs without
 access to MLflow: registered name and version, data version, the cross-validation metrics the
-promotion gate used (``cv.<protocol>.k<K>.miou`` / ``fb_iou`` tags of the version, values in
-[0, 1]) and the per-class foreground IoU on the novel classes (``metrics/per_class/fold*.csv``,
+promotion gate used (means over folds ``<protocol>.k<K>.miou`` / ``fb_iou`` of the version's
+``registry/cv_cells.json``, values in [0, 1]) and the per-class foreground IoU on the novel classes (``metrics/per_class/fold*.csv``,
 paper protocol, K = 1). It is written to ``s3://<services.models_bucket>/model-cards/`` by
 :func:`pipeline.storage.publish_model_card` (versioned card first, ``champion.json`` last).
 
@@ -46,21 +46,26 @@ def per_class_iou(params: Params, model_name: str = PRODUCTION_MODEL, protocol: 
 
 
 def build_card(params: Params, version: str, tags: Mapping[str, str], run_id: str | None,
-               model_name: str = PRODUCTION_MODEL) -> ModelCard:
-    """The model card of registered ``version`` from its tags (``cv.*``, ``data_version``).
+               model_name: str = PRODUCTION_MODEL, metrics: Mapping[str, float] | None = None) -> ModelCard:
+    """The model card of registered ``version`` from its tags (``data_version``, ``protocol``) and its CV
+    means ``metrics`` (``{"<protocol>.k<K>.miou" | ".fb_iou": value}``, the ``means`` of
+    :func:`pipeline.registry_text.cells_document`); without ``metrics``, the ``cv.<protocol>.k<K>.*``
+    tags of a version registered before the cells moved into an artifact.
 
     Raises:
         pydantic.ValidationError: a metric outside [0, 1] or a missing data version.
     """
-    metrics = {k[len("cv."):]: float(v) for k, v in tags.items()
-               if k.startswith("cv.") and (k.endswith(".miou") or k.endswith(".fb_iou"))}
+    if metrics is None:
+        metrics = {k[len("cv."):]: float(v) for k, v in tags.items()
+                   if k.startswith("cv.") and k.count(".") == 3 and (k.endswith(".miou") or k.endswith(".fb_iou"))}
     return ModelCard(model_name=params.mlflow.registered_model, version=str(version), run_id=run_id,
                      model_uri=f"models:/{params.mlflow.registered_model}/{version}",
-                     data_version=tags.get("data_version") or "unknown", metrics=metrics,
+                     data_version=tags.get("data_version") or "unknown", metrics=dict(metrics),
                      per_class_iou=per_class_iou(params, model_name),
                      params={"profile": params.profile, "backbone": params.model.backbone,
                              "channels": params.model.channels, "variant": params.model.variant,
-                             "image_size": params.train.image_size, "protocol": tags.get("protocol", "")})
+                             "image_size": params.train.image_size,
+                             "protocol": tags.get("protocol") or tags.get("cv.protocol", "")})
 
 
 def s3_configured(env: Mapping[str, str] | None = None) -> bool:
@@ -87,9 +92,11 @@ def publish_champion_card(params: Params, version: str, promoted: bool,
         log.info("model card not published: no S3 endpoint configured (%s)", ", ".join(ENDPOINT_ENV_VARS))
         return []
     from pipeline.registry import client
+    from pipeline.registry_text import load_cells_document
 
     mv = client(params).get_model_version(params.mlflow.registered_model, str(version))
-    card = build_card(params, str(version), mv.tags, mv.run_id)
+    doc = load_cells_document(params, mv.run_id)
+    card = build_card(params, str(version), mv.tags, mv.run_id, metrics=None if doc is None else doc["means"])
     uris = publish_model_card(S3Store.from_params(params, env), card, params.services.models_bucket)
     log.info("model card of %s v%s published: %s", params.mlflow.registered_model, version, ", ".join(uris))
     return uris

@@ -6,9 +6,10 @@ the SQLite default needs no server). Aliases (MLflow 3 replaces stages by aliase
 * ``challenger`` -- the newest registered version waiting for (or refused by) the gate;
 * ``champion``   -- the version users deploy (``models:/<name>@champion``).
 
-Every version is created **with** its metric tags in one registry call (the SQL store writes the
-version row and its tags in one transaction), so no version exists without its cross-validation
-metrics. Tags per version:
+Every version is created **with** its summary tags in one registry call (the SQL store writes the
+version row and its tags in one transaction), and its cross-validation cells are logged as an
+artifact of the same run before the version exists, so no version exists without its metrics.
+Tags per version (few and readable; :mod:`pipeline.registry_text`):
 
 ========================================  ==========================================================
 tag                                       value
@@ -16,14 +17,18 @@ tag                                       value
 ``data_version``                          DVC md5 of ``data/raw`` (``pipeline.tracking.data_version``)
 ``git_commit``                            ``git rev-parse HEAD`` of the project
 ``params_hash``                           sha256[:16] of the validated params (paths excluded)
-``protocol``                              protocols evaluated, e.g. ``paper,standard``
 ``model_name``                            lerenet | baseline | prototype
-``cv.<protocol>.k<K>.miou`` / ``.fb_iou`` mean over folds (the CV estimate per K)
-``cv.f<f>.<protocol>.k<K>.miou`` / ...    one cell: fold f, protocol, K
-``cv.f<f>.<protocol>.k<K>.episodes``      content hash of the saved episode file the cell was scored on
+``protocol``                              protocols evaluated, e.g. ``paper,standard``
+``cv.miou.k<K>``, ``cv.support_gain``,    CV summary (headline protocol ``cv.protocol``, mean over
+``cv.false_alarm_rate``                   ``cv.folds``); see :mod:`pipeline.registry_text`
+``cv.cells``                              ``runs:/<id>/registry/cv_cells.json``: every cell (fold,
+                                          protocol, K, mIoU, FB-IoU, episode hash), what the gate reads
 ``decision``                              pending | promoted | not promoted | error
 ``decision.reason`` and ``decision.*``    why, the compared cells, both scores, the margin
 ========================================  ==========================================================
+
+The version's markdown description (what the model is, its scores, the decision, how to call it) is
+written at registration and rewritten after each decision (:func:`pipeline.registry_text.describe_version`).
 
 Promotion gate (:func:`promote`): compare only cells (fold, protocol, K) whose saved episodes are
 identical (same episode hash) in challenger and champion; the challenger's mean mIoU over those
@@ -54,6 +59,7 @@ from typing import Any
 import pandas as pd
 
 from pipeline import tracking
+from pipeline.registry_text import cells_from_tags  # noqa: F401 -- re-exported (older callers)
 from pipeline.atomic import atomic_write_text
 from pipeline.config import PRODUCTION_MODEL, Params
 from pipeline.layout import Layout
@@ -146,7 +152,9 @@ def _jsonable(v: Any) -> Any:
 
 
 def cv_tags(cells: Iterable[CvCell]) -> dict[str, str]:
-    """Tags for the cells and their per-(protocol, K) means over folds (values formatted ``%.6f``).
+    """Per-cell values and their per-(protocol, K) means over folds (values formatted ``%.6f``): the register
+    run's metrics, and the check that the cells are usable (the version's tags are the few summary tags
+    of :func:`pipeline.registry_text.summary_tags`).
 
     Raises:
         RegistryError: no cells, or a metric outside [0, 1].
@@ -204,18 +212,6 @@ def collect_cv_cells(params: Params, model_name: str = PRODUCTION_MODEL, data_di
     return cells
 
 
-def cells_from_tags(tags: Mapping[str, str]) -> dict[str, tuple[float, str]]:
-    """``{cell key: (miou, episodes hash)}`` read back from a version's tags."""
-    out = {}
-    for k, v in tags.items():
-        if k.startswith("cv.f") and k.endswith(".miou"):
-            key = k[: -len(".miou")]
-            ep = tags.get(f"{key}.episodes")
-            if ep:
-                out[key] = (float(v), ep)
-    return out
-
-
 # ---------------------------------------------------------------------------
 # registry operations
 # ---------------------------------------------------------------------------
@@ -265,11 +261,17 @@ def register(params: Params, model_checkpoint: Path, cv_metrics: Iterable[CvCell
 
     from pipeline.serving.pyfunc import log_pyfunc
 
+    from pipeline import registry_text
+
     ckpt = Path(model_checkpoint)
     if not ckpt.is_file():
         raise FileNotFoundError(f"{ckpt}: production checkpoint not found; run `lerenet train --production` first")
+    cells = list(cv_metrics)
+    cell_tags = cv_tags(cells)  # validates the cells (none, or a metric outside [0, 1]: RegistryError)
+    false_alarms = registry_text.false_alarm_rate(params, model_name)
     tags = {
-        **cv_tags(cv_metrics),
+        **registry_text.summary_tags(cells, false_alarms),
+        "protocol": cell_tags["protocol"],
         "data_version": tracking.data_version(params),
         "git_commit": tracking.git_commit(params.root),
         "params_hash": tracking.params_hash(params),
@@ -283,10 +285,12 @@ def register(params: Params, model_checkpoint: Path, cv_metrics: Iterable[CvCell
     parent = tracking.parent_run_id(params)
     with tracking.nested_run(params, parent, f"register-{model_name}", tags={"lerenet.step": "register"},
                              reuse=False) as run:
-        mlflow.log_metrics({k.replace(".", "_"): float(v) for k, v in tags.items()
+        mlflow.log_metrics({k.replace(".", "_"): float(v) for k, v in cell_tags.items()
                             if k.startswith("cv.") and (k.endswith(".miou") or k.endswith(".fb_iou"))})
-        mlflow.set_tags({k: v for k, v in tags.items() if not k.startswith("cv.f")})
-        uri = log_pyfunc(ckpt, name="model", metadata_={"model_name": model_name})
+        tags[registry_text.CELLS_TAG] = f"runs:/{run.info.run_id}/{registry_text.CELLS_JSON}"
+        registry_text.log_cells(registry_text.cells_document(cells, false_alarms))
+        mlflow.set_tags(tags)
+        uri = log_pyfunc(ckpt, name=f"all-{model_name}", metadata_={"model_name": model_name})
         mv = mlflow.register_model(uri, name, tags=tags)
     version = str(mv.version)
     try:
@@ -294,6 +298,7 @@ def register(params: Params, model_checkpoint: Path, cv_metrics: Iterable[CvCell
         missing = sorted(set(tags) - set(stored))
         if missing:
             raise RegistryError(f"{name} v{version}: tags {missing[:5]} were not stored")
+        registry_text.describe_version(params, version)
         cl.set_registered_model_alias(name, CHALLENGER, version)
     except Exception:
         log.error("registering %s v%s failed; deleting the version so none is left without metrics", name, version)
@@ -338,10 +343,12 @@ def promote(params: Params, version: str | int, *, force: bool = False) -> Promo
         mv = cl.get_model_version(name, version)
     except MlflowException as exc:
         raise RegistryError(f"{name} v{version} does not exist in {params.mlflow.tracking_uri}: {exc}") from None
-    mine = cells_from_tags(mv.tags)
+    from pipeline.registry_text import CELLS_JSON, describe_version, version_cells
+
+    mine = version_cells(params, mv)
     if not mine:
-        raise RegistryError(f"{name} v{version} has no cv.* metric tags; it cannot be gated (register it with "
-                            "pipeline.registry.register)")
+        raise RegistryError(f"{name} v{version} has no cross-validation cells (no {CELLS_JSON} artifact, no "
+                            "cv.* tags); it cannot be gated (register it with pipeline.registry.register)")
     recorded = recorded_decision(name, version, mv.tags)
     if recorded is not None and not (force and not recorded.promoted):
         _finish_recorded_move(params, recorded)
@@ -358,7 +365,7 @@ def promote(params: Params, version: str | int, *, force: bool = False) -> Promo
         promoted, reason = True, "first model: no champion yet"
         ch_score = _mean(v[0] for v in mine.values())
     else:
-        theirs = cells_from_tags(cl.get_model_version(name, before).tags)
+        theirs = version_cells(params, cl.get_model_version(name, before))
         compared = sorted(k for k in mine if k in theirs and mine[k][1] == theirs[k][1])
         if compared:
             ch_score = _mean(mine[k][0] for k in compared)
@@ -395,6 +402,7 @@ def promote(params: Params, version: str | int, *, force: bool = False) -> Promo
     except Exception:
         _safe(lambda: cl.set_model_version_tag(name, version, "decision", "error"))
         raise
+    _safe(lambda: describe_version(params, version))  # description + the register run's decision tag
     log.info("%s v%s: %s (%s)", name, version, tags["decision"], reason)
     return decision
 

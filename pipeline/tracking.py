@@ -40,6 +40,16 @@ PARENT_ENV = "LERENET_PARENT_RUN_ID"
 TAG_ROLE = "lerenet.role"
 TAG_KEY = "lerenet.pipeline_key"
 PARENT_TAG = "mlflow.parentRunId"
+NOTE_TAG = "mlflow.note.content"  # the run's / experiment's markdown description in the MLflow UI
+#: Experiment tags: ``mlflow.experimentKind`` makes the MLflow 3 UI open the experiment on its
+#: training runs (not on the GenAI traces overview); the note is the experiment's description.
+EXPERIMENT_TAGS = {
+    "mlflow.experimentKind": "custom_model_development",
+    NOTE_TAG: ("Few-shot defect segmentation (LERENet and baselines). One parent run `pipeline-<key>` per "
+               "pipeline run (code, params and data version) with the CV summary; nested runs "
+               "`fold<f>/<model>/<backbone>/k<K>` train and are then evaluated on the fold's novel classes "
+               "(tag `lerenet.step`); `register-<model>` registers the production model."),
+}
 _MAX_PARAM_LEN = 6000
 
 
@@ -167,13 +177,31 @@ def configure(params: Params) -> str:
         # (e.g. `lerenet services up` proxies them to S3), so no location is imposed on it
         local = uri.startswith(("sqlite:", "file:")) or "://" not in uri
         artifacts = (params.root / "mlartifacts").resolve().as_uri() if local else None
-        exp_id = client.create_experiment(params.mlflow.experiment, artifact_location=artifacts)
+        exp_id = client.create_experiment(params.mlflow.experiment, artifact_location=artifacts,
+                                          tags=EXPERIMENT_TAGS)
     else:
         exp_id = exp.experiment_id
         if exp.lifecycle_stage == "deleted":
             client.restore_experiment(exp_id)
+        for k, v in EXPERIMENT_TAGS.items():  # an experiment created before the tags existed
+            if exp.tags.get(k) is None:
+                client.set_experiment_tag(exp_id, k, v)
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
+
+
+def describe_run(params: Params, run_id: str, text: str, metrics: Mapping[str, float] | None = None) -> None:
+    """Set the markdown description of run ``run_id`` (what the MLflow UI shows as *Description*) and log
+    ``metrics`` (name -> value, step 0) into it."""
+    import time
+
+    from mlflow.entities import Metric
+
+    c = client(params)
+    c.set_tag(run_id, NOTE_TAG, text)
+    if metrics:
+        ts = int(time.time() * 1000)
+        c.log_batch(run_id, metrics=[Metric(k, float(v), ts, 0) for k, v in metrics.items()])
 
 
 def client(params: Params):

@@ -100,7 +100,7 @@ def test_dvc_outs_are_the_layout(dvc_stages):
         "validate": [lay.validated, lay.validation_docs, lay.validation_report],
         "split": [lay.splits_dir, lay.episodes_dir],
         "features": [lay.features_dir],
-        "report": [lay.results_table],
+        "report": [lay.results_table, lay.summary_dir, lay.curves_dir],
         "train_production": [lay.model_dir(None, PRODUCTION_MODEL), lay.curve(None, PRODUCTION_MODEL)],
         "register": [lay.registry_record],
     }
@@ -113,12 +113,43 @@ def test_dvc_outs_are_the_layout(dvc_stages):
         assert sorted(dvc_stages[stage][0]) == sorted(_rel(p) for p in paths), stage
 
 
+def test_dvc_metrics_are_the_compact_files_and_plots_compare_every_model():
+    """`dvc metrics show` reads only metrics/summary (the detailed JSON and report.json are plain outs);
+    every top-level plot reads a Layout table, and each compares every model of model.names."""
+    import yaml
+
+    params = load_params(ROOT / "params.yaml", env={})
+    lay = Layout.of(params)
+    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    declared = [next(iter(m)) if isinstance(m, dict) else m for st in spec["stages"].values()
+                for m in (st.get("do", st).get("metrics") or [])]
+    assert declared == [_rel(lay.summary_dir)]
+    assert not [st for st in spec["stages"].values() if st.get("do", st).get("plots")], "plots are top-level only"
+    names = list(params.model.names)
+    folds = sorted(params.folds)
+    expected = {}
+    for f in folds:
+        expected[f"val_miou_fold{f}"] = (_rel(lay.curve_plot(f, "val_miou")), names)
+        expected[f"loss_fold{f}"] = (_rel(lay.curve_plot(f, "loss")), [m for m in names if m != "prototype"])
+        for k in params.split.shots:
+            expected[f"per_class_fold{f}_k{k}"] = (_rel(lay.per_class_plot(f)), [f"{m}_k{k}_paper" for m in names])
+    got = {}
+    for item in spec["plots"]:
+        (pid, d), = item.items()
+        (path, fields), = d["y"].items()
+        got[pid] = (path, fields)
+        assert (ROOT / ".dvc" / "plots" / f"{d['template']}.json").is_file(), pid
+    assert got == expected
+    assert "/dvc_plots/" in (ROOT / ".gitignore").read_text().splitlines()
+
+
 def test_dvc_data_deps_are_layout_paths(dvc_stages):
     params = load_params(ROOT / "params.yaml", env={})
     lay = Layout.of(params)
     folds = sorted(params.folds)
     known = {_rel(p) for p in (lay.raw, lay.manifest, lay.ingest_report, lay.validated, lay.splits_dir, lay.episodes_dir,
-                               lay.features_dir, lay.metrics_dir, lay.results_table,
+                               lay.features_dir, lay.metrics_dir, lay.results_table, lay.train_curves_dir,
+                               *(lay.fold_metrics(f) for f in folds),
                                lay.model_dir(None, PRODUCTION_MODEL), *(lay.models_of(f) for f in folds))}
     for stage, (_, deps) in dvc_stages.items():
         data = [d for d in deps if not d.startswith(("../", "/")) and d.split("/")[0] not in PACKAGES

@@ -158,7 +158,15 @@ def test_mlflow_runs_hold_metrics_table_and_pictures(evaluated):
     from pipeline.inference.model_file import load_model
     from pipeline.inference.predictor import Predictor
 
+    logged = client.search_logged_models(experiment_ids=[run.info.experiment_id],
+                                         filter_string=f"source_run_id = '{lerenet_run}'")
+    assert [m.name for m in logged] == [f"fold{FOLD}-lerenet"]  # named, not all "model"
+    run = client.get_run(lerenet_run)
+    assert run.data.tags["lerenet.step"] == "train+evaluate" and "**Evaluated**" in run.data.tags["mlflow.note.content"]
+    # `runs:/<id>/model` (the default name) still finds the run's one model
     predictor = Predictor.load(f"runs:/{lerenet_run}/model", tracking_uri=tracking.tracking_uri(params))
+    assert Predictor.load(f"runs:/{lerenet_run}/fold{FOLD}-lerenet",
+                          tracking_uri=tracking.tracking_uri(params)).source.run_id == lerenet_run
     ref, _ = load_model(Layout.of(params).model_file(FOLD, "lerenet"))
     assert predictor.image_size == 96 and predictor.source.run_id == lerenet_run
     assert all(torch.equal(v, predictor.net.state_dict()[k]) for k, v in ref.state_dict().items())

@@ -7,6 +7,7 @@ training). Each test gets its own registry.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -45,16 +46,56 @@ def version_tags(params, version: str) -> dict[str, str]:
     return R.client(params).get_model_version(params.mlflow.registered_model, version).tags
 
 
-def test_register_writes_metric_tags_and_challenger_alias(params, checkpoint):
+def test_register_writes_summary_tags_cells_artifact_and_challenger_alias(params, checkpoint):
+    from pipeline import registry_text as T
+
     v = R.register(params, checkpoint, cells(0.30, 0.50), model_name="prototype")
     tags = version_tags(params, v)
-    assert tags["cv.f0.paper.k1.miou"] == "0.300000" and tags["cv.f1.paper.k1.episodes"] == "e1"
-    assert tags["cv.paper.k1.miou"] == "0.400000"  # mean over folds: the CV estimate per K
-    assert tags["protocol"] == "paper" and tags["decision"] == "pending"
+    assert tags["cv.miou.k1"] == "0.4000"  # mean over folds: the CV estimate per K
+    assert tags["protocol"] == "paper" and tags["cv.protocol"] == "paper" and tags["cv.folds"] == "0,1"
+    assert tags["decision"] == "pending"
     for key in ("data_version", "git_commit", "params_hash"):
         assert tags[key]
+    # few readable tags: no per-cell tag; the cells (with their episode hashes) are an artifact of the run
+    assert not [k for k in tags if re.match(r"cv\.f\d", k)] and len(tags) <= 16
+    mv = R.client(params).get_model_version(params.mlflow.registered_model, v)
+    assert tags["cv.cells"] == f"runs:/{mv.run_id}/registry/cv_cells.json"
+    doc = T.load_cells_document(params, mv.run_id)
+    assert [(c["fold"], c["miou"], c["episodes"]) for c in doc["cells"]] == [(0, 0.30, "e0"), (1, 0.50, "e1")]
+    assert T.version_cells(params, mv) == {"cv.f0.paper.k1": (0.30, "e0"), "cv.f1.paper.k1": (0.50, "e1")}
+    import mlflow
+
+    md = mlflow.artifacts.load_text(f"runs:/{mv.run_id}/registry/cv_cells.md")
+    assert "| 1 | paper | 1 | 0.5000 |" in md and "`e1`" in md
     assert R.alias_version(params, R.CHALLENGER) == v
     assert R.alias_version(params, R.CHAMPION) is None
+
+
+def test_descriptions_say_what_the_model_is_its_scores_the_decision_and_how_to_call_it(params, checkpoint):
+    """Markdown descriptions of the registered model and of each version, rewritten after the decision;
+    the register run's `decision` tag follows the version's."""
+    from pipeline.registry_text import false_alarm_rate
+
+    two_k = [R.CvCell(f, "paper", k, m, 0.6, f"e{f}{k}") for f in (0, 1) for k, m in ((1, 0.30), (5, 0.42))]
+    v = R.register(params, checkpoint, two_k, model_name="prototype")
+    c, name = R.client(params), params.mlflow.registered_model
+    mv = c.get_model_version(name, v)
+    assert mv.tags["cv.miou.k1"] == "0.3000" and mv.tags["cv.miou.k5"] == "0.4200"
+    assert mv.tags["cv.support_gain"] == "+0.1200"
+    assert "Decision: pending" in mv.description and c.get_run(mv.run_id).data.tags["decision"] == "pending"
+    assert "models:/lerenet-defects@champion" in c.get_registered_model(name).description \
+        or f"models:/{name}@champion" in c.get_registered_model(name).description
+    R.promote(params, v)
+    mv = c.get_model_version(name, v)
+    text = mv.description
+    assert "Decision: promoted** -- first model: no champion yet" in text
+    assert "| mIoU (paper protocol) | 0.3000 | 0.4200 |" in text and "Support gain" in text and "+0.1200" in text
+    assert f"Data version `{mv.tags['data_version']}`" in text
+    assert f"lerenet predict --model models:/{name}/{v}" in text and "/invocations" in text
+    assert f"runs:/{mv.run_id}/registry/cv_cells.json" in text
+    assert f"#/experiments/{c.get_run(mv.run_id).info.experiment_id}/runs/{mv.run_id}/artifacts" in text
+    assert c.get_run(mv.run_id).data.tags["decision"] == "promoted"
+    assert false_alarm_rate(params, "prototype") is None and "not measured" in text
 
 
 def test_promotion_both_ways_and_tie_within_margin(params, checkpoint):
@@ -203,7 +244,7 @@ def test_refuses_bad_metrics_and_versions_without_metrics(params, checkpoint):
     c = R.client(params)
     c.create_registered_model(params.mlflow.registered_model)
     mv = c.create_model_version(params.mlflow.registered_model, source=str(checkpoint.parent))
-    with pytest.raises(R.RegistryError, match="no cv"):
+    with pytest.raises(R.RegistryError, match="no cross-validation cells"):
         R.promote(params, mv.version)
     assert R.alias_version(params, R.CHAMPION) is None
 
@@ -217,6 +258,7 @@ def _write_fold_metrics(params) -> None:
         m = {"lerenet": {"k1": {"paper": {"miou": 0.1 * (fold + 1), "fbiou": 0.5, "episodes": 3},
                                 "standard": {"miou_mean": 0.2, "miou_std": 0.01, "fbiou_mean": 0.6,
                                              "fbiou_std": 0.0, "seeds": 2, "episodes": 4}},
+                         "fp": {"k1": {"area_fraction": 0.01, "image_rate": 0.2 + 0.1 * fold, "images": 10}},
                          "latency_ms": {"k1": 3.0}}, "device": "cpu"}
         path = Layout.of(params).fold_metrics(fold)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -259,7 +301,20 @@ def test_register_and_gate_use_case_registers_promotes_and_records(params, check
     record = json.loads(outcome.record.read_text())
     assert record["version"] == version and record["promoted"] is True
     assert R.alias_version(params, R.CHAMPION) == version
-    assert version_tags(params, version)["cv.f1.paper.k1.miou"] == "0.200000"
+    folds = sorted(params.folds)  # paper mIoU 0.1 * (f + 1), false-alarm image rate 0.2 + 0.1 * f per fold
+    assert version_tags(params, version)["cv.miou.k1"] == f"{sum(0.1 * (f + 1) for f in folds) / len(folds):.4f}"
+    assert version_tags(params, version)["cv.false_alarm_rate"] == f"{sum(0.2 + 0.1 * f for f in folds) / len(folds):.4f}"
+    assert "False-alarm rate" in R.client(params).get_model_version(params.mlflow.registered_model, version).description
     assert cv_summary(params, "lerenet") == {"paper.k1": 0.2, "standard.k1": 0.2}
+    # the pipeline's parent run carries the CV summary and says which version was registered
+    from pipeline import tracking
+
+    parent = R.client(params).get_run(tracking.parent_run_id(params))
+    assert parent.data.metrics["cv_lerenet_k1_miou"] == pytest.approx(0.2)
+    assert parent.data.metrics["cv_lerenet_false_alarm_rate"] == pytest.approx(0.3)
+    note = parent.data.tags["mlflow.note.content"]
+    assert f"{params.mlflow.registered_model} v{version}" in note and "| **lerenet** | 0.2000 | 0.5000 | 30.0% |" in note
+    mv = R.client(params).get_model_version(params.mlflow.registered_model, version)
+    assert R.client(params).get_run(mv.run_id).info.run_name == "register-lerenet"
     v2, none = register_and_gate(params, "lerenet", checkpoint, promote=False)
     assert none is None and R.alias_version(params, R.CHALLENGER) == v2 and R.alias_version(params, R.CHAMPION) == version

@@ -89,6 +89,9 @@ def test_parent_is_found_again_and_nested_runs_hang_under_it(params_file, monkey
         mlflow.log_metric("loss", 0.4, step=2)
 
     c = mlflow.MlflowClient(tracking_uri(p))
+    # the MLflow 3 UI opens the experiment on its training runs, not on the GenAI overview
+    exp = c.get_experiment_by_name(p.mlflow.experiment)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development" and exp.tags["mlflow.note.content"]
     r = c.get_run(child)
     assert r.data.tags[PARENT_TAG] == parent and r.data.tags["model"] == "lerenet"
     assert r.data.params["train.lr"] == "0.005" and r.info.status == "FINISHED"

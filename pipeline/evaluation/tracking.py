@@ -3,8 +3,10 @@
 Metric names (:func:`flat_metrics`): ``test_k<K>_<protocol>_<name>`` for every key of the protocol's
 score in ``metrics/fold<f>.json`` (``miou``, ``fbiou``, ``episodes``; ``miou_mean``, ``miou_std``, ...),
 the support-sensitivity control as ``test_k<K>_mismatched_{miou,fbiou,episodes}`` and
-``test_k<K>_support_gain`` (paper - mismatched mIoU), ``fp_k<K>_area_fraction``, ``fp_k<K>_image_rate``, ``latency_ms_k<K>``. Artifacts under
-``evaluation/``: ``per_class_iou.{json,csv,png}``, ``overlays_k<K>_<protocol>.png``.
+``test_k<K>_support_gain`` (paper - mismatched mIoU), ``fp_k<K>_area_fraction``, ``fp_k<K>_image_rate``,
+``latency_ms_k<K>``. Artifacts under ``evaluation/``: ``per_class_iou.{json,csv,png}``,
+``overlays_k<K>_<protocol>.png``; the pyfunc is logged as ``fold<f>-<model>`` (:func:`logged_model_name`);
+tags ``evaluated=true``, ``lerenet.step=train+evaluate``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,11 @@ from pipeline.evaluation.results import MISMATCHED, SUPPORT_GAIN, ModelMetrics
 from pipeline.layout import Layout
 
 log = logging.getLogger(__name__)
+
+
+def logged_model_name(fold: int, model: str) -> str:
+    """Name of the pyfunc logged in an evaluated run: ``fold<f>-<model>`` (``runs:/<id>/fold<f>-<model>``)."""
+    return f"fold{fold}-{model}"
 
 
 def flat_metrics(metrics: ModelMetrics) -> dict[str, float]:
@@ -78,8 +85,11 @@ def log_evaluation(params: Params, fold: int, name: str, res: ModelResult) -> No
                                   tags={"model": name, "backbone": params.model.backbone, "shots": params.train.shots,
                                         "fold": f"fold{fold}", "variant": params.model.variant})
     flat = flat_metrics(res.metrics)
+    from pipeline.training.tracking import run_description
+
     with ctx:
-        mlflow.set_tag("evaluated", "true")
+        mlflow.set_tags({"evaluated": "true", "lerenet.step": "train+evaluate",
+                         tracking.NOTE_TAG: run_description(params, fold, name, evaluated=True)})
         mlflow.log_metrics(flat)
         mlflow.log_table(res.per_class, artifact_file="evaluation/per_class_iou.json")
         with tempfile.TemporaryDirectory() as tmp:
@@ -95,5 +105,5 @@ def log_evaluation(params: Params, fold: int, name: str, res: ModelResult) -> No
         if params.evaluate.log_pyfunc:
             from pipeline.serving.pyfunc import log_pyfunc
 
-            log_pyfunc(layout.model_file(fold, name), name="model",
+            log_pyfunc(layout.model_file(fold, name), name=logged_model_name(fold, name),
                        metadata_={"model_name": name, "fold": fold, **{k: v for k, v in flat.items() if k.endswith("miou")}})

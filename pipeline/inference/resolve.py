@@ -4,7 +4,8 @@ What ``spec`` may be (:func:`open_model`):
 
 * ``models:/<name>@<alias>`` or ``models:/<name>/<version>``: a registered model version (registry of
   ``tracking_uri``); ``models:/m-<id>``: a logged model (what ``log_pyfunc`` returns);
-* ``runs:/<run_id>/<path>``: a model logged in a run (``path`` defaults to ``model``);
+* ``runs:/<run_id>/<path>``: a model logged in a run (``path`` defaults to ``model``, which also names
+  the run's only logged model whatever its name, e.g. ``fold0-lerenet``);
 * another artifact URI (``file:``, ``s3://``, ``mlflow-artifacts:``, ``http(s)://``) of a logged model;
 * a local MLflow model folder (holding ``MLmodel``), a ``model.pt`` file, or a folder holding one.
 
@@ -142,9 +143,11 @@ def _model_location(client: Any, text: str) -> tuple[str, ModelSource]:
         run = client.get_run(run_id)
     except MlflowException:
         raise ModelNotFoundError(f"{text}: no run {run_id!r} in {client.tracking_uri}") from None
-    logged = [m for m in client.search_logged_models(experiment_ids=[run.info.experiment_id],
-                                                     filter_string=f"source_run_id = '{run_id}'")
-              if m.name == path]
+    in_run = client.search_logged_models(experiment_ids=[run.info.experiment_id],
+                                         filter_string=f"source_run_id = '{run_id}'")
+    logged = [m for m in in_run if m.name == path]
+    if not logged and path == "model" and len(in_run) == 1:  # the default name: the run's one model,
+        logged = in_run                                       # whatever its name (e.g. fold0-lerenet)
     location = logged[0].artifact_location if logged else f"{run.info.artifact_uri.rstrip('/')}/{path}"
     return location, ModelSource(text, run_id=run_id)
 

@@ -1,6 +1,7 @@
 """MLflow logging of one training run (nested run per fold/model/backbone/K, batched metric points).
 
-Tags ``model, backbone, shots, fold, stage=train, variant`` (plus the provenance tags that
+Tags ``model, backbone, shots, fold, stage=train, variant, lerenet.step=train``, a markdown
+description (``mlflow.note.content``, :func:`run_description`) (plus the provenance tags that
 :func:`pipeline.tracking.nested_run` adds); metrics ``loss``, ``lr`` (per step), ``val_miou`` (per
 validation), ``best_val_miou``, ``train_seconds``, ``train_episodes_per_s``; artifact
 ``training/<tag>_<model>.csv``.
@@ -23,6 +24,23 @@ from pipeline.layout import fold_tag
 log = logging.getLogger(__name__)
 
 
+def run_description(params: Params, fold: int | None, model_name: str, evaluated: bool = False) -> str:
+    """Markdown description of the nested run of ``model_name`` on ``fold`` (``None``: production model)."""
+    if fold is None:
+        what = (f"Training of the production `{model_name}` on every class (no held-out fold): the model that "
+                "is registered. Its quality estimate is the cross-validation score of the same recipe "
+                "(parent run).")
+    else:
+        test = ", ".join(params.folds[fold])
+        what = (f"Training of `{model_name}` on fold {fold}'s training classes, model selection on their held-out "
+                f"images (`val_miou`); novel test classes: {test}.")
+        what += (" **Evaluated**: `test_k<K>_<protocol>_*` metrics, per-class IoU and overlay pictures under "
+                 "`evaluation/`." if evaluated else " `lerenet evaluate` adds the test metrics and pictures to this run.")
+    return (f"{what}\n\nBackbone `{params.model.backbone}` ({'frozen' if params.model.freeze_backbone else 'fine-tuned'}), "
+            f"K={params.train.shots} training episodes, {params.train.episodes} episodes, image size "
+            f"{params.train.image_size}.")
+
+
 class Tracker:
     """Buffers metric points of one training run and logs them in batches to its nested MLflow run.
 
@@ -38,7 +56,8 @@ class Tracker:
         self.parent_id = retry_call(lambda: tracking.parent_run_id(params), "finding the MLflow parent run")
         name = f"{fold_tag(fold)}/{model_name}/{params.model.backbone}/k{params.train.shots}"
         tags = {"model": model_name, "backbone": params.model.backbone, "shots": params.train.shots,
-                "fold": fold_tag(fold), "stage": "train", "variant": params.model.variant}
+                "fold": fold_tag(fold), "stage": "train", "variant": params.model.variant,
+                "lerenet.step": "train", tracking.NOTE_TAG: run_description(params, fold, model_name)}
         if run_id is not None:  # resumed training: log into the run of the interrupted attempt if it still exists
             try:
                 tracking.client(params).get_run(run_id)

@@ -37,7 +37,59 @@ def register_production(params: Params, model_name: str = PRODUCTION_MODEL, chec
 
     ckpt = Path(checkpoint) if checkpoint is not None else Layout.of(params).model_file(None, model_name)
     cells = registry.collect_cv_cells(params, model_name)
-    return registry.register(params, ckpt, cells, model_name=model_name, extra_tags=extra_tags)
+    version = registry.register(params, ckpt, cells, model_name=model_name, extra_tags=extra_tags)
+    describe_pipeline_run(params, model_name, version)
+    return version
+
+
+def cv_table(params: Params) -> dict[str, dict[str, float]]:
+    """``{model: {"k<K>_miou", "k<K>_fbiou" (paper protocol), "false_alarm_rate" (smallest K)}}``, means over
+    the folds whose ``metrics/fold<f>.json`` has the model (values in [0, 1]); ``{}`` when none is evaluated."""
+    from pipeline.evaluation.results import FoldMetrics
+
+    layout = Layout.of(params)
+    acc: dict[str, dict[str, list[float]]] = {}
+    for fold in sorted(params.folds):
+        path = layout.fold_metrics(fold)
+        if not path.is_file():
+            continue
+        for name, m in FoldMetrics.read(path).models.items():
+            row = acc.setdefault(name, {})
+            for k, by in m.scores.items():
+                if "paper" in by:
+                    row.setdefault(f"k{k}_miou", []).append(by["paper"].miou)
+                    row.setdefault(f"k{k}_fbiou", []).append(by["paper"].fbiou)
+            if m.fp:
+                row.setdefault("false_alarm_rate", []).append(m.fp[min(m.fp)].image_rate)
+    return {name: {k: sum(v) / len(v) for k, v in row.items()} for name, row in acc.items()}
+
+
+def describe_pipeline_run(params: Params, model_name: str, version: str) -> str:
+    """Give the pipeline's parent MLflow run its CV summary: metrics ``cv_<model>_k<K>_miou`` / ``_fbiou`` /
+    ``cv_<model>_false_alarm_rate`` for every evaluated model, and a markdown description (the table,
+    which version was registered); returns the description."""
+    from pipeline import tracking
+
+    table = cv_table(params)
+    shots = sorted({int(k[1:].split("_")[0]) for row in table.values() for k in row if k.startswith("k")})
+    name = params.mlflow.registered_model
+    lines = [f"Pipeline run: git `{tracking.git_commit(params.root)[:12]}`, data `{tracking.data_version(params)}`, "
+             f"params `{tracking.params_hash(params)}`, profile `{params.profile}`.", "",
+             f"Cross-validation on novel classes (paper protocol, mean over folds {sorted(params.folds)}); "
+             f"`{model_name}` trained on every class was registered as **{name} v{version}** "
+             f"(`models:/{name}/{version}`; the decision is on the version).", "",
+             "| model " + "".join(f"| mIoU K={k} | FB-IoU K={k} " for k in shots) + "| false alarms |",
+             "|---" + "|---:|---:" * len(shots) + "|---:|"]
+    for model, row in table.items():
+        cells = "".join(f"| {row.get(f'k{k}_miou', float('nan')):.4f} | {row.get(f'k{k}_fbiou', float('nan')):.4f} "
+                        for k in shots)
+        fa = row.get("false_alarm_rate")
+        lines.append(f"| {'**' + model + '**' if model == model_name else model} {cells}"
+                     f"| {'-' if fa is None else f'{100 * fa:.1f}%'} |")
+    text = "\n".join(lines) + "\n"
+    metrics = {f"cv_{model}_{k}": v for model, row in table.items() for k, v in row.items()}
+    tracking.describe_run(params, tracking.parent_run_id(params), text, metrics)
+    return text
 
 
 def gate(params: Params, version: str, *, force: bool = False, record: Path | None = None) -> GateOutcome:
