@@ -16,11 +16,15 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+import logging
+
 import numpy as np
 import pandas as pd
 
 from pipeline.config import Params
 from pipeline.images import load_split, load_validated
+
+log = logging.getLogger(__name__)
 
 Pools = dict[str, list[str]]
 """class name -> sorted list of manifest ids."""
@@ -52,16 +56,19 @@ def selection_classes(params: Params, fold: int | None) -> list[str]:
     one per material in turn (so the held-out classes differ in material where possible). Never a
     test class of ``fold``. Empty when ``train.selection_classes`` is 0.
 
-    Raises:
-        ValueError: fewer than ``selection_classes + 1`` training classes (nothing left to train on).
+    With fewer than ``2 * selection_classes`` training classes (a small project), holding whole
+    classes out would leave too little to train on: a warning says so and selection falls back to
+    held-out images of the training classes (empty result).
     """
     n = params.train.selection_classes
     classes = sorted(params.train_classes(fold))
     if n == 0:
         return []
-    if n >= len(classes):
-        raise ValueError(f"train.selection_classes={n} leaves no training class of the {len(classes)} of fold "
-                         f"{fold}; lower it")
+    if len(classes) < 2 * n:
+        log.warning("fold %s has %d training classes: too few to hold out train.selection_classes=%d whole classes "
+                    "for model selection; selecting on held-out images of the training classes instead", fold,
+                    len(classes), n)
+        return []
     rng = np.random.default_rng([int(params.split.seed), 104729, 1000 if fold is None else int(fold)])
     order = [classes[int(i)] for i in rng.permutation(len(classes))]
     picked: list[str] = []
