@@ -1,7 +1,8 @@
 """Training progress and the resumable training state (``checkpoints/<tag>/<model>/state.pt``).
 
 The state holds everything a restarted run needs to end with the result of an uninterrupted one:
-network, optimiser, scheduler and gradient-scaler states, the torch/NumPy/Python RNG states, the step,
+network, optimiser, scheduler and gradient-scaler states, the training's generator state and the
+torch/NumPy/Python RNG states, the step,
 the best validation score, step and weights so far, the curve so far and the MLflow run id. It is
 keyed by ``(params_hash, fold, model_name)``: a state written for other params is ignored (with a
 note), never resumed from. Files: :func:`pipeline.checkpoint.save_state` / ``load_state`` (atomic).
@@ -36,19 +37,21 @@ class Progress:
 
 
 def save_progress(path: Path, key: tuple[str, int | None, str], p: Progress, net: torch.nn.Module,
-                  opt: torch.optim.Optimizer, sched: Any, scaler: Any) -> None:
-    """Write the resumable state of step ``p.step`` (module docstring) atomically to ``path``."""
+                  opt: torch.optim.Optimizer, sched: Any, scaler: Any, generator: torch.Generator | None = None) -> None:
+    """Write the resumable state of step ``p.step`` (module docstring) atomically to ``path``;
+    ``generator``: the training's own generator (:mod:`pipeline.training.rng`), saved as ``generator``."""
     params_hash, fold, model_name = key
     save_state(path, {
         "params_hash": params_hash, "fold": fold, "model_name": model_name, "step": p.step,
         "model": net.state_dict(), "optimizer": opt.state_dict(),
         "scheduler": sched.state_dict(), "scaler": scaler.state_dict(), "rng": dev.rng_state(),
         "best_val_miou": p.best, "best_step": p.best_step, "best_state": p.best_state,
-        "curve": p.curve, "run_id": p.run_id})
+        "curve": p.curve, "run_id": p.run_id,
+        "generator": generator.get_state() if generator is not None else None})
 
 
 def resume(path: Path, key: tuple[str, int | None, str], net: torch.nn.Module, opt: torch.optim.Optimizer,
-           sched: Any, scaler: Any) -> Progress:
+           sched: Any, scaler: Any, generator: torch.Generator | None = None) -> Progress:
     """Restore the state at ``path`` into the network, optimiser, scheduler, scaler and RNGs if it was
     written for ``key``; else (no file, or other params/fold/model: noted) a fresh :class:`Progress`.
 
@@ -67,5 +70,7 @@ def resume(path: Path, key: tuple[str, int | None, str], net: torch.nn.Module, o
     sched.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
     dev.set_rng_state(state["rng"])
+    if generator is not None and state.get("generator") is not None:
+        generator.set_state(state["generator"])
     return Progress(state["step"], state["best_val_miou"], state["best_step"], state["best_state"],
                     state["curve"], state.get("run_id"), resumed_from=state["step"])
