@@ -55,8 +55,9 @@ def git_commit(root: Path) -> str:
 
 def params_hash(params: Params) -> str:
     """16-hex sha256 of the resolved parameters, excluding machine-specific paths (root, data
-    source/incoming/dir) and the tracking URI: equal on every clone for equal settings."""
-    d = params.model_dump(mode="json", exclude={"root"})
+    source/incoming/dir), the tracking URI and where the work runs (``distributed``): equal on every
+    clone and every runner for equal settings."""
+    d = params.model_dump(mode="json", exclude={"root", "distributed"})
     for k in ("source", "incoming", "dir"):
         d["data"].pop(k, None)
     d["mlflow"].pop("tracking_uri", None)

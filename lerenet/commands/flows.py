@@ -39,12 +39,17 @@ def register_cmd(
 ) -> None:
     """Register the production model with its CV metrics as a new version (alias challenger), then gate it."""
     from pipeline import registry
+    from pipeline.lock import ProjectLocked, params_lock
     from pipeline.usecases.register import ModelCardError, register_and_gate
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     params = params_or_exit(params_file)
     try:
-        version, outcome = register_and_gate(params, model, checkpoint, promote=promote, record=record)
+        with params_lock(params, "lerenet register"):
+            version, outcome = register_and_gate(params, model, checkpoint, promote=promote, record=record)
+    except ProjectLocked as exc:
+        fail(str(exc), code=75)
+        return
     except (registry.RegistryError, FileNotFoundError, ModelCardError) as exc:
         fail(str(exc))
         return
@@ -66,10 +71,15 @@ def promote_cmd(
 ) -> None:
     """Gate a registered version: it becomes champion if its CV mIoU >= champion's + margin on identical episodes."""
     from pipeline import registry
+    from pipeline.lock import ProjectLocked, params_lock
 
     params = params_or_exit(params_file)
     try:
-        d = registry.promote(params, version, force=force)
+        with params_lock(params, f"lerenet promote {version}"):
+            d = registry.promote(params, version, force=force)
+    except ProjectLocked as exc:
+        fail(str(exc), code=75)
+        return
     except registry.RegistryError as exc:
         fail(str(exc))
         return
