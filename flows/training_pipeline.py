@@ -34,6 +34,7 @@ from prefect import flow, get_run_logger, task
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.common import TASK_OPTIONS
+from flows.exclusive import exclusive
 from flows.runner import environment, grid_runner, task_env
 from pipeline.config import PRODUCTION_MODEL, Params, load_params
 
@@ -225,6 +226,7 @@ def run_folds(params: Params, fold_workers: int | None = None) -> dict[int, dict
 
 
 @flow(name="training_pipeline", task_runner=ThreadPoolTaskRunner(max_workers=8), log_prints=True)
+@exclusive("training_pipeline")  # one training/promoting run per project (flows/exclusive.py)
 def training_pipeline(params_path: str | None = None, overrides: dict[str, Any] | None = None,
                       fold_workers: int | None = None, promote: bool = True,
                       commit_dvc: bool = True) -> dict[str, Any]:
@@ -244,6 +246,8 @@ def training_pipeline(params_path: str | None = None, overrides: dict[str, Any] 
         "seconds": {step: wall s}, "dvc_commit": str}``.
 
     Raises:
+        pipeline.lock.ProjectLocked: another run that trains or promotes holds the project
+            (``distributed.lock_timeout``).
         The original exception of the first failing step (after its transient retries).
     """
     from pipeline import tracking
