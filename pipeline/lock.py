@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import json
-import logging
 import os
 import socket
 import sys
@@ -35,7 +34,6 @@ from filelock import FileLock, Timeout
 
 from pipeline.atomic import atomic_write_text
 
-log = logging.getLogger(__name__)
 _HELD: dict[str, list[Any]] = {}  # resolved lock path -> [FileLock, depth]
 _GUARD = threading.Lock()
 
@@ -103,7 +101,6 @@ def project_lock(lock_path: str | os.PathLike[str], command: str | None = None,
         holder = holder_record(key)
         if timeout <= 0:
             raise ProjectLocked(_locked_message(key, holder, timeout), holder) from None
-        log.warning("project lock %s is held by %s; waiting up to %.0f s", key, _describe(holder), timeout)
         print(f"waiting up to {timeout:.0f} s for the project lock {key}, held by {_describe(holder)}",
               file=sys.stderr, flush=True)
         try:
