@@ -36,6 +36,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 
 from flows.common import TASK_OPTIONS
+from flows.exclusive import exclusive
 from flows.training_pipeline import dvc_commit, ingest_task, training_pipeline, validate_task
 from pipeline.config import DEFAULT_PARAMS, Params, load_params
 
@@ -63,6 +64,7 @@ def probe_task(params: Params, class_name: str, version: str) -> dict[str, Any]:
 
 
 @flow(name="retrain_on_new_classes", log_prints=True)
+@exclusive("retrain_on_new_classes")  # holds the project lock over its training_pipeline subflow too
 def retrain_on_new_classes(params_path: str | None = None, overrides: dict[str, Any] | None = None,
                            fold_workers: int | None = None) -> dict[str, Any]:
     """Detect new classes; if any: new data version, champion probe, fold table, retrain, gate.

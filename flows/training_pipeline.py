@@ -7,9 +7,11 @@ stage of the same name runs through the ``lerenet`` CLI (:data:`STAGES` / :data:
     ingest -> validate -> split -> features -> train (fold x model) -> evaluate (fold) -> report
            -> train_production -> register (new version, alias challenger) -> promote (gate)
 
-Folds run concurrently on a :class:`~prefect.task_runners.ThreadPoolTaskRunner` in groups of
-``fold_workers`` folds (default: one per two CPU cores, at least 1; 1 on a 2-core machine, where
-PyTorch already uses both cores inside one fold). Transient failures are retried with backoff
+The (fold, model) trainings and the per-fold evaluations run on the grid's task runner chosen by
+``params.distributed`` (:mod:`flows.runner`: sequential, threads, or a ``prefect-dask``
+``DaskTaskRunner`` on a local or remote Dask cluster), in groups of ``fold_workers`` folds (threads:
+one per two CPU cores, at least 1; Dask: all folds at once); the same params give the same weights
+and metrics on every runner. Transient failures are retried with backoff
 (:mod:`flows.common`); any other failure fails the task and the flow with the original exception,
 and since register/promote come last, nothing is registered or promoted then.
 
@@ -32,6 +34,8 @@ from prefect import flow, get_run_logger, task
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.common import TASK_OPTIONS
+from flows.exclusive import exclusive
+from flows.runner import environment, grid_runner, task_env
 from pipeline.config import PRODUCTION_MODEL, Params, load_params
 
 STAGES: tuple[str, ...] = ("ingest", "validate", "split", "features", "train", "evaluate", "report",
@@ -104,19 +108,24 @@ def features_task(params: Params) -> str | None:
 
 
 @task(name="train", task_run_name="train-fold{fold}-{model_name}", **TASK_OPTIONS)
-def train_task(params: Params, fold: int | None, model_name: str) -> str:
-    """``pipeline.train.train`` for one fold (``None``: production model on all classes); returns the checkpoint."""
+def train_task(params: Params, fold: int | None, model_name: str, env: dict[str, str] | None = None) -> str:
+    """``pipeline.train.train`` for one fold (``None``: production model on all classes); returns the checkpoint.
+
+    ``env``: variables of the flow process to set first (a Dask worker does not inherit them; :mod:`flows.runner`).
+    """
     from pipeline.train import train
 
-    return str(_checkpoint_of(train(params, fold, model_name, progress=False)))
+    with environment(env):
+        return str(_checkpoint_of(train(params, fold, model_name, progress=False)))
 
 
 @task(name="evaluate", task_run_name="evaluate-fold{fold}", **TASK_OPTIONS)
-def evaluate_task(params: Params, fold: int) -> dict[str, Any]:
+def evaluate_task(params: Params, fold: int, env: dict[str, str] | None = None) -> dict[str, Any]:
     """``pipeline.evaluate.evaluate`` for one fold (writes ``metrics/fold<f>.json``); returns its content."""
     from pipeline.evaluate import evaluate
 
-    return evaluate(params, fold).to_json()
+    with environment(env):
+        return evaluate(params, fold).to_json()
 
 
 @task(name="report", **TASK_OPTIONS)
@@ -189,25 +198,35 @@ def dvc_commit(root: Path, stages: list[str] | None = None) -> str:
 # ---------------------------------------------------------------------------
 # the flow
 # ---------------------------------------------------------------------------
-def run_folds(params: Params, fold_workers: int) -> dict[int, dict[str, Any]]:
-    """Train every (fold, model) and evaluate each fold, ``fold_workers`` folds at a time.
+def run_folds(params: Params, fold_workers: int | None = None) -> dict[int, dict[str, Any]]:
+    """Train every (fold, model) and evaluate each fold on the grid's task runner
+    (``params.distributed``: sequential, threads or Dask; :mod:`flows.runner`), ``fold_workers`` folds
+    at a time (default: :func:`default_fold_workers` for threads, every fold at once on Dask, whose
+    workers bound the concurrency).
 
-    Must run inside a flow (tasks are submitted to its task runner). Raises the first failing
+    Must run inside a flow (the task runs belong to its flow run). Raises the first failing
     task's exception (after the other folds of its group finished).
     """
     folds = sorted(params.folds)
     models = trained_models(params)
+    if fold_workers is None:
+        fold_workers = len(folds) if params.distributed.runner == "dask" else default_fold_workers()
+    env = task_env()
     results: dict[int, dict[str, Any]] = {}
-    for i in range(0, len(folds), fold_workers):
-        group = folds[i:i + fold_workers]
-        trains = {f: [train_task.submit(params, f, m) for m in models] for f in group}
-        evals = {f: evaluate_task.submit(params, f, wait_for=trains[f]) for f in group}
-        for f in group:
-            results[f] = evals[f].result()
+    with grid_runner(params.distributed) as runner:
+        for i in range(0, len(folds), fold_workers):
+            group = folds[i:i + fold_workers]
+            trains = {f: [runner.submit(train_task, {"params": params, "fold": f, "model_name": m, "env": env})
+                          for m in models] for f in group}
+            evals = {f: runner.submit(evaluate_task, {"params": params, "fold": f, "env": env}, wait_for=trains[f])
+                     for f in group}
+            for f in group:
+                results[f] = evals[f].result()
     return results
 
 
 @flow(name="training_pipeline", task_runner=ThreadPoolTaskRunner(max_workers=8), log_prints=True)
+@exclusive("training_pipeline")  # one training/promoting run per project (flows/exclusive.py)
 def training_pipeline(params_path: str | None = None, overrides: dict[str, Any] | None = None,
                       fold_workers: int | None = None, promote: bool = True,
                       commit_dvc: bool = True) -> dict[str, Any]:
@@ -216,7 +235,8 @@ def training_pipeline(params_path: str | None = None, overrides: dict[str, Any] 
     Args:
         params_path: params YAML (default project ``params.yaml`` / ``$LERENET_PARAMS``).
         overrides: nested dict merged over the params (e.g. ``{"train": {"episodes": 10}}``).
-        fold_workers: folds processed at once (default :func:`default_fold_workers`).
+        fold_workers: folds processed at once (default: see :func:`run_folds`); where the grid
+            runs is ``params.distributed`` (``overrides={"distributed": {"runner": "dask"}}``).
         promote: run the promotion gate after registering (the DVC ``register`` stage always does).
         commit_dvc: record the outputs in ``dvc.lock`` at the end (``dvc commit --force``) when the
             project is a DVC repository, so ``dvc repro`` afterwards is a no-op.
@@ -226,6 +246,8 @@ def training_pipeline(params_path: str | None = None, overrides: dict[str, Any] 
         "seconds": {step: wall s}, "dvc_commit": str}``.
 
     Raises:
+        pipeline.lock.ProjectLocked: another run that trains or promotes holds the project
+            (``distributed.lock_timeout``).
         The original exception of the first failing step (after its transient retries).
     """
     from pipeline import tracking
@@ -233,7 +255,6 @@ def training_pipeline(params_path: str | None = None, overrides: dict[str, Any] 
 
     logger = get_run_logger()
     params = load_params(params_path, overrides)
-    fold_workers = fold_workers or default_fold_workers()
     seconds: dict[str, float] = {}
 
     def timed(name: str, fn, *a, **kw):

@@ -11,6 +11,8 @@ Environment overrides (applied after the profile overlay):
 * ``LERENET_INCOMING``    -> ``data.incoming``
 * ``LERENET_PROFILE``     -> ``profile``
 * ``MLFLOW_TRACKING_URI`` -> ``mlflow.tracking_uri``
+* ``LERENET_DASK_ADDRESS`` -> ``distributed.address``
+* ``LERENET_LOCK_TIMEOUT`` -> ``distributed.lock_timeout``
 """
 
 from __future__ import annotations
@@ -211,6 +213,37 @@ class RetrainParams(_Section):
     cron: str = "0 3 * * *"
 
 
+class DistributedParams(_Section):
+    """Where the flows run the fold x model grid, and how runs exclude each other (``docs/orchestration.md``).
+
+    Not a training setting: the same weights and metrics come out whichever runner is chosen, so this
+    section is excluded from ``params_hash``.
+
+    * ``runner``: ``sequential`` (one task at a time), ``threads`` (Prefect thread pool in the flow
+      process, ``workers`` tasks at once) or ``dask`` (``prefect-dask``'s ``DaskTaskRunner``: a
+      ``LocalCluster`` of ``workers`` processes with 1 thread each, or the scheduler at ``address``).
+    * ``address``: ``tcp://host:port`` of a running Dask scheduler (env ``LERENET_DASK_ADDRESS``
+      overrides); ``null`` starts a local cluster.
+    * ``lock_timeout``: seconds a second training/promoting run waits for the project lock
+      (``pipeline/lock.py``) before it exits with the holder's pid, host, start and command;
+      0 = do not wait (env ``LERENET_LOCK_TIMEOUT`` overrides).
+    """
+
+    runner: Literal["sequential", "threads", "dask"] = "threads"
+    workers: int = Field(2, ge=1, le=1024)
+    address: str | None = None
+    lock_timeout: float = Field(0.0, ge=0)
+
+    @field_validator("address")
+    @classmethod
+    def _scheduler_address(cls, v: str | None) -> str | None:
+        if v in (None, ""):
+            return None
+        if not re.fullmatch(r"(tcp|tls|inproc|ws|wss)://[^\s/]+(:\d+)?/?", v):
+            raise ValueError(f"{v!r} is not a Dask scheduler address: expected e.g. tcp://10.0.0.5:8786")
+        return v
+
+
 class ServicesParams(_Section):
     """Local team services started by ``lerenet services up`` (see ``pipeline/services/``).
 
@@ -282,6 +315,7 @@ class Params(_Section):
     mlflow: MlflowParams = MlflowParams()
     retrain: RetrainParams = RetrainParams()
     services: ServicesParams = ServicesParams()
+    distributed: DistributedParams = DistributedParams()
 
     @field_validator("folds")
     @classmethod
@@ -361,6 +395,10 @@ def resolve_raw(raw: dict[str, Any], env: dict[str, str] | None = None) -> dict[
         data["incoming"] = env["LERENET_INCOMING"]
     if env.get("MLFLOW_TRACKING_URI"):
         raw.setdefault("mlflow", {})["tracking_uri"] = env["MLFLOW_TRACKING_URI"]
+    if env.get("LERENET_DASK_ADDRESS"):
+        raw.setdefault("distributed", {})["address"] = env["LERENET_DASK_ADDRESS"]
+    if env.get("LERENET_LOCK_TIMEOUT"):
+        raw.setdefault("distributed", {})["lock_timeout"] = env["LERENET_LOCK_TIMEOUT"]
     return raw
 
 

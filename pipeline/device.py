@@ -1,7 +1,7 @@
 """Device selection, thread count, mixed precision and seeding for training and inference.
 
 * ``auto`` picks CUDA when ``torch.cuda.is_available()``, else CPU.
-* CPU: ``torch.set_num_threads(os.cpu_count())`` (all cores).
+* CPU: ``torch.set_num_threads(os.cpu_count())`` (all cores; ``$LERENET_TORCH_THREADS`` overrides).
 * CUDA: mixed precision with :func:`torch.autocast` (bfloat16 where supported, else float16 with a
   gradient scaler) and ``channels_last`` memory format for 4-D tensors.
 """
@@ -35,11 +35,24 @@ def resolve_device(name: str = "auto") -> torch.device:
     raise ValueError(f"unknown device {name!r}; expected 'auto', 'cpu' or 'cuda'")
 
 
+THREADS_ENV = "LERENET_TORCH_THREADS"
+"""Torch intra-op threads per process (default: every core); a Dask worker of a local cluster gets
+``cores // workers`` (``flows/runner.py``) so that workers do not oversubscribe the machine."""
+
+
 def configure_threads(device: torch.device) -> int:
-    """Use every CPU core for intra-op parallelism on CPU; returns the thread count set (0 on CUDA)."""
+    """Intra-op threads on CPU: ``$LERENET_TORCH_THREADS`` if set, else every core; returns the
+    count set (0 on CUDA).
+
+    Raises:
+        ValueError: ``$LERENET_TORCH_THREADS`` is not a positive integer.
+    """
     if device.type != "cpu":
         return 0
-    n = os.cpu_count() or 1
+    raw = os.environ.get(THREADS_ENV)
+    if raw is not None and not (raw.strip().isdigit() and int(raw) > 0):
+        raise ValueError(f"${THREADS_ENV}={raw!r}: expected a positive integer (torch threads per process)")
+    n = int(raw) if raw is not None else (os.cpu_count() or 1)
     torch.set_num_threads(n)
     return n
 

@@ -215,6 +215,12 @@ class Layout:
         return self.root / "reports" / "registry.json"
 
     @property
+    def project_lock(self) -> Path:
+        """``<root>/.lerenet/project.lock``: the project-wide lock of training/promoting runs (:mod:`pipeline.lock`);
+        its holder record is ``project.lock.json`` beside it."""
+        return self.root / ".lerenet" / "project.lock"
+
+    @property
     def bench_results(self) -> Path:
         """``<root>/bench/results.json`` (``lerenet bench``)."""
         return self.root / "bench" / "results.json"

@@ -14,8 +14,11 @@ batch_size)``.
   the backbone never runs during training. Fine-tuned backbone (paper profile) or
   ``use_cache=False``: images are read and augmented on the fly by a ``torch.utils.data.DataLoader``
   (workers ``train.num_workers``, pinned memory on CUDA).
-* Determinism: episode ``i`` depends only on ``(train.seed, i)``; torch/NumPy/Python RNG states
-  are checkpointed; on CPU the same seed gives bit-identical weights and metrics.
+* Determinism: episode ``i`` depends only on ``(train.seed, i)``; the head's initialisation and the
+  dropout masks come from the training's own generator, seeded by ``(train.seed, fold, model)``
+  (:mod:`pipeline.training.rng`; torch's global RNG is never used), so trainings running side by side in
+  threads or processes do not disturb each other; its state is checkpointed; on CPU the same seed
+  gives bit-identical weights and metrics, sequentially, in threads or on Dask workers.
 * Checkpoints: every ``train.checkpoint_every`` steps (and at the end) the full training state
   is written atomically to ``checkpoints/<tag>/<model>/state.pt``; a restarted run with the same
   params, data version and training code resumes from it and ends with the result of an uninterrupted
@@ -59,6 +62,7 @@ from pipeline.layout import Layout, fold_tag
 from pipeline.training.batches import CachedEpisodes, ImageEpisodes, check_store, image_loader, total_steps
 from pipeline.training.loop import (Session, TrainingStopped, optimizer, run_steps, scheduler, start_validation,
                                     validate)
+from pipeline.training.rng import build_seeded, make_generator, training_seed, use_generator
 from pipeline.training.state import Progress, code_version, resume, state_key
 
 CURVE_FIELDS = ("step", "episodes", "loss", "lr", "val_miou", "episodes_per_s")
@@ -188,7 +192,7 @@ def train(params: Params, fold: int | None, model_name: str, out_dir: Path | Non
     t = params.train
     device = dev.resolve_device(t.device)
     dev.configure_threads(device)
-    dev.seed_everything(t.seed)
+    seed = training_seed(t.seed, fold, model_name)
 
     layout = Layout.of(params)
     out_dir = Path(out_dir) if out_dir is not None else layout.model_dir(fold, model_name)
@@ -198,7 +202,9 @@ def train(params: Params, fold: int | None, model_name: str, out_dir: Path | Non
     rows = {r["id"]: r for r in load_validated(params.data.dir, kind="defect").to_dict("records")}
     val_eps = validation_episodes(val_pools, train_pools, t.shots, t.val_episodes, t.seed)
 
-    net = build_net(params, model_name).to(device)  # consumes the seeded torch RNG (head initialisation)
+    net = build_seeded(lambda: build_net(params, model_name), seed).to(device)
+    generator = make_generator(seed, device)
+    use_generator(net, generator)  # dropout masks from this training's generator, not the global RNG
     if device.type == "cuda":
         net = net.to(memory_format=torch.channels_last)
     cached = params.model.freeze_backbone if use_cache is None else (use_cache and params.model.freeze_backbone)
@@ -214,12 +220,12 @@ def train(params: Params, fold: int | None, model_name: str, out_dir: Path | Non
     sched = scheduler(opt, steps, t.poly_power) if opt is not None else None
     scaler = dev.grad_scaler(device)
     key = state_key(params, fold, model_name)  # a state written for other params/data/code is stale: not resumed
-    p = resume(state_file, key, net, opt, sched, scaler) if trainable else Progress()
+    p = resume(state_file, key, net, opt, sched, scaler, generator) if trainable else Progress()
 
     tracker = Tracker(params, fold, model_name, p.run_id) if track else None
     p.run_id = tracker.run_id if tracker else None
     session = Session(params, net, device, opt, sched, scaler, val_eps, store, val_data, state_file, key, tracker,
-                      f"train {fold_tag(fold)}/{model_name}", progress, on_step, stop_after)
+                      f"train {fold_tag(fold)}/{model_name}", progress, on_step, stop_after, generator)
     try:
         if not trainable:
             p.best = session.validate()

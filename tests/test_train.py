@@ -211,6 +211,45 @@ def test_same_seed_same_result_other_seed_differs(reference, tmp_path):
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
+def test_concurrent_trainings_in_threads_equal_standalone_training(reference, tmp_path):
+    """Issue 14.2: trainings in threads of one process (the flow's thread runner) while another thread
+    keeps drawing from torch's global RNG give the standalone run's weights exactly; a training's
+    seed depends on (train.seed, fold, model), so the two models of the fold differ in their draws."""
+    import threading
+
+    from pipeline.train import train
+    from pipeline.training.rng import training_seed
+
+    params, ref = reference
+    stop = threading.Event()
+
+    def noise():  # what dropout in a neighbouring training (or any user code) does to the global RNG
+        while not stop.is_set():
+            torch.rand(64)
+            torch.nn.init.normal_(torch.empty(8, 8))
+
+    results: dict[str, object] = {}
+
+    def job(model_name):
+        results[model_name] = train(params, 0, model_name, out_dir=tmp_path / model_name,
+                                    checkpoint_file=tmp_path / f"{model_name}.pt",
+                                    curve_file=tmp_path / f"{model_name}.csv", track=False, progress=False)
+
+    threads = [threading.Thread(target=noise)] + [threading.Thread(target=job, args=(m,)) for m in ("lerenet", "baseline")]
+    for th in threads:
+        th.start()
+    for th in threads[1:]:
+        th.join()
+    stop.set()
+    threads[0].join()
+    a, _ = _state(ref.model_path)
+    b, _ = _state(results["lerenet"].model_path)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert _curve(results["lerenet"].curve_path) == _curve(ref.curve_path)
+    assert len({training_seed(0, 0, "lerenet"), training_seed(0, 0, "baseline"), training_seed(0, 1, "lerenet"),
+                training_seed(0, None, "lerenet"), training_seed(1, 0, "lerenet")}) == 5
+
+
 def test_training_reuses_cached_features(project, tmp_path, monkeypatch):
     """Two models trained on the store: the backbone runs once per run (the staleness check), not per episode."""
     from model.base import FewShotSegmenter

@@ -40,12 +40,17 @@ def register_cmd(
 ) -> None:
     """Register the production model with its CV metrics as a new version (alias challenger), then gate it."""
     from pipeline import registry
+    from pipeline.lock import ProjectLocked, params_lock
     from pipeline.usecases.register import ModelCardError, register_and_gate
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     params = params_or_exit(params_file)
     try:
-        version, outcome = register_and_gate(params, model, checkpoint, promote=promote, record=record)
+        with params_lock(params, "lerenet register"):
+            version, outcome = register_and_gate(params, model, checkpoint, promote=promote, record=record)
+    except ProjectLocked as exc:
+        fail(str(exc), code=75)
+        return
     except (registry.RegistryError, FileNotFoundError, ModelCardError) as exc:
         fail(str(exc))
         return
@@ -68,12 +73,17 @@ def promote_cmd(
     """Gate a registered version: it becomes champion if its CV mIoU >= champion's + margin on identical episodes.
     A decided version keeps its recorded decision; a champion whose model card is not published yet gets it."""
     from pipeline import registry
+    from pipeline.lock import ProjectLocked, params_lock
     from pipeline.usecases.register import ModelCardError, publish_card
 
     params = params_or_exit(params_file)
     try:
-        d = registry.promote(params, version, force=force)
-        _, card = publish_card(params, d.version, d.promoted)
+        with params_lock(params, f"lerenet promote {version}"):
+            d = registry.promote(params, version, force=force)
+            _, card = publish_card(params, d.version, d.promoted)
+    except ProjectLocked as exc:
+        fail(str(exc), code=75)
+        return
     except (registry.RegistryError, ModelCardError) as exc:
         fail(str(exc))
         return
@@ -98,6 +108,21 @@ def _overrides(values: list[str]) -> dict:
 
 
 SetOption = typer.Option(None, "--set", help="override a parameter for this run, e.g. --set train.episodes=10")
+RunnerOption = typer.Option(None, "--runner", help="where the fold x model grid runs: sequential | threads | dask "
+                            "(default params.distributed.runner)")
+WorkersOption = typer.Option(None, "--workers", help="threads, or Dask worker processes of a local cluster")
+AddressOption = typer.Option(None, "--address", help="Dask scheduler to use, e.g. tcp://10.0.0.5:8786 "
+                             "(default params.distributed.address / $LERENET_DASK_ADDRESS; implies --runner dask)")
+
+
+def _grid_overrides(set_: list[str] | None, runner: str | None, workers: int | None, address: str | None) -> dict | None:
+    """``--set`` items plus ``--runner/--workers/--address`` as ``distributed.*`` overrides (``None`` if empty)."""
+    out = _overrides(set_ or [])
+    grid = {k: v for k, v in {"runner": runner or ("dask" if address else None), "workers": workers,
+                               "address": address}.items() if v is not None}
+    if grid:
+        out.setdefault("distributed", {}).update(grid)
+    return out or None
 
 
 @flow_app.command("training")
@@ -105,14 +130,21 @@ def flow_training_cmd(
     fold_workers: int = typer.Option(None, "--fold-workers", help="folds trained at once (default cpu_count // 2)"),
     no_promote: bool = typer.Option(False, "--no-promote", help="register but skip the promotion gate"),
     set_: list[str] = SetOption,
+    runner: str = RunnerOption,
+    workers: int = WorkersOption,
+    address: str = AddressOption,
     params_file: Path = ParamsOption,
 ) -> None:
     """Run the training_pipeline flow (ingest ... register, promote) and print its result."""
     from flows.training_pipeline import training_pipeline
+    from pipeline.lock import ProjectLocked
 
-    params_or_exit(params_file)  # validate early, with a clean message
-    result = training_pipeline(str(params_file) if params_file else None, _overrides(set_ or []) or None,
-                               fold_workers, not no_promote)
+    overrides = _grid_overrides(set_, runner, workers, address)
+    params_or_exit(params_file, overrides)  # validate early, with a clean message
+    try:
+        result = training_pipeline(str(params_file) if params_file else None, overrides, fold_workers, not no_promote)
+    except ProjectLocked as exc:
+        fail(str(exc), code=75)
     typer.echo(json.dumps(result, indent=2, default=str))
 
 
@@ -120,14 +152,21 @@ def flow_training_cmd(
 def flow_retrain_cmd(
     fold_workers: int = typer.Option(None, "--fold-workers", help="folds trained at once"),
     set_: list[str] = SetOption,
+    runner: str = RunnerOption,
+    workers: int = WorkersOption,
+    address: str = AddressOption,
     params_file: Path = ParamsOption,
 ) -> None:
     """Run retrain_on_new_classes: new classes -> new data version, champion probe, fold table, retrain, gate."""
     from flows.retrain import retrain_on_new_classes
+    from pipeline.lock import ProjectLocked
 
-    params_or_exit(params_file)
-    result = retrain_on_new_classes(str(params_file) if params_file else None, _overrides(set_ or []) or None,
-                                    fold_workers)
+    overrides = _grid_overrides(set_, runner, workers, address)
+    params_or_exit(params_file, overrides)
+    try:
+        result = retrain_on_new_classes(str(params_file) if params_file else None, overrides, fold_workers)
+    except ProjectLocked as exc:
+        fail(str(exc), code=75)
     typer.echo(json.dumps(result, indent=2, default=str))
 
 

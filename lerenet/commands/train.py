@@ -45,12 +45,16 @@ def train_cmd(fold: str = typer.Option(..., "--fold", help="fold number from par
     from pipeline.checkpoint import CheckpointError
     from pipeline.features import FeatureStoreError
     from pipeline.images import DataArtifactError
+    from pipeline.lock import ProjectLocked, params_lock
     from pipeline.train import result_dict, train
 
     params = params_or_exit(params_file)
     f = _fold(fold)
     try:
-        result = train(params, f, model, track=not no_track)
+        with params_lock(params, f"lerenet train --fold {fold} --model {model}"):
+            result = train(params, f, model, track=not no_track)
+    except ProjectLocked as exc:
+        fail(str(exc), code=75)  # EX_TEMPFAIL: try again later
     except (ValueError, FeatureStoreError, DataArtifactError, CheckpointError) as exc:
         fail(str(exc))
     typer.echo(json.dumps(result_dict(result), indent=2))

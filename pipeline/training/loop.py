@@ -113,6 +113,7 @@ class Session:
     progress: bool = True
     on_step: Callable[[int, float], None] | None = None
     stop_after: int | None = None
+    generator: torch.Generator | None = None
 
     def validate(self) -> float:
         """:func:`validate` on the fixed validation episodes (cached features or images)."""
@@ -195,7 +196,7 @@ def run_steps(s: Session, batches: Callable[[int], dict[str, torch.Tensor]], p: 
         p.curve.append(row)
         p.step = done
         if done % t.checkpoint_every == 0 or done == steps:
-            save_progress(s.state_file, s.key, p, s.net, s.opt, s.sched, s.scaler)
+            save_progress(s.state_file, s.key, p, s.net, s.opt, s.sched, s.scaler, s.generator)
         if s.on_step:
             s.on_step(done, loss_v)
         bar.set_postfix(loss=f"{loss_v:.4f}", eps=f"{eps:.1f}/s")

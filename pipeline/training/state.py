@@ -1,7 +1,8 @@
 """Training progress and the resumable training state (``checkpoints/<tag>/<model>/state.pt``).
 
 The state holds everything a restarted run needs to end with the result of an uninterrupted one:
-network, optimiser, scheduler and gradient-scaler states, the torch/NumPy/Python RNG states, the step,
+network, optimiser, scheduler and gradient-scaler states, the training's own generator state
+(:mod:`pipeline.training.rng`), the torch/NumPy/Python RNG states, the step,
 the best validation score, step and weights so far, the curve so far and the MLflow run id.
 
 It is keyed by :class:`StateKey` = ``(params_hash, data_version, code_version, fold, model_name)``:
@@ -84,14 +85,16 @@ class Progress:
 
 
 def save_progress(path: Path, key: StateKey, p: Progress, net: torch.nn.Module,
-                  opt: torch.optim.Optimizer, sched: Any, scaler: Any) -> None:
-    """Write the resumable state of step ``p.step`` (module docstring) atomically to ``path``."""
+                  opt: torch.optim.Optimizer, sched: Any, scaler: Any, generator: torch.Generator | None = None) -> None:
+    """Write the resumable state of step ``p.step`` (module docstring) atomically to ``path``;
+    ``generator``: the training's own generator (:mod:`pipeline.training.rng`), saved as ``generator``."""
     save_state(path, {
         **StateKey(*key)._asdict(), "step": p.step,
         "model": net.state_dict(), "optimizer": opt.state_dict(),
         "scheduler": sched.state_dict(), "scaler": scaler.state_dict(), "rng": dev.rng_state(),
         "best_val_miou": p.best, "best_step": p.best_step, "best_state": p.best_state,
-        "curve": p.curve, "run_id": p.run_id})
+        "curve": p.curve, "run_id": p.run_id,
+        "generator": generator.get_state() if generator is not None else None})
 
 
 def stale_fields(state: dict[str, Any], key: StateKey) -> list[str]:
@@ -101,7 +104,7 @@ def stale_fields(state: dict[str, Any], key: StateKey) -> list[str]:
 
 
 def resume(path: Path, key: StateKey, net: torch.nn.Module, opt: torch.optim.Optimizer,
-           sched: Any, scaler: Any) -> Progress:
+           sched: Any, scaler: Any, generator: torch.Generator | None = None) -> Progress:
     """Restore the state at ``path`` into the network, optimiser, scheduler, scaler and RNGs if it was
     written for ``key``; else (no file, or a stale state: other params, data, code, fold or model, named
     in a warning) a fresh :class:`Progress` -- training starts over, the stale file is overwritten at the
@@ -126,5 +129,7 @@ def resume(path: Path, key: StateKey, net: torch.nn.Module, opt: torch.optim.Opt
     sched.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
     dev.set_rng_state(state["rng"])
+    if generator is not None and state.get("generator") is not None:
+        generator.set_state(state["generator"])
     return Progress(state["step"], state["best_val_miou"], state["best_step"], state["best_state"],
                     state["curve"], state.get("run_id"), resumed_from=state["step"])
