@@ -22,6 +22,7 @@ LERENET = [sys.executable, "-m", "lerenet"]
 def _env(**extra: str) -> dict[str, str]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), **extra}
     env.pop("LERENET_LOCK_TIMEOUT", None)
+    env.pop("MLFLOW_TRACKING_URI", None)  # an earlier test's (stopped) server must not leak in: params.yaml decides
     env.update(extra)
     return env
 
