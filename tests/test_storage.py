@@ -192,26 +192,33 @@ def test_settings_from_params_env_then_credentials_file(tmp_path):
         S3Settings(max_attempts=0)
 
 
-def test_promoted_champion_publishes_its_model_card(s3, small_params_file, tmp_path):
-    """register -> promote -> model card in the models bucket, built from the version's CV tags and the
-    per-class tables; nothing is published for a version that was not promoted or without S3."""
+def _prototype_model_and_tables(params, tmp_path, per_class_rows: str):
+    """A prototype model file at ``tmp_path/model.pt`` and ``metrics/per_class/fold0.csv`` with ``per_class_rows``
+    (the inputs of a registered version's model card); returns the model file."""
     from model import build_model
-    from pipeline import registry
     from pipeline.checkpoint import save_model
-    from pipeline.config import load_params
-    from pipeline.model_card import publish_champion_card
 
-    s3_params, store = s3
-    params = load_params(small_params_file, env={})
     ckpt = tmp_path / "model.pt"
     save_model(ckpt, build_model("prototype", pretrained=False),
                dict(model="prototype", backbone="efficientnet_lite0", freeze_backbone=True, variant="mpr+mpe*",
                     channels=64, image_size=64))
     per_class = params.root / "metrics" / "per_class"
     per_class.mkdir(parents=True)
-    (per_class / "fold0.csv").write_text("fold,model,shots,protocol,class_name,iou,iou_std,episodes\n"
-                                         "0,lerenet,1,paper,MT_Uneven,0.25,,5\n0,lerenet,5,paper,MT_Uneven,0.5,,5\n"
-                                         "0,lerenet,1,standard,MT_Uneven,0.9,0.1,20\n")
+    (per_class / "fold0.csv").write_text("fold,model,shots,protocol,class_name,iou,iou_std,episodes\n" + per_class_rows)
+    return ckpt
+
+
+def test_promoted_champion_publishes_its_model_card(s3, small_params_file, tmp_path):
+    """register -> promote -> model card in the models bucket, built from the version's CV tags and the
+    per-class tables; nothing is published for a version that was not promoted or without S3."""
+    from pipeline import registry
+    from pipeline.config import load_params
+    from pipeline.model_card import publish_champion_card
+
+    s3_params, store = s3
+    params = load_params(small_params_file, env={})
+    ckpt = _prototype_model_and_tables(params, tmp_path, "0,lerenet,1,paper,MT_Uneven,0.25,,5\n"
+                                       "0,lerenet,5,paper,MT_Uneven,0.5,,5\n0,lerenet,1,standard,MT_Uneven,0.9,0.1,20\n")
     env = {"LERENET_S3_ENDPOINT_URL": svc.s3_endpoint(s3_params),
            "AWS_ACCESS_KEY_ID": store.settings.access_key_id,
            "AWS_SECRET_ACCESS_KEY": store.settings.secret_access_key}
@@ -238,23 +245,14 @@ def test_promotion_retried_after_card_failure_changes_nothing_and_publishes_the_
     back, and between the two the version's ``model_card`` tag and the record say why the card lags."""
     import json as _json
 
-    from model import build_model
     from pipeline import registry
-    from pipeline.checkpoint import save_model
     from pipeline.config import load_params
     from pipeline.faults import is_transient
     from pipeline.usecases.register import ModelCardError, gate
 
     s3_params, store = s3
     params = load_params(small_params_file, env={})
-    ckpt = tmp_path / "model.pt"
-    save_model(ckpt, build_model("prototype", pretrained=False),
-               dict(model="prototype", backbone="efficientnet_lite0", freeze_backbone=True, variant="mpr+mpe*",
-                    channels=64, image_size=64))
-    per_class = params.root / "metrics" / "per_class"
-    per_class.mkdir(parents=True)
-    (per_class / "fold0.csv").write_text("fold,model,shots,protocol,class_name,iou,iou_std,episodes\n"
-                                         "0,lerenet,1,paper,MT_Uneven,0.25,,5\n")
+    ckpt = _prototype_model_and_tables(params, tmp_path, "0,lerenet,1,paper,MT_Uneven,0.25,,5\n")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", store.settings.access_key_id)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", store.settings.secret_access_key)
     monkeypatch.setenv("LERENET_S3_ENDPOINT_URL", svc.s3_endpoint(s3_params))
