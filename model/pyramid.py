@@ -9,6 +9,7 @@ first:
 backbone                 stride 2               stride 4               stride 8               stride 16
 =======================  =====================  =====================  =====================  ======================
 ``efficientnet_lite0``   block 0 (16 ch)        block 2 (24 ch)        block 4 (40 ch)        block 10 (112 ch)
+``efficientnet_lite2``   block 0 (16 ch)        block 3 (24 ch)        block 6 (48 ch)        block 14 (120 ch)
 ``resnet50``             ``relu(bn1(conv1))``   ``layer1`` (256 ch)    ``layer2`` (512 ch)    ``layer3`` (1024 ch)
                          (64 ch)                                                              (stride 8 if dilated)
 ``vgg16_bn``             ``features[:7]``       ``features[7:14]``     ``features[14:24]``    ``features[24:34]``
@@ -24,11 +25,10 @@ from __future__ import annotations
 
 import torch
 
-from model.backbones import VGG16BN, Backbone, EfficientNetLite0, ResNet50
+from model.backbones import VGG16BN, Backbone, EfficientNetLite, ResNet50
 
 PYRAMID_STRIDES = (2, 4, 8, 16)
 
-_LITE0_TAPS = (0, 2, 4, 10)  # block indices whose outputs are the four levels
 _VGG_BOUNDS = (0, 7, 14, 24, 34)  # features[a:b] per level
 
 
@@ -38,8 +38,8 @@ def pyramid_channels(backbone: Backbone) -> tuple[int, int, int, int]:
     Raises:
         TypeError: a backbone class without a pyramid definition.
     """
-    if isinstance(backbone, EfficientNetLite0):
-        return (16, 24, 40, 112)
+    if isinstance(backbone, EfficientNetLite):
+        return backbone.PYRAMID_CHANNELS
     if isinstance(backbone, ResNet50):
         return (64, 256, 512, 1024)
     if isinstance(backbone, VGG16BN):
@@ -51,7 +51,7 @@ def encoder_pyramid(backbone: Backbone, images: torch.Tensor) -> list[torch.Tens
     """Four feature maps of ``images`` at strides 2, 4, 8, 16 (table in the module docstring).
 
     Args:
-        backbone: an ``EfficientNetLite0``, ``ResNet50`` or ``VGG16BN`` (after ``drop_unused``).
+        backbone: an ``EfficientNetLite`` (Lite0 / Lite2), ``ResNet50`` or ``VGG16BN`` (after ``drop_unused``).
         images: ``(N, 3, H, W)`` float RGB in ``[0, 1]``; the backbone's own normalisation
             is applied here.
 
@@ -67,11 +67,11 @@ def encoder_pyramid(backbone: Backbone, images: torch.Tensor) -> list[torch.Tens
         raise ValueError(f"encoder_pyramid expects images (N, 3, H, W), got {tuple(images.shape)}")
     x = (images - backbone.mean) / backbone.std
     out: list[torch.Tensor] = []
-    if isinstance(backbone, EfficientNetLite0):
+    if isinstance(backbone, EfficientNetLite):
         x = backbone._act(backbone._bn0(backbone._conv_stem(x)))
         for idx, block in enumerate(backbone._blocks):
             x = block(x, drop_connect_rate=backbone._drop_rates[idx])
-            if idx in _LITE0_TAPS:
+            if idx in backbone.PYRAMID_TAPS:
                 out.append(x)
         return out
     if isinstance(backbone, ResNet50):

@@ -120,15 +120,16 @@ class ModelParams(_Section):
     """Which models to train/evaluate and their backbone (see ``model.build_model``)."""
 
     names: list[ModelName] = Field(default_factory=lambda: ["lerenet", "baseline", "prototype"])
-    backbone: Literal["efficientnet_lite0", "resnet50", "vgg16_bn"] = "efficientnet_lite0"
+    backbone: Literal["efficientnet_lite0", "efficientnet_lite2", "resnet50", "vgg16_bn"] = "efficientnet_lite0"
     freeze_backbone: bool = True
     weights: Path | None = None
     variant: Variant = "mpr+mpe*"
     channels: int = Field(256, ge=8)
     dilated: bool = False  # ResNet-50 only: dilated layer3/layer4, output stride 8
     # LERENet only (model.LERENet): frozen-feature guidance, prior skip, raw-query path (docs/model.md)
-    priors: list[Literal["fg", "abnormal", "nn"]] = Field(default_factory=list)
+    priors: list[Literal["fg", "abnormal", "nn", "linear"]] = Field(default_factory=list)
     prior_skip: bool = False
+    skip_source: Literal["nn", "linear"] = "nn"
     query_path: Literal["on", "dropout", "off"] = "on"
 
     @field_validator("query_path", mode="before")
@@ -151,6 +152,8 @@ class ModelParams(_Section):
             opts["priors"] = list(self.priors)
         if self.prior_skip:
             opts["prior_skip"] = True
+            if self.skip_source != "nn":
+                opts["skip_source"] = self.skip_source
         if self.query_path != "on":
             opts["query_path"] = self.query_path
         return opts

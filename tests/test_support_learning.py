@@ -53,6 +53,48 @@ def test_priors_per_level_and_errors():
         build_model("lerenet", channels=16, pretrained=False, priors=["shape"])
 
 
+def test_linear_probe_is_class_balanced_ridge_regression_on_the_support():
+    """The ``linear`` prior equals scikit-learn's weighted ridge regression fitted on the episode's
+    support cells (+1 defect, -1 background, each class weighted 1/2, half-defect cells ignored)."""
+    from sklearn.linear_model import Ridge
+
+    import model.priors as priors
+
+    g = torch.Generator().manual_seed(3)
+    s = torch.randn(1, 2, 6, 4, 4, generator=g)
+    m = torch.zeros(1, 2, 1, 4, 4)
+    m[..., 1:3, 1:3] = 1.0
+    m[0, 1, 0, 0, 0] = 0.2                          # below FG_SHARE x peak: neither class
+    q = torch.randn(1, 6, 4, 4, generator=g)
+    got = frozen_priors(q, s, m, (6,), ("linear",)).flatten()
+    x = F.normalize(s[0].permute(0, 2, 3, 1).reshape(-1, 6), dim=1).double().numpy()
+    cell = m[0].flatten().numpy()
+    fg, bg = cell >= 0.5, cell <= 0
+    wt = np.where(fg, 0.5 / fg.sum(), np.where(bg, 0.5 / bg.sum(), 0.0))
+    # our bias is a ridge-penalised column of ones; sklearn leaves its intercept free, so give it the
+    # column explicitly and no intercept
+    xb = np.hstack([x, np.ones((len(x), 1))])
+    ref = Ridge(alpha=priors.RIDGE, fit_intercept=False).fit(xb, np.where(fg, 1.0, -1.0), sample_weight=wt)
+    qn = F.normalize(q[0].permute(1, 2, 0).reshape(-1, 6), dim=1).double().numpy()
+    expect = ref.predict(np.hstack([qn, np.ones((len(qn), 1))]))
+    assert np.allclose(got.numpy(), expect, atol=1e-4)
+    # a support without defect cells finds nothing
+    assert torch.all(frozen_priors(q, s, torch.zeros_like(m), (6,), ("linear",)) == -1.0)
+
+
+@pytest.mark.parametrize("priors", [[], ["nn", "linear"]])   # computed for the skip alone, or reused
+def test_prior_skip_from_the_linear_probe(priors):
+    net = build_model("lerenet", channels=16, pretrained=False, priors=priors, prior_skip=True,
+                      skip_source="linear").eval()
+    sf, sm, qf = _feature_episode()
+    m = resize_mask(sm.flatten(0, 1), (10, 10)).unflatten(0, (2, 3))
+    ref = F.interpolate(10.0 * nearest_neighbour_score(qf, sf, m, (40, 112), "linear"), size=(80, 80),
+                        mode="bilinear")
+    assert torch.allclose(net.forward_features(sf, sm, qf, (80, 80)), ref, atol=1e-4)
+    with pytest.raises(ValueError, match="skip_source"):
+        build_model("lerenet", channels=16, pretrained=False, prior_skip=True, skip_source="svm")
+
+
 def _feature_episode(b=2, k=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     sf = torch.rand(b, k, 152, 10, 10, generator=g)

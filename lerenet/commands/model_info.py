@@ -13,7 +13,7 @@ from lerenet.commands._common import fail
 @app.command("model-info")
 def model_info(
     model: str = typer.Option("lerenet", "--model", help="lerenet | baseline | prototype | sofs | jaffnet"),
-    backbone: str = typer.Option("efficientnet_lite0", "--backbone", help="efficientnet_lite0 | resnet50 | vgg16_bn"),
+    backbone: str = typer.Option("efficientnet_lite0", "--backbone", help="efficientnet_lite0 | efficientnet_lite2 | resnet50 | vgg16_bn"),
     shots: int = typer.Option(1, "--shots", min=1, help="K support images per episode"),
     size: int = typer.Option(200, "--size", min=16, help="square image side in pixels"),
     variant: str = typer.Option("mpr+mpe*", "--variant", help="LERENet ablation (Table 3)"),
@@ -42,7 +42,7 @@ def model_info(
         torch.set_num_threads(threads)
     try:
         net = build_model(model, backbone, freeze_backbone=freeze_backbone,
-                          pretrained=backbone == "efficientnet_lite0", variant=variant, channels=channels,
+                          pretrained=backbone.startswith("efficientnet_lite"), variant=variant, channels=channels,
                           dilated=dilated)
     except ValueError as exc:
         fail(str(exc), code=2)

@@ -100,7 +100,7 @@ def run(ctx: Any) -> dict[str, Any]:
     s, device, m = ctx.settings, ctx.device, ctx.params.model
     supports, masks, queries = load_images(ctx.source, s.infer_class, s.shots, s.infer_queries)
     torch.manual_seed(0)
-    net = build_net(ctx.params, "lerenet", pretrained=m.backbone == "efficientnet_lite0").to(device).eval()
+    net = build_net(ctx.params, "lerenet", pretrained=m.backbone.startswith("efficientnet_lite")).to(device).eval()
     predictor = Predictor(net, s.image_size, {"model": "lerenet", "backbone": m.backbone, "image_size": s.image_size})
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
     n = len(queries)
@@ -121,7 +121,7 @@ def run(ctx: Any) -> dict[str, Any]:
                          **summarize([n / t for t in times], "queries/s").as_dict()})
         rows.append({"label": f"batch {batch}: caching speed-up", **ratio_stats(t_u, t_c).as_dict()})
     info = {"model": "lerenet", "backbone": m.backbone, "dilated": m.dilated, "channels": m.channels,
-            "weights": "backbone ImageNet (packaged)" if m.backbone == "efficientnet_lite0" else "random init",
+            "weights": "backbone ImageNet (packaged)" if m.backbone.startswith("efficientnet_lite") else "random init",
             "profile": ctx.params.profile,
             "image_size": s.image_size, "shots": s.shots, "queries_per_pass": n, "class": s.infer_class,
             "batches": list(s.infer_batches), "warmup_passes": s.infer_warmup, "repeats": s.infer_repeats,

@@ -30,7 +30,7 @@ import torch
 import yaml
 
 from pipeline.config import Params, load_params
-from pipeline.episodes import material, selection_classes, training_pools, validation_episodes
+from pipeline.episodes import material, normal_pools, selection_classes, training_pools, validation_episodes
 from pipeline.evaluation.data import FeatureSource, ImageTable, open_store_for
 from pipeline.evaluation.scoring import false_alarms, score_episodes
 from pipeline.images import load_episodes, load_validated
@@ -72,14 +72,24 @@ def mismatched(paper: pd.DataFrame, ids: dict[str, list[str]], seed: int = 2718)
     return out
 
 
-def _selection_scores(params: Params, fold: int, net: torch.nn.Module, store: Any) -> dict[str, float]:
+def _selection_scores(params: Params, fold: int, net: torch.nn.Module, store: Any,
+                      src: FeatureSource) -> dict[str, float | None]:
+    """mIoU on selection-class episodes (K=1, K=5) and, at K=1, the false alarms on the selection
+    classes' defect-free images (supports of the K=1 selection episodes; unseen in training)."""
     from pipeline.training.loop import validate
 
     train_pools, val_pools = training_pools(params, fold)
-    out = {}
+    out: dict[str, float | None] = {}
     for k in (1, 5):
         eps = validation_episodes(val_pools, train_pools, k, params.train.val_episodes, params.train.seed + 1)
         out[f"k{k}"] = round(100 * validate(net, eps, store=store), 2)
+        if k == 1:
+            sets: dict[str, list[list[str]]] = {}
+            for e in eps:
+                sets.setdefault(e.class_name, []).append(list(e.support_ids))
+            normals = normal_pools(params, sets)
+            fa = false_alarms(src, sets, {c: list(v) for c, v in normals.items()}) if normals else None
+            out["fp_k1"] = None if fa is None else round(100 * fa.image_rate, 1)
     return out
 
 
@@ -91,7 +101,7 @@ def score_fold(params: Params, fold: int, predictor: Predictor) -> dict[str, Any
     test = params.test_classes(fold)
     store = open_store_for(params, predictor, data_dir)
     src = FeatureSource(predictor, table, store)
-    res: dict[str, Any] = {"selection": _selection_scores(params, fold, predictor.net, store)}
+    res: dict[str, Any] = {"selection": _selection_scores(params, fold, predictor.net, store, src)}
     defect = rows[(rows["kind"] == "defect") & rows["class_name"].isin(test)]
     ids = {c: sorted(p["id"]) for c, p in defect.groupby("class_name")}
     normal = rows[(rows["kind"] == "normal") & rows["class_name"].isin(test)]
@@ -139,6 +149,7 @@ def run(name: str, params: Params, folds: list[int], untrained: str | None, sets
         "k1": mean(lambda v: v["k1"]["paper"]), "k5": mean(lambda v: v["k5"]["paper"]),
         "mis_k1": mean(lambda v: v["k1"]["mismatched"]), "mis_k5": mean(lambda v: v["k5"]["mismatched"]),
         "fp_k1": mean(lambda v: v["fp_k1"] or 0.0),
+        "sel_fp_k1": mean(lambda v: v["selection"].get("fp_k1") or 0.0),
     }
     row["mean"]["gain_k1"] = round(row["mean"]["k1"] - row["mean"]["mis_k1"], 2)
     OUT.mkdir(parents=True, exist_ok=True)

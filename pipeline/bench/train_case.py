@@ -169,7 +169,7 @@ def run(ctx: Any) -> dict[str, Any]:
         eps: dict[bool, list[float]] = {}
         for amp in amp_modes:
             torch.manual_seed(params.train.seed)
-            net = build_net(params, "lerenet", pretrained=params.model.backbone == "efficientnet_lite0")
+            net = build_net(params, "lerenet", pretrained=params.model.backbone.startswith("efficientnet_lite"))
             net = net.to(device).train()
             n_steps = (s.train_warmup + s.train_repeats) * s.train_steps
             batches = _cached_batches(params) if cached else _image_batches(params, device, n_steps, workers)

@@ -19,7 +19,7 @@ def untrained_predictor(params: Params, architecture: str, device: Any):
     from pipeline.inference.resolve import ModelSource
 
     m = params.model
-    net = build_net(params, architecture, pretrained=m.backbone == "efficientnet_lite0" or m.weights is not None)
+    net = build_net(params, architecture, pretrained=m.backbone.startswith("efficientnet_lite") or m.weights is not None)
     meta = {"model": architecture, "backbone": m.backbone, "image_size": params.train.image_size}
     return Predictor(net.to(device).eval(), params.train.image_size, meta, ModelSource(f"untrained:{architecture}"))
 
