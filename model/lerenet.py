@@ -23,7 +23,7 @@ from model.layers import (
     resize_mask,
     shot_prototype,
 )
-from model.priors import check_kinds, frozen_priors, nearest_neighbour_score
+from model.priors import check_kinds, check_skip_source, frozen_priors, nearest_neighbour_score, skip_score
 
 VARIANTS = ("mpr", "mpe", "mpe*", "mpr+mpe", "mpr+mpe*")
 QUERY_PATHS = ("on", "dropout", "off")
@@ -190,9 +190,9 @@ class LERENet(FewShotSegmenter):
             decision instead of a base-class detector learned from scratch).
         skip_scale: initial ``a`` (logit per unit of cosine difference), > 0.
         skip_source: the training-free classifier of ``prior_skip``: ``"nn"`` (nearest support
-            descriptor) or ``"linear"`` (per-episode ridge-regression probe on the support's
-            frozen descriptors, :mod:`model.priors`; its score is about ``[-1, 1]``, so ``a``
-            starts at ``skip_scale / 2``).
+            descriptor), ``"linear"`` (per-episode ridge-regression probe on the support's frozen
+            descriptors), ``"proto"`` (prototype map), or several joined by ``+`` (their logits
+            averaged); :func:`model.priors.nearest_neighbour_score`.
         query_path: the MPR residual (raw query features): ``"on"`` (paper), ``"dropout"``
             or ``"off"`` (:class:`MultiPrototypeReasoning`).
         query_dropout: drop rate of ``query_path="dropout"``.
@@ -213,9 +213,9 @@ class LERENet(FewShotSegmenter):
             check_kinds(self.priors)
         if skip_scale <= 0:
             raise ValueError(f"skip_scale must be > 0, got {skip_scale}")
-        if skip_source not in ("nn", "linear"):
-            raise ValueError(f"unknown skip_source {skip_source!r}; valid: nn, linear")
+        check_skip_source(skip_source)
         self.skip_source = skip_source
+        self.skip_kinds = tuple(skip_source.split("+"))
         self.levels = tuple(int(c) for c in backbone.level_channels)
         if variant not in VARIANTS:
             raise ValueError(f"unknown LERENet variant {variant!r}; valid variants (Table 3): {', '.join(VARIANTS)}")
@@ -239,8 +239,7 @@ class LERENet(FewShotSegmenter):
         self.ifm = InformationFusion(in_ch, channels)
         self.skip: nn.Parameter | None = None
         if prior_skip:
-            scale = skip_scale if skip_source == "nn" else skip_scale / 2
-            self.skip = nn.Parameter(torch.tensor([float(scale), 0.0]))  # (a, b)
+            self.skip = nn.Parameter(torch.tensor([float(skip_scale), 0.0]))  # (a, b)
             last = self.ifm.cls[-1]
             nn.init.zeros_(last.weight)
             nn.init.zeros_(last.bias)
@@ -276,9 +275,8 @@ class LERENet(FewShotSegmenter):
             parts.append(maps.to(parts[0].dtype))
         logits = self.ifm(torch.cat(parts, dim=1))
         if self.skip is not None:
-            if maps is not None and self.skip_source in self.priors:  # level-major channels: reuse them
-                at = self.priors.index(self.skip_source)
-                nn_score = maps[:, at::len(self.priors)].mean(dim=1, keepdim=True)
+            if maps is not None and set(self.skip_kinds) <= set(self.priors):  # reuse the prior maps
+                nn_score = skip_score(maps, self.priors, self.skip_kinds)
             else:
                 nn_score = nearest_neighbour_score(query_feats, support_feats, m_s, self.levels, self.skip_source)
             logits = logits.float() + self.skip[0] * nn_score + self.skip[1]

@@ -18,6 +18,9 @@ the SOFS priors (Zhang et al., arXiv 2407.21351, Sec. 3.2), per backbone level:
   (-1) descriptors of this episode and applied to the query descriptors; ``> 0`` = defect.
   The test-time fit the foundation issue measured (a per-episode logistic regression on the
   same frozen descriptors) in its cheapest exact form: one ``(C+1) x (C+1)`` solve per episode.
+* ``proto``: the prototype model's map on the frozen features (PANet, Wang et al. ICCV 2019):
+  ``cos(q, p_fg) - cos(q, p_bg)`` with ``p_fg`` / ``p_bg`` the masked average pooling of the
+  support over its defect area fractions / their complement (all shots), in ``[-2, 2]``.
 
 Shapes: ``B`` episodes, ``K`` shots, ``Cb`` frozen channels (the backbone's levels
 concatenated, ``Backbone.level_channels``), ``h x w`` grid. A support cell is *defect* when its
@@ -30,7 +33,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-PRIOR_KINDS = ("fg", "abnormal", "nn", "linear")
+PRIOR_KINDS = ("fg", "abnormal", "nn", "linear", "proto")
+#: kinds a prior skip can start from, and the factor that puts each in the ``nn`` map's units
+#: (``skip_scale`` x factor = initial logit per unit of the map): the linear probe scores about
+#: ``[-1, 1]`` where the cosine differences move about twice as little
+SKIP_FACTORS = {"nn": 1.0, "linear": 0.5, "proto": 1.0}
 FG_SHARE = 0.5
 RIDGE = 0.001  # ridge of the linear probe, relative to the unit total weight of the support cells
 _NONE = -2.0  # below any cosine: "no such support cell"
@@ -83,6 +90,17 @@ def _linear_probe(q: torch.Tensor, s: torch.Tensor, fg: torch.Tensor, bg: torch.
     return score.float()
 
 
+def _prototype_map(qn: torch.Tensor, support: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """``(B, Lq)``: ``cos(q, p_fg) - cos(q, p_bg)``, prototypes by masked average pooling of the raw
+    support features ``(B, K, C, h, w)`` over ``masks`` / ``1 - masks``; 0 where a pool is empty."""
+    m = masks.float()
+    f = support.float()
+    p_fg = (f * m).sum(dim=(1, 3, 4)) / m.sum(dim=(1, 3, 4)).clamp_min(1e-6)           # (B, C)
+    p_bg = (f * (1 - m)).sum(dim=(1, 3, 4)) / (1 - m).sum(dim=(1, 3, 4)).clamp_min(1e-6)
+    cos = lambda p: (F.normalize(p, dim=1)[:, None, :] @ qn).squeeze(1)  # noqa: E731  (B, Lq)
+    return cos(p_fg) - cos(p_bg)
+
+
 def frozen_priors(query: torch.Tensor, support: torch.Tensor, masks: torch.Tensor,
                   levels: tuple[int, ...], kinds: tuple[str, ...]) -> torch.Tensor:
     """The requested priors at every backbone level.
@@ -115,24 +133,43 @@ def frozen_priors(query: torch.Tensor, support: torch.Tensor, masks: torch.Tenso
             maps = {"fg": fg_max, "abnormal": 1.0 - bg_max, "nn": fg_max - bg_max}
         if "linear" in kinds:
             maps["linear"] = _linear_probe(qn, sn, fg, bg)
+        if "proto" in kinds:
+            maps["proto"] = _prototype_map(qn, s, masks)
         out.extend(maps[k].view(b, 1, h, w) for k in kinds)
     return torch.cat(out, dim=1)
 
 
 def nearest_neighbour_score(query: torch.Tensor, support: torch.Tensor, masks: torch.Tensor,
                             levels: tuple[int, ...], kind: str = "nn") -> torch.Tensor:
-    """``(B, 1, h, w)``: one prior map averaged over the backbone levels.
+    """``(B, 1, h, w)``: the training-free score LERENet's ``prior_skip`` starts from.
 
-    ``kind="nn"`` (in ``[-2, 2]``) or ``"linear"`` (about ``[-1, 1]``): ``> 0`` = defect by the
-    nearest-support-descriptor rule or by the per-episode linear probe; the training-free
-    classifier that LERENet's ``prior_skip`` starts from. Arguments as :func:`frozen_priors`.
+    ``kind`` is one of :data:`SKIP_FACTORS` (``"nn"``, ``"linear"``, ``"proto"``) or several joined
+    by ``+`` (e.g. ``"linear+proto"``): each map is averaged over the backbone levels, multiplied by
+    its factor, and the kinds are averaged, so ``> 0`` = defect by the mean of the classifiers'
+    logits. Other arguments as :func:`frozen_priors`.
 
     Raises:
-        ValueError: ``kind`` is not ``"nn"`` or ``"linear"``.
+        ValueError: an unknown or repeated kind.
     """
-    if kind not in ("nn", "linear"):
-        raise ValueError(f"skip source must be nn or linear, got {kind!r}")
-    return frozen_priors(query, support, masks, levels, (kind,)).mean(dim=1, keepdim=True)
+    kinds = tuple(kind.split("+"))
+    check_skip_source(kind)
+    maps = frozen_priors(query, support, masks, levels, kinds)                # level-major
+    return skip_score(maps, kinds, kinds)
+
+
+def skip_score(maps: torch.Tensor, map_kinds: tuple[str, ...], kinds: tuple[str, ...]) -> torch.Tensor:
+    """``(B, 1, h, w)``: the skip score of ``kinds`` from ``maps`` ``(B, len(map_kinds) * levels, h, w)``
+    (:func:`frozen_priors` output for ``map_kinds``, which must contain every kind of ``kinds``)."""
+    n = len(map_kinds)
+    parts = [SKIP_FACTORS[k] * maps[:, map_kinds.index(k)::n].mean(dim=1, keepdim=True) for k in kinds]
+    return torch.stack(parts).mean(dim=0)
+
+
+def check_skip_source(kind: str) -> None:
+    """Raise ``ValueError`` unless ``kind`` is ``+``-joined distinct names of :data:`SKIP_FACTORS`."""
+    kinds = kind.split("+") if isinstance(kind, str) else []
+    if not kinds or any(k not in SKIP_FACTORS for k in kinds) or len(set(kinds)) != len(kinds):
+        raise ValueError(f"skip_source must be one or more of {', '.join(SKIP_FACTORS)} joined by '+'; got {kind!r}")
 
 
 def check_kinds(kinds: tuple[str, ...]) -> None:

@@ -127,9 +127,17 @@ class ModelParams(_Section):
     channels: int = Field(256, ge=8)
     dilated: bool = False  # ResNet-50 only: dilated layer3/layer4, output stride 8
     # LERENet only (model.LERENet): frozen-feature guidance, prior skip, raw-query path (docs/model.md)
-    priors: list[Literal["fg", "abnormal", "nn", "linear"]] = Field(default_factory=list)
+    priors: list[Literal["fg", "abnormal", "nn", "linear", "proto"]] = Field(default_factory=list)
     prior_skip: bool = False
-    skip_source: Literal["nn", "linear"] = "nn"
+    skip_source: str = "nn"  # nn | linear | proto, or several joined by "+" (model.priors.check_skip_source)
+
+    @field_validator("skip_source")
+    @classmethod
+    def _skip_source(cls, v: str) -> str:
+        from model.priors import check_skip_source
+
+        check_skip_source(v)
+        return v
     query_path: Literal["on", "dropout", "off"] = "on"
 
     @field_validator("query_path", mode="before")

@@ -88,11 +88,36 @@ def test_prior_skip_from_the_linear_probe(priors):
                       skip_source="linear").eval()
     sf, sm, qf = _feature_episode()
     m = resize_mask(sm.flatten(0, 1), (10, 10)).unflatten(0, (2, 3))
-    ref = F.interpolate(10.0 * nearest_neighbour_score(qf, sf, m, (40, 112), "linear"), size=(80, 80),
-                        mode="bilinear")
+    linear = frozen_priors(qf, sf, m, (40, 112), ("linear",)).mean(dim=1, keepdim=True)
+    assert torch.allclose(nearest_neighbour_score(qf, sf, m, (40, 112), "linear"), 0.5 * linear)
+    ref = F.interpolate(10.0 * linear, size=(80, 80), mode="bilinear")   # a = 20 x factor 1/2
     assert torch.allclose(net.forward_features(sf, sm, qf, (80, 80)), ref, atol=1e-4)
-    with pytest.raises(ValueError, match="skip_source"):
-        build_model("lerenet", channels=16, pretrained=False, prior_skip=True, skip_source="svm")
+    for bad in ("svm", "linear+linear", ""):
+        with pytest.raises(ValueError, match="skip_source"):
+            build_model("lerenet", channels=16, pretrained=False, prior_skip=True, skip_source=bad)
+
+
+def test_skip_from_several_sources_averages_their_logits():
+    net = build_model("lerenet", channels=16, pretrained=False, prior_skip=True, skip_source="linear+proto").eval()
+    sf, sm, qf = _feature_episode()
+    m = resize_mask(sm.flatten(0, 1), (10, 10)).unflatten(0, (2, 3))
+    maps = frozen_priors(qf, sf, m, (40, 112), ("linear", "proto"))
+    logit = 20.0 * (0.5 * maps[:, 0::2].mean(1, keepdim=True) + maps[:, 1::2].mean(1, keepdim=True)) / 2
+    ref = F.interpolate(logit, size=(80, 80), mode="bilinear")
+    assert torch.allclose(net.forward_features(sf, sm, qf, (80, 80)), ref, atol=1e-4)
+
+
+def test_proto_prior_is_the_prototype_models_cosine_difference():
+    """The ``proto`` map on one level equals PANet's cos(q, p_fg) - cos(q, p_bg) by hand."""
+    sf, sm, qf = _feature_episode(b=1, k=2)
+    sf, qf = sf[:, :, :40], qf[:, :40]
+    m = resize_mask(sm.flatten(0, 1), (10, 10)).unflatten(0, (1, 2))
+    got = frozen_priors(qf, sf, m, (40,), ("proto",))[0, 0]
+    p_fg = (sf * m).sum(dim=(1, 3, 4)) / m.sum()
+    p_bg = (sf * (1 - m)).sum(dim=(1, 3, 4)) / (1 - m).sum()
+    expect = (F.cosine_similarity(qf, p_fg[:, :, None, None], dim=1)
+              - F.cosine_similarity(qf, p_bg[:, :, None, None], dim=1))[0]
+    assert torch.allclose(got, expect, atol=1e-5)
 
 
 def _feature_episode(b=2, k=3, seed=0):
