@@ -210,6 +210,20 @@ class MlflowParams(_Section):
     promotion_margin: float = Field(0.005, ge=0)
 
 
+class ServeParams(_Section):
+    """Limits of the model served over REST (``mlflow models serve``; ``docs/inference.md``).
+
+    ``max_request_bytes``: bytes of base64 image data (all supports, masks and queries) one request
+    may carry, checked before anything is decoded. Stored in every logged pyfunc's ``model_config``
+    (``pipeline.serving.pyfunc.log_pyfunc``); a server overrides it with
+    ``SERVING_MODEL_CONFIG='{"max_request_bytes": N}'``. Default 32 MiB
+    (= ``pipeline.serving.limits.DEFAULT_MAX_REQUEST_BYTES``). Not a training setting: excluded from
+    ``params_hash``.
+    """
+
+    max_request_bytes: int = Field(32 * 1024 * 1024, gt=0, le=2**31 - 1, strict=True)
+
+
 class RetrainParams(_Section):
     """Schedule of the ``retrain_on_new_classes`` deployment (cron, UTC)."""
 
@@ -316,6 +330,7 @@ class Params(_Section):
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
     mlflow: MlflowParams = MlflowParams()
+    serve: ServeParams = ServeParams()
     retrain: RetrainParams = RetrainParams()
     services: ServicesParams = ServicesParams()
     distributed: DistributedParams = DistributedParams()

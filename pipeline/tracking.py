@@ -71,9 +71,10 @@ MACHINE_LOCAL_PARAMS = {"data": ("source", "incoming", "dir"), "mlflow": ("track
 
 def params_hash(params: Params) -> str:
     """16-hex sha256 of the resolved parameters, excluding machine-local settings (root, data
-    source/incoming/dir, the tracking URI, ``train.device``, ``train.num_workers``, ``services``) and
-    where the work runs (``distributed``): equal on every clone, machine and runner for equal settings."""
-    d = params.model_dump(mode="json", exclude={"root", "services", "distributed"})
+    source/incoming/dir, the tracking URI, ``train.device``, ``train.num_workers``, ``services``),
+    where the work runs (``distributed``) and the serving limits (``serve``): equal on every clone,
+    machine and runner for equal settings."""
+    d = params.model_dump(mode="json", exclude={"root", "services", "distributed", "serve"})
     for section, keys in MACHINE_LOCAL_PARAMS.items():
         for k in keys:
             d.get(section, {}).pop(k, None)

@@ -13,6 +13,7 @@ import torch
 from pipeline.augment import clean_pair, to_tensor_pair
 from pipeline.images import read_image, read_mask, resize_image
 from pipeline.serving.codec import PyfuncInputError, decode_image, decode_mask, encode_png, parse_input
+from pipeline.serving.limits import DEFAULT_MAX_REQUEST_BYTES
 
 from conftest import REAL_DATA
 
@@ -104,6 +105,14 @@ def _round_trip(tmp_path, ckpt, load_model):
     assert sorted(p.name for p in code.iterdir()) == ["model", "pipeline"]
     assert sorted(p.name for p in (code / "pipeline").iterdir()) == ["__init__.py", "inference", "serving"]
     assert Predictor.load(uri).image_size == 96  # the logged-model URI (models:/m-...) resolves too
+    # the byte limit travels as the model's model_config, and a loader (the server) can override it
+    assert loaded.model_config == {"max_request_bytes": DEFAULT_MAX_REQUEST_BYTES}
+    tight = mlflow.pyfunc.load_model(uri, model_config={"max_request_bytes": 100})
+    with pytest.raises(mlflow.exceptions.MlflowException, match=r"row 0, support_masks\[0\]: .* above the limit "
+                                                                r"of 100 bytes per request"):
+        tight.predict(pd.DataFrame({"support_images": [[encode_png(np.zeros((8, 8), np.uint8))]],
+                                    "support_masks": [[encode_png(np.ones((8, 8), bool))]],
+                                    "query_image": [encode_png(np.zeros((8, 8), np.uint8))]}))
 
     supports = [_pair(s) for s in SUPPORTS]
     query, _ = _pair(QUERY)
