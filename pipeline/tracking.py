@@ -64,14 +64,17 @@ def git_commit(root: Path) -> str:
 
 
 MACHINE_LOCAL_PARAMS = {"data": ("source", "incoming", "dir"), "mlflow": ("tracking_uri",),
-                        "train": ("device", "num_workers")}
+                        "train": ("device", "num_workers"), "retrain": ("timezone",)}
 """Settings that say where or how fast this machine runs the work, not what the result is: left out of
-:func:`params_hash` (with ``root`` and the whole ``services`` section)."""
+:func:`params_hash` (with ``root`` and the whole ``services`` section). ``retrain.timezone`` says when
+the scheduled retrain fires; it came after ``retrain.cron`` and is left out so that the hashes recorded
+before it existed stay valid."""
 
 
 def params_hash(params: Params) -> str:
     """16-hex sha256 of the resolved parameters, excluding machine-local settings (root, data
-    source/incoming/dir, the tracking URI, ``train.device``, ``train.num_workers``, ``services``) and
+    source/incoming/dir, the tracking URI, ``train.device``, ``train.num_workers``, ``retrain.timezone``,
+    ``services``) and
     where the work runs (``distributed``): equal on every clone, machine and runner for equal settings."""
     d = params.model_dump(mode="json", exclude={"root", "services", "distributed"})
     for section, keys in MACHINE_LOCAL_PARAMS.items():

@@ -125,3 +125,20 @@ def test_config_rejects_unsafe_class_name_arriving_in_incoming():
         extend_folds({0: ["A"], 1: ["B"]}, {"A": 5, "B": 5, "Leather Fold": 3}, ["Leather Fold"])
     assert extend_folds({0: ["A"], 1: ["B"]}, {"A": 5, "B": 9, "Leather_Fold": 3}, ["Leather_Fold"]) == {
         0: ["A", "Leather_Fold"], 1: ["B"]}
+
+
+# ---- issue 16: the retrain schedule's time zone -------------------------------------------
+def test_retrain_timezone_defaults_to_utc_and_accepts_iana_names(tmp_path):
+    raw = _base()
+    raw["retrain"].pop("timezone", None)
+    assert load_params(_write(tmp_path, raw), env={}).retrain.timezone == "UTC"
+    raw["retrain"]["timezone"] = "Europe/Berlin"
+    assert load_params(_write(tmp_path, raw), env={}).retrain.timezone == "Europe/Berlin"
+
+
+@pytest.mark.parametrize("name", ["Berlin", "CET+1", "utc ", "Europe/Nowhere", ""])
+def test_retrain_timezone_rejects_a_non_iana_name_naming_the_key(tmp_path, name):
+    raw = _base()
+    raw["retrain"]["timezone"] = name
+    with pytest.raises(ConfigError, match=r"retrain\.timezone: .*not an IANA time zone name"):
+        load_params(_write(tmp_path, raw), env={})

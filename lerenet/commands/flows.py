@@ -194,7 +194,7 @@ def serve_cmd(
         typer.echo(f"{st.name}: {st.note} at {st.url}")
     st, api = started.served, started.api_url
     typer.echo(f"{SERVE_NAME}: {st.note} (pid {st.pid}) in {started.seconds:.1f} s; deployments: "
-               f"retrain_on_new_classes/retrain-on-new-classes (cron {params.retrain.cron!r} UTC), "
+               f"retrain_on_new_classes/retrain-on-new-classes (cron {params.retrain.cron!r} {params.retrain.timezone}), "
                f"training_pipeline/training-pipeline (on demand)")
     typer.echo(f"Prefect UI: {api.removesuffix('/api')}   trigger: PREFECT_API_URL={api} prefect deployment run "
                "training_pipeline/training-pipeline   stop: lerenet serve --stop")
