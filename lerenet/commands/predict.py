@@ -10,6 +10,7 @@ import typer
 
 from lerenet.app import app
 from lerenet.commands._common import ParamsOption, fail, params_or_exit
+from lerenet.help import PANEL_BENCH, PANEL_INFERENCE
 
 
 def _device(name: str):
@@ -39,7 +40,7 @@ def _predictor(spec: str | None, params, device, architecture: str | None = None
         fail(str(exc))
 
 
-@app.command("predict")
+@app.command("predict", rich_help_panel=PANEL_INFERENCE)
 def predict(
     query: list[Path] = typer.Option(..., "--query", "-q", help="query image file or folder (repeatable)"),
     out: Path = typer.Option(..., "--out", "-o", help="output folder (must not exist unless --overwrite)"),
@@ -50,7 +51,7 @@ def predict(
                                     help="with --support-dir: use the first N images (file-name order)"),
     model: str = typer.Option(None, "--model", "-m",
                               help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/PATH or a model.pt "
-                                   "(default models:/<mlflow.registered_model>@champion)"),
+                                   "(default: the registry's champion, alias champion of mlflow.registered_model)"),
     threshold: float = typer.Option(0.5, "--threshold", help="defect where probability > threshold, in (0, 1)"),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="queries decoded and run together"),
@@ -63,6 +64,10 @@ def predict(
     Writes, per query, masks/<stem>.png (255 = defect, original size) and overlays/<stem>.png, plus
     summary.json for the batch. Supports are encoded once and reused for every query. Non-image files
     in a query folder are skipped with a warning.
+
+    Example:
+      lerenet predict --support-dir ../shared/datasets/defects12/Steel_In --shots-limit 5 \\
+        --query new_images/ --out predictions/
     """
     from pipeline.inference.predictor import PredictInputError
     from pipeline.predict import parse_support_pair, predict_folder, supports_from_class_dir
@@ -98,7 +103,7 @@ def predict(
                f"summary: {out / 'summary.json'}")
 
 
-@app.command("bench-predict")
+@app.command("bench-predict", rich_help_panel=PANEL_BENCH)
 def bench_predict_cmd(
     model: str = typer.Option(None, "--model", "-m", help="model URI or model.pt (default: the registry champion)"),
     architecture: str = typer.Option(None, "--architecture",
@@ -114,7 +119,11 @@ def bench_predict_cmd(
     json_out: Path = typer.Option(None, "--json", help="also write the figures to this JSON file"),
     params_path: Path = ParamsOption,
 ) -> None:
-    """Queries per second with supports encoded once (cached) vs re-encoded per query; prints the figures."""
+    """Queries per second with supports encoded once (cached) vs re-encoded per query; prints the figures.
+
+    Example:
+      lerenet bench-predict --architecture lerenet --queries 32 --shots 5 --device cpu
+    """
     from pipeline.atomic import atomic_write_text
     from pipeline.inference.predictor import PredictInputError
     from pipeline.usecases.bench import bench_inference
