@@ -163,6 +163,25 @@ def tracking_uri(params: Params) -> str:
     return uri
 
 
+ARTIFACTS_PROGRESS_BAR_ENV = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+"""MLflow's switch for its artifact download/upload progress bars (``mlflow.environment_variables``)."""
+
+
+@contextlib.contextmanager
+def no_artifact_progress_bar() -> Iterator[None]:
+    """MLflow's artifact progress bars off for the block (``$MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false``;
+    MLflow reads it at each download), the previous value restored afterwards."""
+    before = os.environ.get(ARTIFACTS_PROGRESS_BAR_ENV)
+    os.environ[ARTIFACTS_PROGRESS_BAR_ENV] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(ARTIFACTS_PROGRESS_BAR_ENV, None)
+        else:
+            os.environ[ARTIFACTS_PROGRESS_BAR_ENV] = before
+
+
 def configure(params: Params) -> str:
     """Point MLflow at the tracking URI and experiment of ``params``; create the experiment if needed.
 
