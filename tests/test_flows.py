@@ -303,6 +303,17 @@ def test_retrain_schedule_uses_the_configured_timezone(tmp_path, small_source):
     assert (schedule.cron, schedule.timezone) == ("30 2 * * 1-5", "Europe/Berlin")
 
 
+def test_temporary_prefect_server_telemetry_off_unless_the_user_chose():
+    """Importing the flows package (what `lerenet flow ...` does before Prefect starts its temporary server,
+    which inherits the environment) turns the server's telemetry off, keeping a value the user set."""
+    code = "import os, flows; print(os.environ['PREFECT_SERVER_ANALYTICS_ENABLED'])"
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_SERVER_ANALYTICS_ENABLED"}
+    run = [sys.executable, "-c", code]
+    assert subprocess.run(run, env=env, cwd=ROOT, capture_output=True, text=True, check=True).stdout == "false\n"
+    env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "true"
+    assert subprocess.run(run, env=env, cwd=ROOT, capture_output=True, text=True, check=True).stdout == "true\n"
+
+
 # ---------------------------------------------------------------------------
 # new-class detection and the fold-table rule (pipeline/classes.py)
 # ---------------------------------------------------------------------------
