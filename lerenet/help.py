@@ -7,8 +7,8 @@
   ``--progress/--no-progress``, ``--help``) shows no value at all, not ``<bool>``. A metavar set on the
   option itself wins.
 * **Text** (:func:`reflow`): the docstrings are wrapped at the source's width; a prose paragraph is
-  joined into one line so the terminal wraps it, while a paragraph with indented lines (an example
-  command) is kept as written.
+  joined into one line so the terminal wraps it, while a paragraph with indented lines (``Example:``
+  and its commands) keeps its line breaks.
 
 :class:`App` is a ``typer.Typer`` whose commands and groups use :class:`Command` / :class:`Group`.
 """
