@@ -18,6 +18,7 @@ Environment overrides (applied after the profile overlay):
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import re
 from pathlib import Path
@@ -224,10 +225,36 @@ class ServeParams(_Section):
     max_request_bytes: int = Field(32 * 1024 * 1024, gt=0, le=2**31 - 1, strict=True)
 
 
+@functools.cache
+def _iana_timezones() -> frozenset[str]:
+    from zoneinfo import available_timezones
+
+    return frozenset(available_timezones())
+
+
+def check_timezone(name: object) -> str:
+    """Return ``name`` if it is an IANA time zone name Prefect accepts for a schedule, else raise.
+
+    The set is :func:`zoneinfo.available_timezones` (what Prefect's ``CronSchedule`` checks), plus
+    ``UTC`` always.
+
+    Raises:
+        ValueError: naming the bad value, e.g. ``'CET+1'`` or ``'Berlin'``.
+    """
+    if name == "UTC" or (isinstance(name, str) and name in _iana_timezones()):
+        return name
+    raise ValueError(f"{name!r} is not an IANA time zone name: expected e.g. UTC, Europe/Berlin, America/New_York")
+
+
 class RetrainParams(_Section):
-    """Schedule of the ``retrain_on_new_classes`` deployment (cron, UTC)."""
+    """Schedule of the ``retrain_on_new_classes`` deployment: ``cron`` read in ``timezone``.
+
+    ``timezone`` is an IANA name (``UTC``, ``Europe/Berlin``, ...); the Prefect UI shows it with the
+    schedule, and a daylight-saving zone keeps the wall-clock time across DST changes.
+    """
 
     cron: str = "0 3 * * *"
+    timezone: Annotated[str, AfterValidator(check_timezone)] = "UTC"
 
 
 class DistributedParams(_Section):

@@ -139,3 +139,20 @@ def test_serve_max_request_bytes_default_and_validation(tmp_path):
         raw["serve"] = {"max_request_bytes": bad}
         with pytest.raises(ConfigError, match=r"serve\.max_request_bytes: "):
             load_params(_write(tmp_path, raw), env={})
+
+
+# ---- issue 16: the retrain schedule's time zone -------------------------------------------
+def test_retrain_timezone_defaults_to_utc_and_accepts_iana_names(tmp_path):
+    raw = _base()
+    raw["retrain"].pop("timezone", None)
+    assert load_params(_write(tmp_path, raw), env={}).retrain.timezone == "UTC"
+    raw["retrain"]["timezone"] = "Europe/Berlin"
+    assert load_params(_write(tmp_path, raw), env={}).retrain.timezone == "Europe/Berlin"
+
+
+@pytest.mark.parametrize("name", ["Berlin", "CET+1", "utc ", "Europe/Nowhere", ""])
+def test_retrain_timezone_rejects_a_non_iana_name_naming_the_key(tmp_path, name):
+    raw = _base()
+    raw["retrain"]["timezone"] = name
+    with pytest.raises(ConfigError, match=r"retrain\.timezone: .*not an IANA time zone name"):
+        load_params(_write(tmp_path, raw), env={})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import mlflow
@@ -97,9 +98,16 @@ def _round_trip(tmp_path, ckpt, load_model):
     from pipeline.serving.pyfunc import log_pyfunc
 
     exp = mlflow.create_experiment("pyfunc-test", artifact_location=(tmp_path / "artifacts").as_uri())
-    with mlflow.start_run(experiment_id=exp):
+    with mlflow.start_run(experiment_id=exp), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         uri = log_pyfunc(ckpt, name="model", registered_model_name="pyfunc-test-model")
+    # a clean console: no "input example was not provided" (or other) user-visible warning; MLflow's own
+    # pandas DeprecationWarning is hidden by Python's default filters outside __main__
+    assert [str(w.message) for w in caught if not issubclass(w.category, DeprecationWarning)] == []
     loaded = mlflow.pyfunc.load_model(uri)
+    example = loaded.input_example  # logged with the model (shown in the MLflow UI)
+    assert list(example.columns) == ["support_images", "support_masks", "query_image"] and len(example) == 1
+    assert list(loaded.predict(example).columns) == ["mask", "defect_fraction", "max_score"]
     # the model ships model/ and only the inference and serving packages of pipeline/
     code = Path(mlflow.artifacts.download_artifacts(uri)) / "code"
     assert sorted(p.name for p in code.iterdir()) == ["model", "pipeline"]

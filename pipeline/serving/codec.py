@@ -173,3 +173,19 @@ def parse_input(frame: pd.DataFrame) -> list[tuple[list[np.ndarray], list[np.nda
                 raise PyfuncInputError(f"row {r}, support_masks[{k}]: mask size {m.shape} != image size {i.shape[:2]}")
         out.append((s_img, s_msk, decode_image(row.query_image, f"row {r}, query_image")))
     return out
+
+
+def example_frame(size: int = 32) -> pd.DataFrame:
+    """The smallest valid request: one query and one support pair, synthetic ``size`` x ``size`` gray
+    images (a bright horizontal scratch on a dark surface; the support mask marks it).
+
+    Logged with the pyfunc as its input example (the MLflow UI shows it; ``mlflow models serve``
+    callers can copy it) and checked by MLflow at log time by running the model on it.
+    """
+    surface = np.full((size, size), 60, np.uint8)
+    support, query = surface.copy(), surface.copy()
+    support[size // 2 - 1:size // 2 + 1, 4:-4] = 220
+    query[size // 3:size // 3 + 2, 6:-2] = 220
+    mask = support > 127
+    return pd.DataFrame({"support_images": [[encode_png(support)]], "support_masks": [[encode_png(mask)]],
+                         "query_image": [encode_png(query)]})

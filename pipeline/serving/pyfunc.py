@@ -27,7 +27,7 @@ from typing import Any
 import pandas as pd
 
 from pipeline.inference.predictor import PredictInputError
-from pipeline.serving.codec import OUTPUT_COLUMNS, encode_png, parse_input
+from pipeline.serving.codec import OUTPUT_COLUMNS, encode_png, example_frame, parse_input
 from pipeline.serving.limits import DEFAULT_MAX_REQUEST_BYTES, check_max_request_bytes, check_request_frame
 
 _PROJECT_ROOT = Path(__file__).resolve().parent.parent.parent
@@ -196,6 +196,7 @@ def log_pyfunc(checkpoint: str | os.PathLike[str], name: str = "model", register
             artifacts={"checkpoint": str(ckpt)},
             code_paths=shipped_code(Path(tmp) / "code"),
             signature=signature(),
+            input_example=example_frame(),
             pip_requirements=_pip_requirements(),
             registered_model_name=registered_model_name,
             metadata=metadata_,
