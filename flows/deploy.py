@@ -5,8 +5,9 @@
 executes their runs until stopped (SIGTERM pauses the deployments and exits; stop it before the
 server, ``../shared/STACK.md``).
 
-* ``retrain_on_new_classes/retrain-on-new-classes``: cron ``params.retrain.cron`` (UTC),
-  ``concurrency_limit=1`` -- a run that comes due while one is running waits (never overlaps);
+* ``retrain_on_new_classes/retrain-on-new-classes``: cron ``params.retrain.cron`` read in the time zone
+  ``params.retrain.timezone`` (default UTC; the Prefect UI shows both), ``concurrency_limit=1`` -- a run
+  that comes due while one is running waits (never overlaps);
 * ``training_pipeline/training-pipeline``: no schedule (trigger from the UI or
   ``prefect deployment run training_pipeline/training-pipeline``), ``concurrency_limit=1``.
 
@@ -34,6 +35,8 @@ DEPLOYMENT_NAMES = (f"retrain_on_new_classes/{RETRAIN_DEPLOYMENT}", f"training_p
 
 def build_deployments(params_path: str | os.PathLike[str] | None = None) -> list[Any]:
     """The two ``RunnerDeployment`` objects (module docstring) for the params file ``params_path``."""
+    from prefect.schedules import Cron
+
     from flows.retrain import params_file, retrain_on_new_classes
     from flows.training_pipeline import training_pipeline
     from pipeline.config import load_params
@@ -43,7 +46,7 @@ def build_deployments(params_path: str | os.PathLike[str] | None = None) -> list
     common = {"parameters": {"params_path": str(path)}, "concurrency_limit": 1, "tags": ["lerenet"]}
     return [
         retrain_on_new_classes.to_deployment(
-            name=RETRAIN_DEPLOYMENT, cron=params.retrain.cron,
+            name=RETRAIN_DEPLOYMENT, schedule=Cron(params.retrain.cron, timezone=params.retrain.timezone),
             description="Retrain when new defect classes arrive in data.source/data.incoming", **common),
         training_pipeline.to_deployment(
             name=TRAINING_DEPLOYMENT,

@@ -18,6 +18,7 @@ Environment overrides (applied after the profile overlay):
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import re
 from pathlib import Path
@@ -218,10 +219,50 @@ class MlflowParams(_Section):
     promotion_margin: float = Field(0.005, ge=0)
 
 
+class ServeParams(_Section):
+    """Limits of the model served over REST (``mlflow models serve``; ``docs/inference.md``).
+
+    ``max_request_bytes``: bytes of base64 image data (all supports, masks and queries) one request
+    may carry, checked before anything is decoded. Stored in every logged pyfunc's ``model_config``
+    (``pipeline.serving.pyfunc.log_pyfunc``); a server overrides it with
+    ``SERVING_MODEL_CONFIG='{"max_request_bytes": N}'``. Default 32 MiB
+    (= ``pipeline.serving.limits.DEFAULT_MAX_REQUEST_BYTES``). Not a training setting: excluded from
+    ``params_hash``.
+    """
+
+    max_request_bytes: int = Field(32 * 1024 * 1024, gt=0, le=2**31 - 1, strict=True)
+
+
+@functools.cache
+def _iana_timezones() -> frozenset[str]:
+    from zoneinfo import available_timezones
+
+    return frozenset(available_timezones())
+
+
+def check_timezone(name: object) -> str:
+    """Return ``name`` if it is an IANA time zone name Prefect accepts for a schedule, else raise.
+
+    The set is :func:`zoneinfo.available_timezones` (what Prefect's ``CronSchedule`` checks), plus
+    ``UTC`` always.
+
+    Raises:
+        ValueError: naming the bad value, e.g. ``'CET+1'`` or ``'Berlin'``.
+    """
+    if name == "UTC" or (isinstance(name, str) and name in _iana_timezones()):
+        return name
+    raise ValueError(f"{name!r} is not an IANA time zone name: expected e.g. UTC, Europe/Berlin, America/New_York")
+
+
 class RetrainParams(_Section):
-    """Schedule of the ``retrain_on_new_classes`` deployment (cron, UTC)."""
+    """Schedule of the ``retrain_on_new_classes`` deployment: ``cron`` read in ``timezone``.
+
+    ``timezone`` is an IANA name (``UTC``, ``Europe/Berlin``, ...); the Prefect UI shows it with the
+    schedule, and a daylight-saving zone keeps the wall-clock time across DST changes.
+    """
 
     cron: str = "0 3 * * *"
+    timezone: Annotated[str, AfterValidator(check_timezone)] = "UTC"
 
 
 class DistributedParams(_Section):
@@ -324,6 +365,7 @@ class Params(_Section):
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
     mlflow: MlflowParams = MlflowParams()
+    serve: ServeParams = ServeParams()
     retrain: RetrainParams = RetrainParams()
     services: ServicesParams = ServicesParams()
     distributed: DistributedParams = DistributedParams()

@@ -1,7 +1,8 @@
 """``lerenet predict``: support set + folder of queries -> masks, overlays and a JSON summary.
 
 1. The model comes from :meth:`pipeline.inference.predictor.Predictor.load` (``models:/<name>@<alias>``,
-   ``models:/<name>/<version>``, ``runs:/<run_id>/<path>``, an MLflow model folder or a ``model.pt``).
+   ``models:/<name>/<version>``, ``runs:/<run_id>/<path>``, an MLflow model folder or a ``model.pt``),
+   with MLflow's artifact download progress bars off (:func:`load_predictor`).
 2. :func:`load_supports` reads and checks the K support pairs (mask present, same size as its
    image, not empty); the Predictor encodes them **once** per call.
 3. :func:`predict_folder` streams the queries in batches of ``batch_size`` (a folder of any length
@@ -10,6 +11,8 @@
    ``masks/<stem>.png``, ``overlays/<stem>.png`` and ``summary.json``. Everything goes to a
    temporary folder next to ``out_dir`` that is renamed into place at the end
    (:func:`pipeline.atomic.replace_dir`), so a failed request leaves nothing behind.
+4. :func:`image_table` turns the summary into the rows the command prints: per image, the defect
+   area in %, the number of connected components, the largest one's box and the max score.
 
 Choice for non-image files in a query *folder*: they are skipped with a
 :class:`SkippedInputWarning` and listed under ``"skipped"`` in the summary (the same for files
@@ -34,7 +37,7 @@ from PIL import UnidentifiedImageError
 
 from pipeline.atomic import replace_dir
 from pipeline.images import IMAGE_SUFFIXES, read_image, read_mask
-from pipeline.inference.postprocess import overlay, png_bytes, summarise
+from pipeline.inference.postprocess import headline, overlay, png_bytes, summarise
 from pipeline.inference.predictor import PredictInputError, Predictor
 
 SUMMARY = "summary.json"
@@ -57,10 +60,11 @@ def load_predictor(params: Any, spec: str | None, device: Any) -> Predictor:
         pipeline.inference.resolve.ModelNotFoundError / CheckpointError: as :meth:`Predictor.load`.
     """
     from pipeline.inference.resolve import default_model_uri
-    from pipeline.tracking import tracking_uri
+    from pipeline.tracking import no_artifact_progress_bar, tracking_uri
 
-    return Predictor.load(spec or default_model_uri(params.mlflow.registered_model),
-                          tracking_uri=tracking_uri(params), device=device)
+    with no_artifact_progress_bar():  # MLflow's download bars would mix with the command's own output
+        return Predictor.load(spec or default_model_uri(params.mlflow.registered_model),
+                              tracking_uri=tracking_uri(params), device=device)
 
 
 # ---------------------------------------------------------------------------
@@ -325,3 +329,10 @@ def predict_folder(model: Predictor, support_pairs: Sequence[tuple[Path, Path]],
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return summary
+
+
+def image_table(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per predicted image of a :func:`predict_folder` summary, in query order:
+    ``{"image": query file name, "mask": path under the output folder,
+    **``pipeline.inference.postprocess.headline``}`` (defect %, components, largest box, max score)."""
+    return [{"image": Path(r["query"]).name, "mask": r["mask"], **headline(r)} for r in summary["images"]]

@@ -290,7 +290,8 @@ def register(params: Params, model_checkpoint: Path, cv_metrics: Iterable[CvCell
         tags[registry_text.CELLS_TAG] = f"runs:/{run.info.run_id}/{registry_text.CELLS_JSON}"
         registry_text.log_cells(registry_text.cells_document(cells, false_alarms))
         mlflow.set_tags(tags)
-        uri = log_pyfunc(ckpt, name=f"all-{model_name}", metadata_={"model_name": model_name})
+        uri = log_pyfunc(ckpt, name=f"all-{model_name}", metadata_={"model_name": model_name},
+                         max_request_bytes=params.serve.max_request_bytes)
         mv = mlflow.register_model(uri, name, tags=tags)
     version = str(mv.version)
     try:

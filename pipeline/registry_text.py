@@ -20,12 +20,10 @@ endpoint. :func:`describe_version` (re)writes the description and mirrors the ve
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -124,7 +122,7 @@ def load_cells_document(params: Params, run_id: str | None) -> dict[str, Any] | 
 
     from pipeline import tracking
 
-    with tempfile.TemporaryDirectory(prefix="lerenet-cells-") as tmp, _no_progress_bar():
+    with tempfile.TemporaryDirectory(prefix="lerenet-cells-") as tmp, tracking.no_artifact_progress_bar():
         try:
             path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=CELLS_JSON, dst_path=tmp,
                                                        tracking_uri=tracking.tracking_uri(params))
@@ -132,21 +130,6 @@ def load_cells_document(params: Params, run_id: str | None) -> dict[str, Any] | 
             log.debug("run %s has no %s: %s", run_id, CELLS_JSON, exc)
             return None
         return json.loads(Path(path).read_text())
-
-
-@contextlib.contextmanager
-def _no_progress_bar() -> Iterator[None]:
-    """MLflow's artifact download bar off for a small internal download (restored afterwards)."""
-    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
-    before = os.environ.get(key)
-    os.environ[key] = "false"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = before
 
 
 def version_cells(params: Params, mv: Any) -> dict[str, tuple[float, str]]:

@@ -64,16 +64,19 @@ def git_commit(root: Path) -> str:
 
 
 MACHINE_LOCAL_PARAMS = {"data": ("source", "incoming", "dir"), "mlflow": ("tracking_uri",),
-                        "train": ("device", "num_workers")}
+                        "train": ("device", "num_workers"), "retrain": ("timezone",)}
 """Settings that say where or how fast this machine runs the work, not what the result is: left out of
-:func:`params_hash` (with ``root`` and the whole ``services`` section)."""
+:func:`params_hash` (with ``root`` and the whole ``services`` section). ``retrain.timezone`` says when
+the scheduled retrain fires; it came after ``retrain.cron`` and is left out so that the hashes recorded
+before it existed stay valid."""
 
 
 def params_hash(params: Params) -> str:
     """16-hex sha256 of the resolved parameters, excluding machine-local settings (root, data
-    source/incoming/dir, the tracking URI, ``train.device``, ``train.num_workers``, ``services``) and
-    where the work runs (``distributed``): equal on every clone, machine and runner for equal settings."""
-    d = params.model_dump(mode="json", exclude={"root", "services", "distributed"})
+    source/incoming/dir, the tracking URI, ``train.device``, ``train.num_workers``, ``retrain.timezone``,
+    ``services``), where the work runs (``distributed``) and the serving limits (``serve``): equal on
+    every clone, machine and runner for equal settings."""
+    d = params.model_dump(mode="json", exclude={"root", "services", "distributed", "serve"})
     for section, keys in MACHINE_LOCAL_PARAMS.items():
         for k in keys:
             d.get(section, {}).pop(k, None)
@@ -158,6 +161,25 @@ def tracking_uri(params: Params) -> str:
     if "://" not in uri and not uri.startswith("databricks"):
         return (params.root / uri).resolve().as_uri()
     return uri
+
+
+ARTIFACTS_PROGRESS_BAR_ENV = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+"""MLflow's switch for its artifact download/upload progress bars (``mlflow.environment_variables``)."""
+
+
+@contextlib.contextmanager
+def no_artifact_progress_bar() -> Iterator[None]:
+    """MLflow's artifact progress bars off for the block (``$MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false``;
+    MLflow reads it at each download), the previous value restored afterwards."""
+    before = os.environ.get(ARTIFACTS_PROGRESS_BAR_ENV)
+    os.environ[ARTIFACTS_PROGRESS_BAR_ENV] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(ARTIFACTS_PROGRESS_BAR_ENV, None)
+        else:
+            os.environ[ARTIFACTS_PROGRESS_BAR_ENV] = before
 
 
 def configure(params: Params) -> str:

@@ -16,6 +16,8 @@ from pathlib import Path
 from pipeline.checkpoint import save_model
 
 REAL_DATA = Path("/work/shared/datasets/defects12")
+#: the checkout these tests belong to: its code is what the subprocess logs (not an installed copy elsewhere)
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
 IMAGE_SIZE = 200
 
 
@@ -54,14 +56,17 @@ def register_champion(root: Path, checkpoint: Path, name: str = "lerenet-test") 
 
     Runs in a subprocess with ``MLFLOW_TRACKING_URI`` / ``MLFLOW_REGISTRY_URI`` set, because MLflow's
     fluent API keeps the tracking URI in process-global state and in ``os.environ``: the test process's
-    MLflow state is left untouched. Returns ``{"tracking_uri", "name", "version", "run_id"}``.
+    MLflow state is left untouched; ``PYTHONPATH`` starts with this checkout, so the logged model ships
+    this checkout's ``model/`` and ``pipeline/`` even where the package is installed from another one
+    (an editable install of a sibling worktree). Returns ``{"tracking_uri", "name", "version", "run_id"}``.
 
     Raises:
         RuntimeError: the registration failed (its output is in the message).
     """
     uri = f"sqlite:///{root / 'mlruns.db'}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_REGISTRY_URI": uri, "DO_NOT_TRACK": "1",
-           "MLFLOW_ENABLE_TELEMETRY": "false"}
+           "MLFLOW_ENABLE_TELEMETRY": "false",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH")) if p)}
     proc = subprocess.run([sys.executable, "-c", _REGISTER, uri, str(root), str(checkpoint), name], env=env,
                           cwd=root, capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:

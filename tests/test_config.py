@@ -125,3 +125,34 @@ def test_config_rejects_unsafe_class_name_arriving_in_incoming():
         extend_folds({0: ["A"], 1: ["B"]}, {"A": 5, "B": 5, "Leather Fold": 3}, ["Leather Fold"])
     assert extend_folds({0: ["A"], 1: ["B"]}, {"A": 5, "B": 9, "Leather_Fold": 3}, ["Leather_Fold"]) == {
         0: ["A", "Leather_Fold"], 1: ["B"]}
+
+
+# ---- issue 14 item 8: the served model's byte limit ----------------------------------------
+def test_serve_max_request_bytes_default_and_validation(tmp_path):
+    from pipeline.serving.limits import DEFAULT_MAX_REQUEST_BYTES
+
+    assert load_params(DEFAULT_PARAMS, env={}).serve.max_request_bytes == DEFAULT_MAX_REQUEST_BYTES == 32 * 2**20
+    raw = _base()
+    del raw["serve"]
+    assert load_params(_write(tmp_path, raw), env={}).serve.max_request_bytes == DEFAULT_MAX_REQUEST_BYTES
+    for bad in (0, -5, "32MiB", True, 1.5, 2**31):
+        raw["serve"] = {"max_request_bytes": bad}
+        with pytest.raises(ConfigError, match=r"serve\.max_request_bytes: "):
+            load_params(_write(tmp_path, raw), env={})
+
+
+# ---- issue 16: the retrain schedule's time zone -------------------------------------------
+def test_retrain_timezone_defaults_to_utc_and_accepts_iana_names(tmp_path):
+    raw = _base()
+    raw["retrain"].pop("timezone", None)
+    assert load_params(_write(tmp_path, raw), env={}).retrain.timezone == "UTC"
+    raw["retrain"]["timezone"] = "Europe/Berlin"
+    assert load_params(_write(tmp_path, raw), env={}).retrain.timezone == "Europe/Berlin"
+
+
+@pytest.mark.parametrize("name", ["Berlin", "CET+1", "utc ", "Europe/Nowhere", ""])
+def test_retrain_timezone_rejects_a_non_iana_name_naming_the_key(tmp_path, name):
+    raw = _base()
+    raw["retrain"]["timezone"] = name
+    with pytest.raises(ConfigError, match=r"retrain\.timezone: .*not an IANA time zone name"):
+        load_params(_write(tmp_path, raw), env={})

@@ -45,7 +45,8 @@ def evaluated(tmp_path_factory):
         root / "params.yaml", src, root / "data",
         model={"names": list(MODELS), "channels": 32},
         train={"image_size": 96, "feature_views": 0},
-        evaluate={"latency_queries": 2, "overlay_episodes_per_class": 1}), env={})
+        evaluate={"latency_queries": 2, "overlay_episodes_per_class": 1},
+        serve={"max_request_bytes": 5_000_000}), env={})
     ingest(params, progress=False)
     validate(params)
     split(params)
@@ -161,6 +162,10 @@ def test_mlflow_runs_hold_metrics_table_and_pictures(evaluated):
     logged = client.search_logged_models(experiment_ids=[run.info.experiment_id],
                                          filter_string=f"source_run_id = '{lerenet_run}'")
     assert [m.name for m in logged] == [f"fold{FOLD}-lerenet"]  # named, not all "model"
+    import mlflow  # the served byte limit (serve.max_request_bytes) travels as the model's model_config
+
+    info = mlflow.models.get_model_info(logged[0].model_uri)
+    assert info.flavors["python_function"]["config"] == {"max_request_bytes": 5_000_000}
     run = client.get_run(lerenet_run)
     assert run.data.tags["lerenet.step"] == "train+evaluate" and "**Evaluated**" in run.data.tags["mlflow.note.content"]
     # `runs:/<id>/model` (the default name) still finds the run's one model

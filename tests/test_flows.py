@@ -276,11 +276,42 @@ def test_deployments_schedule_and_concurrency(tmp_path, small_source):
     params = load_params(pfile, env={})
     assert retrain.name == "retrain-on-new-classes" and training.name == "training-pipeline"
     assert [s.schedule.cron for s in retrain.schedules] == [params.retrain.cron]
+    assert [s.schedule.timezone for s in retrain.schedules] == ["UTC"]  # explicit, so the UI shows it
     assert training.schedules in (None, [])
     for d in (retrain, training):
         limit = d.concurrency_limit if isinstance(d.concurrency_limit, int) else d.concurrency_limit.limit
         assert limit == 1
         assert d.parameters == {"params_path": str(pfile)}
+    # the UI's run form shows each flow parameter with its type
+    types = {d.name: {k: v.get("type") or [t["type"] for t in v["anyOf"]]
+                      for k, v in d._parameter_openapi_schema.model_dump()["properties"].items()}
+             for d in (retrain, training)}
+    assert types["retrain-on-new-classes"] == {"params_path": ["string", "null"], "overrides": ["object", "null"],
+                                               "fold_workers": ["integer", "null"]}
+    assert types["training-pipeline"] == {**types["retrain-on-new-classes"], "promote": "boolean",
+                                          "commit_dvc": "boolean"}
+
+
+def test_retrain_schedule_uses_the_configured_timezone(tmp_path, small_source):
+    from flows.deploy import build_deployments
+
+    pfile = tiny_params_file(tmp_path, small_source)
+    raw = yaml.safe_load(pfile.read_text())
+    raw["retrain"] = {"cron": "30 2 * * 1-5", "timezone": "Europe/Berlin"}
+    pfile.write_text(yaml.safe_dump(raw, sort_keys=False))
+    (schedule,) = [s.schedule for s in build_deployments(pfile)[0].schedules]
+    assert (schedule.cron, schedule.timezone) == ("30 2 * * 1-5", "Europe/Berlin")
+
+
+def test_temporary_prefect_server_telemetry_off_unless_the_user_chose():
+    """Importing the flows package (what `lerenet flow ...` does before Prefect starts its temporary server,
+    which inherits the environment) turns the server's telemetry off, keeping a value the user set."""
+    code = "import os, flows; print(os.environ['PREFECT_SERVER_ANALYTICS_ENABLED'])"
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_SERVER_ANALYTICS_ENABLED"}
+    run = [sys.executable, "-c", code]
+    assert subprocess.run(run, env=env, cwd=ROOT, capture_output=True, text=True, check=True).stdout == "false\n"
+    env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "true"
+    assert subprocess.run(run, env=env, cwd=ROOT, capture_output=True, text=True, check=True).stdout == "true\n"
 
 
 # ---------------------------------------------------------------------------

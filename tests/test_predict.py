@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from typer.testing import CliRunner
 import pipeline.predict as P
 import pipeline.serving.limits as L
 from pipeline.images import read_image, read_mask
-from pipeline.inference.postprocess import connected_components, overlay, png_bytes
+from pipeline.inference.postprocess import connected_components, headline, overlay, png_bytes, summarise
 from pipeline.inference.predictor import PredictInputError, Predictor
 from pipeline.inference.resolve import ModelNotFoundError
 from _registry import REAL_DATA, copy_class, prototype_checkpoint, register_champion
@@ -95,6 +96,23 @@ def test_components_match_opencv_on_real_mask():
                   reverse=True)
     assert ours == ref and len(ours) == n - 1 >= 1
     assert sum(c["area"] for c in connected_components(mask)) == int(mask.sum())
+
+
+def test_headline_area_components_largest_box_and_max_score():
+    """The per-image figures `lerenet predict` prints, on a hand-made probability map."""
+    prob = np.full((20, 30), 0.1, np.float32)
+    prob[2:6, 3:11] = 0.9        # 4 x 8 block: 32 px, the largest
+    prob[15, 20] = 0.7           # diagonal pair: one component (8-connectivity), 2 px
+    prob[16, 21] = 0.6
+    prob[10, 28:30] = 0.95       # 1 x 2 at the right edge: 2 px, holds the max score
+    prob[0, 0] = 0.5             # not above the threshold
+    mask, info = summarise(prob, 0.5)
+    row = headline(info)
+    assert row == {"defect_percent": pytest.approx(100 * 36 / 600), "components": 3,
+                   "largest_box": (3, 2, 8, 4), "max_score": pytest.approx(0.95)}
+    assert int(mask.sum()) == 36
+    assert headline(summarise(np.zeros((4, 4), np.float32), 0.5)[1]) == {
+        "defect_percent": 0.0, "components": 0, "largest_box": None, "max_score": 0.0}
 
 
 def test_overlay_tints_defect_and_draws_contour():
@@ -283,6 +301,7 @@ def test_resolve_registry_alias_version_and_errors(registry):
 
 def test_cli_predict_champion_by_default(registry, work, queries, tmp_path, monkeypatch):
     from lerenet.cli import app
+    from lerenet.commands.predict import TABLE_COLUMNS
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the params file names the registry
 
@@ -295,10 +314,21 @@ def test_cli_predict_champion_by_default(registry, work, queries, tmp_path, monk
                                    "--query", str(queries), "--out", str(out), "--device", "cpu", "--no-progress"])
     assert res.exit_code == 0, res.output
     assert "skipping query" in res.output and "readme.md" in res.output
+    assert "Downloading" not in res.output and "it/s]" not in res.output  # no MLflow artifact progress bar
     summary = json.loads((out / "summary.json").read_text())
     assert summary["model"]["version"] == "1" and summary["model"]["alias"] == "champion"
     assert {r["model_version"] for r in summary["images"]} == {"1"}
     assert len(list((out / "masks").iterdir())) == len(list((out / "overlays").iterdir())) == 5
+    # the per-image table: header, then one row per image in query order with the summary's figures
+    lines = res.stdout.splitlines()
+    header = next(i for i, ln in enumerate(lines) if ln.startswith("image"))
+    assert re.split(r"\s{2,}", lines[header].strip()) == list(TABLE_COLUMNS)
+    for line, rec in zip(lines[header + 1:header + 6], summary["images"]):
+        big = rec["components"][0] if rec["components"] else None  # listed largest first
+        box = [f"{big['x']},", f"{big['y']},", f"{big['width']},", str(big["height"])] if big else ["-"]
+        assert line.split() == [Path(rec["query"]).name, f"{100 * rec['defect_fraction']:.2f}",
+                                str(len(rec["components"])), *box, f"{rec['max_score']:.3f}"]
+    assert lines[header + 6].startswith("5 mask(s) from prototype")
 
     # --support-dir with --shots-limit, model given as a checkpoint path
     res = CliRunner().invoke(app, ["predict", "--params", str(params), "--support-dir",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import mlflow
@@ -13,6 +14,7 @@ import torch
 from pipeline.augment import clean_pair, to_tensor_pair
 from pipeline.images import read_image, read_mask, resize_image
 from pipeline.serving.codec import PyfuncInputError, decode_image, decode_mask, encode_png, parse_input
+from pipeline.serving.limits import DEFAULT_MAX_REQUEST_BYTES
 
 from conftest import REAL_DATA
 
@@ -96,14 +98,29 @@ def _round_trip(tmp_path, ckpt, load_model):
     from pipeline.serving.pyfunc import log_pyfunc
 
     exp = mlflow.create_experiment("pyfunc-test", artifact_location=(tmp_path / "artifacts").as_uri())
-    with mlflow.start_run(experiment_id=exp):
+    with mlflow.start_run(experiment_id=exp), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         uri = log_pyfunc(ckpt, name="model", registered_model_name="pyfunc-test-model")
+    # a clean console: no "input example was not provided" (or other) user-visible warning; MLflow's own
+    # pandas DeprecationWarning is hidden by Python's default filters outside __main__
+    assert [str(w.message) for w in caught if not issubclass(w.category, DeprecationWarning)] == []
     loaded = mlflow.pyfunc.load_model(uri)
+    example = loaded.input_example  # logged with the model (shown in the MLflow UI)
+    assert list(example.columns) == ["support_images", "support_masks", "query_image"] and len(example) == 1
+    assert list(loaded.predict(example).columns) == ["mask", "defect_fraction", "max_score"]
     # the model ships model/ and only the inference and serving packages of pipeline/
     code = Path(mlflow.artifacts.download_artifacts(uri)) / "code"
     assert sorted(p.name for p in code.iterdir()) == ["model", "pipeline"]
     assert sorted(p.name for p in (code / "pipeline").iterdir()) == ["__init__.py", "inference", "serving"]
     assert Predictor.load(uri).image_size == 96  # the logged-model URI (models:/m-...) resolves too
+    # the byte limit travels as the model's model_config, and a loader (the server) can override it
+    assert loaded.model_config == {"max_request_bytes": DEFAULT_MAX_REQUEST_BYTES}
+    tight = mlflow.pyfunc.load_model(uri, model_config={"max_request_bytes": 100})
+    with pytest.raises(mlflow.exceptions.MlflowException, match=r"row 0, support_masks\[0\]: .* above the limit "
+                                                                r"of 100 bytes per request"):
+        tight.predict(pd.DataFrame({"support_images": [[encode_png(np.zeros((8, 8), np.uint8))]],
+                                    "support_masks": [[encode_png(np.ones((8, 8), bool))]],
+                                    "query_image": [encode_png(np.zeros((8, 8), np.uint8))]}))
 
     supports = [_pair(s) for s in SUPPORTS]
     query, _ = _pair(QUERY)

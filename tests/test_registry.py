@@ -33,8 +33,9 @@ def checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def params(small_params_file, tmp_path):
-    """Small params with an SQLite registry in tmp_path and a margin of 0.01."""
-    return load_params(small_params_file, overrides={"mlflow": {"promotion_margin": 0.01}}, env={})
+    """Small params with an SQLite registry in tmp_path, a margin of 0.01 and a 5 MB serving byte limit."""
+    return load_params(small_params_file, overrides={"mlflow": {"promotion_margin": 0.01},
+                                                     "serve": {"max_request_bytes": 5_000_000}}, env={})
 
 
 def cells(*mious: float, episodes: str = "e") -> list[R.CvCell]:
@@ -69,6 +70,9 @@ def test_register_writes_summary_tags_cells_artifact_and_challenger_alias(params
     assert "| 1 | paper | 1 | 0.5000 |" in md and "`e1`" in md
     assert R.alias_version(params, R.CHALLENGER) == v
     assert R.alias_version(params, R.CHAMPION) is None
+    # the served byte limit (serve.max_request_bytes) travels as the registered model's model_config
+    info = mlflow.models.get_model_info(f"models:/{params.mlflow.registered_model}/{v}")
+    assert info.flavors["python_function"]["config"] == {"max_request_bytes": 5_000_000}
 
 
 def test_descriptions_say_what_the_model_is_its_scores_the_decision_and_how_to_call_it(params, checkpoint):

@@ -5,8 +5,10 @@ alias ``champion``, starts ``mlflow models serve -m models:/<name>@champion --en
 free loopback port, posts real HTTP requests (httpx) and checks the returned masks against
 ``pipeline.predict.predict_folder`` (the code behind ``lerenet predict``) on the same files. The served
 model carries only ``model/`` and ``pipeline/{inference,serving}`` as code, so this also checks that
-serving needs nothing else of the project. The server
-is always stopped by the fixture's finalizer. About 20-40 s.
+serving needs nothing else of the project. The server is started once for the module, with a byte limit
+of :data:`SERVED_LIMIT` set the way an operator would (``SERVING_MODEL_CONFIG``), and hostile or malformed
+payloads (tests/_payloads.py) must each get HTTP 400 with the reason. The server is always stopped by the
+fixture's finalizer. About 20-40 s.
 """
 
 from __future__ import annotations
@@ -30,12 +32,15 @@ from PIL import Image
 import pipeline.predict as P
 from pipeline.inference.predictor import Predictor
 from pipeline.serving.limits import MAX_QUERIES_PER_REQUEST
+from _payloads import EPS, b64, png_declaring, png_with_tail, random_bytes
 from _registry import REAL_DATA, copy_class, prototype_checkpoint, register_champion
 
 if not REAL_DATA.is_dir():  # pragma: no cover
     pytest.skip(f"real data folder {REAL_DATA} not available", allow_module_level=True)
 
 START_TIMEOUT = 180.0
+#: the served model's byte limit for this module (the logged default, 32 MiB, overridden when serving)
+SERVED_LIMIT = 1024 * 1024
 
 
 def _free_port() -> int:
@@ -70,7 +75,7 @@ def served(tmp_path_factory):
     port = _free_port()
     bin_dir = Path(sys.executable).parent  # the server runs `uvicorn` from PATH: the venv's bin first
     env = {**os.environ, "MLFLOW_TRACKING_URI": reg["tracking_uri"], "MLFLOW_REGISTRY_URI": reg["tracking_uri"],
-           "MLFLOW_ENABLE_TELEMETRY": "false",
+           "MLFLOW_ENABLE_TELEMETRY": "false", "SERVING_MODEL_CONFIG": json.dumps({"max_request_bytes": SERVED_LIMIT}),
            "DO_NOT_TRACK": "1", "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
     mlflow_cli = bin_dir / "mlflow"
     log = (root / "server.log").open("wb")
@@ -156,3 +161,37 @@ def test_served_records_format_and_errors(served):
     r = httpx.post(f"{url}/invocations", json={"dataframe_records": [bad]}, timeout=120)
     assert r.status_code == 400 and "support_masks[0]" in r.text
     assert json.loads(r.text)["error_code"] == "BAD_REQUEST"
+
+
+def test_served_refuses_oversized_and_hostile_payloads(served):
+    """Each bad payload gets HTTP 400, error code BAD_REQUEST and a message naming row and field (no traceback)."""
+    url, _, root = served
+    img = _b64(root / "src" / "Steel_In" / "Images" / "In_1.png")
+    mask = _b64(root / "src" / "Steel_In" / "GT" / "In_1.png")
+    base = {"support_images": [img], "support_masks": [mask], "query_image": img}
+    padded = b64(png_with_tail(SERVED_LIMIT))  # an 8x8 PNG + 1 MiB of zeros: ~1.4 MB of base64
+    cases = [  # (what, fields replaced in the one row, expected part of the message)
+        ("8x8 PNG + zeros over the limit", {"query_image": padded},
+         f"row 0, query_image: the request's base64 image data reaches {len(img) + len(mask) + len(padded)} bytes "
+         f"here ({len(padded)} in this field), above the limit of {SERVED_LIMIT} bytes per request"),
+        ("EPS", {"query_image": b64(EPS)}, "row 0, query_image: not a PNG, JPEG, BMP or TIFF file (it starts with "
+                                           "b'%!PS-Ado'); other formats (EPS/PostScript"),
+        ("decompression bomb", {"support_images": [b64(png_declaring(100_000, 100_000))]},
+         "row 0, support_images[0]: refused as a possible decompression bomb"),
+        ("bad base64", {"support_masks": ["not base64!"]}, "row 0, support_masks[0]: not valid base64"),
+        ("two masks for one image", {"support_masks": [mask, mask]},
+         "row 0: 1 support_images but 2 support_masks; send one mask per support image, in the same order"),
+        ("random bytes", {"query_image": b64(random_bytes())}, "row 0, query_image: not a PNG, JPEG, BMP or TIFF file"),
+    ]
+    for what, fields, reason in cases:
+        r = httpx.post(f"{url}/invocations", json={"dataframe_records": [{**base, **fields}]}, timeout=120)
+        assert r.status_code == 400, (what, r.status_code, r.text[-1000:])
+        body = r.json()
+        assert body["error_code"] == "BAD_REQUEST", what
+        assert reason in body["message"], (what, body["message"][-1000:])
+        assert "stack_trace" not in body and "Traceback" not in r.text, what
+    # the same 8x8 PNG with a tail under the limit is a valid image: it was the byte limit that refused it
+    r = httpx.post(f"{url}/invocations", json={"dataframe_records": [
+        {**base, "query_image": b64(png_with_tail(SERVED_LIMIT // 2))}]}, timeout=120)
+    assert r.status_code == 200, r.text[-1000:]
+    assert Image.open(io.BytesIO(base64.b64decode(r.json()["predictions"][0]["mask"]))).size == (8, 8)

@@ -62,7 +62,9 @@ def test_params_hash_ignores_paths_but_not_settings(params_file, tmp_path):
     assert params_hash(p) == params_hash(moved)
     # machine-local settings (where/how fast this machine runs) do not change the hash
     other_machine = _params(params_file, train={"device": "cpu", "num_workers": 3},
-                            services={"mlflow_port": 5999, "state_dir": str(tmp_path / "svc")})
+                            services={"mlflow_port": 5999, "state_dir": str(tmp_path / "svc")},
+                            serve={"max_request_bytes": 1024},  # a serving limit is not a training setting
+                            retrain={"timezone": "Europe/Berlin"})
     assert params_hash(p) == params_hash(other_machine)
     assert params_hash(p) != params_hash(_params(params_file, train={"lr": 0.1}))
     flat = flat_params(p)

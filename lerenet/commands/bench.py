@@ -8,9 +8,10 @@ import typer
 
 from lerenet.app import app
 from lerenet.commands._common import ParamsOption, fail, params_or_exit
+from lerenet.help import PANEL_BENCH
 
 
-@app.command("bench")
+@app.command("bench", rich_help_panel=PANEL_BENCH)
 def bench_cmd(
     quick: bool = typer.Option(False, "--quick", help="smoke run: 1 repeat, small workloads"),
     only: list[str] = typer.Option(None, "--only", help="run only this case (repeatable): train, inference, "
@@ -31,6 +32,9 @@ def bench_cmd(
 
     Each figure is the median over repeats after a warm-up, with min and max; ratios come from runs
     made side by side. Exit status 1 if a case failed (the others still run and are written).
+
+    Example:
+      lerenet bench --quick --only inference --only ingest
     """
     from pipeline.bench.runner import CASES, PRESETS, run_bench, with_overrides
     from pipeline.layout import Layout

@@ -13,6 +13,7 @@ import typer
 
 from lerenet.app import app
 from lerenet.commands._common import ParamsOption, fail, params_or_exit
+from lerenet.help import PANEL_DATA
 
 
 def _data_override(data_dir: Path | None) -> dict | None:
@@ -20,7 +21,7 @@ def _data_override(data_dir: Path | None) -> dict | None:
     return {"data": {"dir": str(data_dir.resolve())}} if data_dir else None
 
 
-@app.command("ingest")
+@app.command("ingest", rich_help_panel=PANEL_DATA)
 def ingest_cmd(
     source: Path = typer.Option(None, "--source", help="source folder in Surface Defects-4i layout "
                                 "(<Class>/Images, <Class>/GT, optional <Class>/Nd); default data.source or $LERENET_SOURCE"),
@@ -31,6 +32,9 @@ def ingest_cmd(
 
     Without --source, the accepted classes are ingested (``pipeline.classes``): every class of
     data.source plus the classes of data.incoming named in the fold table, as the Prefect flow does.
+
+    Example:
+      lerenet ingest --source ../shared/datasets/defects12 --out data/
     """
     from pipeline.classes import ClassTableError, accepted_classes, source_view
     from pipeline.images import INGEST_REPORT
@@ -64,12 +68,16 @@ def ingest_cmd(
             typer.echo(f"  {s['path']}: {s['reason']} -> {s['action']}", err=True)
 
 
-@app.command("validate")
+@app.command("validate", rich_help_panel=PANEL_DATA)
 def validate_cmd(
     data: Path = typer.Option(None, "--data", help="data folder written by ingest; default data.dir"),
     params_file: Path = ParamsOption,
 ) -> None:
-    """Validate the manifest (Great Expectations suite + pixel checks); write validated.parquet on success."""
+    """Validate the manifest (Great Expectations suite + pixel checks); write validated.parquet on success.
+
+    Example:
+      lerenet validate --data data/
+    """
     from pipeline.images import DataArtifactError
     from pipeline.validate import DataValidationError, validate
 
@@ -90,12 +98,16 @@ def validate_cmd(
         typer.echo(f"  warning: {warning}")
 
 
-@app.command("split")
+@app.command("split", rich_help_panel=PANEL_DATA)
 def split_cmd(
     data: Path = typer.Option(None, "--data", help="data folder holding validated.parquet; default data.dir"),
     params_file: Path = ParamsOption,
 ) -> None:
-    """Write per-fold splits (train/val/test ids) and the saved test episodes (paper, standard; each K)."""
+    """Write per-fold splits (train/val/test ids) and the saved test episodes (paper, standard; each K).
+
+    Example:
+      lerenet split --params params.yaml
+    """
     from pipeline.images import DataArtifactError
     from pipeline.split import SplitError, split
 
@@ -110,7 +122,7 @@ def split_cmd(
         typer.echo(f"fold {fold}: train {s['train']}, val {s['val']}, test {s['test']} images; episodes {eps}")
 
 
-@app.command("import-coco")
+@app.command("import-coco", rich_help_panel=PANEL_DATA)
 def import_coco_cmd(
     annotations: Path = typer.Argument(..., metavar="ANNOTATIONS.json",
                                        help="COCO instance-segmentation JSON exported by CVAT or Label Studio"),
@@ -123,9 +135,12 @@ def import_coco_cmd(
 ) -> None:
     """Import a labelling tool's COCO export (polygons, RLE) into the Surface Defects-4i layout.
 
-    Each category becomes a class folder <ROOT>/<name>/ with Images/<stem>.png|jpg and GT/<stem>.png (255 = the union of the category's instances). Nothing is written when any entry is wrong.
+    Each category becomes a class folder <ROOT>/<name>/ with Images/<stem>.png|jpg and GT/<stem>.png
+    (255 = the union of the category's instances). Nothing is written when any entry is wrong.
 
-    Example: lerenet import-coco export/annotations/instances_default.json --images export/images --out incoming/ --categories Leather_Fold
+    Example:
+      lerenet import-coco export/annotations/instances_default.json --images export/images \\
+        --out incoming/ --categories Leather_Fold
     """
     from pipeline.coco import CocoError, import_coco
 

@@ -19,9 +19,10 @@ import typer
 
 from lerenet.app import app
 from lerenet.commands._common import ParamsOption, fail, params_or_exit
+from lerenet.help import PANEL_TRAIN
 
 
-@app.command("evaluate")
+@app.command("evaluate", rich_help_panel=PANEL_TRAIN)
 def evaluate_cmd(
     fold: int = typer.Option(None, "--fold", help="fold to evaluate on its saved episodes (pipeline stage)"),
     models: str = typer.Option(None, "--models", help="comma-separated models for --fold (default: model.names)"),
@@ -35,7 +36,12 @@ def evaluate_cmd(
     no_track: bool = typer.Option(False, "--no-track", help="with --fold: do not log into MLflow"),
     params_file: Path = ParamsOption,
 ) -> None:
-    """Score models: --fold F (saved episodes, writes metrics/) or --data DIR --model M --shots K (prints JSON)."""
+    """Score models: --fold F (saved episodes, writes metrics/) or --data DIR --model M --shots K (prints JSON).
+
+    Examples:
+      lerenet evaluate --fold 0
+      lerenet evaluate --data my_incoming/ --model models:/lerenet-defects@champion --shots 5 --episodes 200
+    """
     from pipeline.evaluation.data import EvaluationError
     from pipeline.images import DataArtifactError
     from pipeline.inference.model_file import CheckpointError
@@ -83,12 +89,16 @@ def evaluate_cmd(
     typer.echo(f"wrote {layout.fold_metrics(fold)}, {layout.per_class(fold)}, {layout.per_class_plot(fold)}")
 
 
-@app.command("report")
+@app.command("report", rich_help_panel=PANEL_TRAIN)
 def report_cmd(
     out: Path = typer.Option(None, "--out", help="markdown file to write (default docs/results_table.md)"),
     params_file: Path = ParamsOption,
 ) -> None:
-    """Aggregate metrics/fold*.json into a markdown results table (models x K x protocol, per fold and mean)."""
+    """Aggregate metrics/fold*.json into a markdown results table (models x K x protocol, per fold and mean).
+
+    Example:
+      lerenet report --out docs/results_table.md
+    """
     from pipeline.report import ReportError, write_report
 
     params = params_or_exit(params_file)

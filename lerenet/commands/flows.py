@@ -23,14 +23,16 @@ import typer
 
 from lerenet.app import app
 from lerenet.commands._common import ParamsOption, fail, params_or_exit
+from lerenet.help import PANEL_REGISTRY, PANEL_SERVICES, App
 from pipeline.config import PRODUCTION_MODEL
 
-flow_app = typer.Typer(help="Run a Prefect flow in this process (a temporary Prefect server is started if "
-                       "PREFECT_API_URL is unset).", no_args_is_help=True)
-app.add_typer(flow_app, name="flow")
+flow_app = App(help="Run a Prefect flow in this process (a temporary Prefect server is started if "
+                    "PREFECT_API_URL is unset).\n\nExample:\n  lerenet flow retrain --set train.episodes=10",
+               no_args_is_help=True)
+app.add_typer(flow_app, name="flow", rich_help_panel=PANEL_SERVICES)
 
 
-@app.command("register")
+@app.command("register", rich_help_panel=PANEL_REGISTRY)
 def register_cmd(
     model: str = typer.Option(PRODUCTION_MODEL, "--model", help="architecture of the production model"),
     checkpoint: Path = typer.Option(None, "--checkpoint", help="model.pt (default models/all/<model>/model.pt)"),
@@ -38,7 +40,11 @@ def register_cmd(
     record: Path = typer.Option(None, "--record", help="decision record JSON (default <project>/reports/registry.json)"),
     params_file: Path = ParamsOption,
 ) -> None:
-    """Register the production model with its CV metrics as a new version (alias challenger), then gate it."""
+    """Register the production model with its CV metrics as a new version (alias challenger), then gate it.
+
+    Example:
+      lerenet register --no-promote
+    """
     from pipeline import registry
     from pipeline.lock import ProjectLocked, params_lock
     from pipeline.usecases.register import ModelCardError, register_and_gate
@@ -64,14 +70,18 @@ def register_cmd(
                f" -- {d.reason} (record: {outcome.record})")
 
 
-@app.command("promote")
+@app.command("promote", rich_help_panel=PANEL_REGISTRY)
 def promote_cmd(
     version: str = typer.Argument(..., help="registered model version to gate"),
     force: bool = typer.Option(False, "--force", help="promote whatever the scores (recorded as forced)"),
     params_file: Path = ParamsOption,
 ) -> None:
     """Gate a registered version: it becomes champion if its CV mIoU >= champion's + margin on identical episodes.
-    A decided version keeps its recorded decision; a champion whose model card is not published yet gets it."""
+    A decided version keeps its recorded decision; a champion whose model card is not published yet gets it.
+
+    Example:
+      lerenet promote 3
+    """
     from pipeline import registry
     from pipeline.lock import ProjectLocked, params_lock
     from pipeline.usecases.register import ModelCardError, publish_card
@@ -135,7 +145,11 @@ def flow_training_cmd(
     address: str = AddressOption,
     params_file: Path = ParamsOption,
 ) -> None:
-    """Run the training_pipeline flow (ingest ... register, promote) and print its result."""
+    """Run the training_pipeline flow (ingest ... register, promote) and print its result.
+
+    Example:
+      lerenet flow training --runner dask --workers 2 --set train.episodes=100
+    """
     from flows.training_pipeline import training_pipeline
     from pipeline.lock import ProjectLocked
 
@@ -157,7 +171,11 @@ def flow_retrain_cmd(
     address: str = AddressOption,
     params_file: Path = ParamsOption,
 ) -> None:
-    """Run retrain_on_new_classes: new classes -> new data version, champion probe, fold table, retrain, gate."""
+    """Run retrain_on_new_classes: new classes -> new data version, champion probe, fold table, retrain, gate.
+
+    Example:
+      LERENET_INCOMING=my_incoming/ lerenet flow retrain
+    """
     from flows.retrain import retrain_on_new_classes
     from pipeline.lock import ProjectLocked
 
@@ -170,13 +188,18 @@ def flow_retrain_cmd(
     typer.echo(json.dumps(result, indent=2, default=str))
 
 
-@app.command("serve")
+@app.command("serve", rich_help_panel=PANEL_SERVICES)
 def serve_cmd(
     stop: bool = typer.Option(False, "--stop", help="stop the served deployments, then the Prefect server"),
     timeout: float = typer.Option(120, help="seconds to wait for the deployments to register"),
     params_file: Path = ParamsOption,
 ) -> None:
-    """Start the Prefect server (127.0.0.1) and serve the deployments; `--stop` stops both (served process first)."""
+    """Start the Prefect server (127.0.0.1) and serve the deployments; `--stop` stops both (served process first).
+
+    Examples:
+      lerenet serve
+      lerenet serve --stop
+    """
     from flows.deploy import SERVE_NAME, start_serving, stop_serving
     from pipeline import services as svc
 
@@ -194,7 +217,7 @@ def serve_cmd(
         typer.echo(f"{st.name}: {st.note} at {st.url}")
     st, api = started.served, started.api_url
     typer.echo(f"{SERVE_NAME}: {st.note} (pid {st.pid}) in {started.seconds:.1f} s; deployments: "
-               f"retrain_on_new_classes/retrain-on-new-classes (cron {params.retrain.cron!r} UTC), "
+               f"retrain_on_new_classes/retrain-on-new-classes (cron {params.retrain.cron!r} {params.retrain.timezone}), "
                f"training_pipeline/training-pipeline (on demand)")
     typer.echo(f"Prefect UI: {api.removesuffix('/api')}   trigger: PREFECT_API_URL={api} prefect deployment run "
                "training_pipeline/training-pipeline   stop: lerenet serve --stop")

@@ -8,9 +8,10 @@ import typer
 
 from lerenet.app import app
 from lerenet.commands._common import fail
+from lerenet.help import PANEL_BENCH
 
 
-@app.command("model-info")
+@app.command("model-info", rich_help_panel=PANEL_BENCH)
 def model_info(
     model: str = typer.Option("lerenet", "--model", help="lerenet | baseline | prototype | sofs | jaffnet"),
     backbone: str = typer.Option("efficientnet_lite0", "--backbone", help="efficientnet_lite0 | efficientnet_lite2 | resnet50 | vgg16_bn"),
@@ -32,6 +33,9 @@ def model_info(
     ResNet-50 / VGG-16-BN are built with random weights (counts and FLOPs do not depend on
     them); EfficientNet-Lite0 with its packaged ImageNet weights. ``backbone_gflops`` is the
     compute inside the backbone (JAFFNet ignores the support, so only the query is encoded).
+
+    Example:
+      lerenet model-info --model lerenet --backbone resnet50 --shots 5 --size 200 --latency
     """
     import torch
 

@@ -10,6 +10,7 @@ import typer
 
 from lerenet.app import app
 from lerenet.commands._common import ParamsOption, fail, params_or_exit
+from lerenet.help import PANEL_BENCH, PANEL_INFERENCE
 
 
 def _device(name: str):
@@ -39,7 +40,26 @@ def _predictor(spec: str | None, params, device, architecture: str | None = None
         fail(str(exc))
 
 
-@app.command("predict")
+TABLE_COLUMNS = ("image", "defect %", "components", "largest box (x, y, w, h)", "max score")
+"""Column headers of the table ``lerenet predict`` prints (rows: :func:`pipeline.predict.image_table`)."""
+
+
+def _print_table(rows: list[dict]) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(*TABLE_COLUMNS, box=None, header_style="bold", pad_edge=False)
+    for col in table.columns[1:]:
+        col.justify = "right"
+    for r in rows:
+        box = ", ".join(str(v) for v in r["largest_box"]) if r["largest_box"] else "-"
+        table.add_row(escape(r["image"]), f"{r['defect_percent']:.2f}", str(r["components"]), box,
+                      f"{r['max_score']:.3f}")
+    Console(soft_wrap=False).print(table)
+
+
+@app.command("predict", rich_help_panel=PANEL_INFERENCE)
 def predict(
     query: list[Path] = typer.Option(..., "--query", "-q", help="query image file or folder (repeatable)"),
     out: Path = typer.Option(..., "--out", "-o", help="output folder (must not exist unless --overwrite)"),
@@ -50,7 +70,7 @@ def predict(
                                     help="with --support-dir: use the first N images (file-name order)"),
     model: str = typer.Option(None, "--model", "-m",
                               help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/PATH or a model.pt "
-                                   "(default models:/<mlflow.registered_model>@champion)"),
+                                   "(default: the registry's champion, alias champion of mlflow.registered_model)"),
     threshold: float = typer.Option(0.5, "--threshold", help="defect where probability > threshold, in (0, 1)"),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="queries decoded and run together"),
@@ -61,11 +81,17 @@ def predict(
     """Segment query images with a few annotated support images.
 
     Writes, per query, masks/<stem>.png (255 = defect, original size) and overlays/<stem>.png, plus
-    summary.json for the batch. Supports are encoded once and reused for every query. Non-image files
-    in a query folder are skipped with a warning.
+    summary.json for the batch, and prints a table: per image the defect area in %, the number of
+    connected defect regions, the largest region's box (x, y, width, height in pixels of the image)
+    and the highest defect probability. Supports are encoded once and reused for every query.
+    Non-image files in a query folder are skipped with a warning.
+
+    Example:
+      lerenet predict --support-dir ../shared/datasets/defects12/Steel_In --shots-limit 5 \\
+        --query new_images/ --out predictions/
     """
     from pipeline.inference.predictor import PredictInputError
-    from pipeline.predict import parse_support_pair, predict_folder, supports_from_class_dir
+    from pipeline.predict import image_table, parse_support_pair, predict_folder, supports_from_class_dir
 
     params = params_or_exit(params_path)
     try:
@@ -93,12 +119,13 @@ def predict(
             fail(str(exc), 2)
     m = summary["model"]
     version = f" version {m['version']}" if m["version"] else ""
+    _print_table(image_table(summary))
     typer.echo(f"{len(summary['images'])} mask(s) from {m['model']} ({m['uri']}{version}), "
                f"K={summary['shots']}, threshold {threshold}; skipped {len(summary['skipped'])}; "
                f"summary: {out / 'summary.json'}")
 
 
-@app.command("bench-predict")
+@app.command("bench-predict", rich_help_panel=PANEL_BENCH)
 def bench_predict_cmd(
     model: str = typer.Option(None, "--model", "-m", help="model URI or model.pt (default: the registry champion)"),
     architecture: str = typer.Option(None, "--architecture",
@@ -114,7 +141,11 @@ def bench_predict_cmd(
     json_out: Path = typer.Option(None, "--json", help="also write the figures to this JSON file"),
     params_path: Path = ParamsOption,
 ) -> None:
-    """Queries per second with supports encoded once (cached) vs re-encoded per query; prints the figures."""
+    """Queries per second with supports encoded once (cached) vs re-encoded per query; prints the figures.
+
+    Example:
+      lerenet bench-predict --architecture lerenet --queries 32 --shots 5 --device cpu
+    """
     from pipeline.atomic import atomic_write_text
     from pipeline.inference.predictor import PredictInputError
     from pipeline.usecases.bench import bench_inference

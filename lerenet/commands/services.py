@@ -9,11 +9,13 @@ import typer
 
 from lerenet.app import app
 from lerenet.commands._common import ParamsOption, fail, params_or_exit
+from lerenet.help import PANEL_SERVICES, App
 from pipeline import services as svc
 
-services_app = typer.Typer(help="Local team services: SeaweedFS (S3), MLflow server, Prefect server on 127.0.0.1.",
-                           no_args_is_help=True)
-app.add_typer(services_app, name="services")
+services_app = App(help="Local team services: SeaweedFS (S3), MLflow server, Prefect server on 127.0.0.1.\n\n"
+                        "Example:\n  lerenet services up && eval \"$(lerenet services env)\"",
+                   no_args_is_help=True)
+app.add_typer(services_app, name="services", rich_help_panel=PANEL_SERVICES)
 
 OnlyOption = typer.Option(None, "--only", help="service to act on (repeatable): seaweedfs | mlflow | prefect")
 
@@ -30,7 +32,11 @@ def _table(rows: list[svc.ServiceStatus]) -> None:
 @services_app.command("up")
 def up_cmd(only: list[str] = OnlyOption, params: Path = ParamsOption,
            timeout: float = typer.Option(None, help="seconds to wait for each health check (default services.start_timeout)")) -> None:
-    """Start the services (bound to services.host, explicit ports) and wait until each is healthy."""
+    """Start the services (bound to services.host, explicit ports) and wait until each is healthy.
+
+    Example:
+      lerenet services up --only seaweedfs --only mlflow
+    """
     p = params_or_exit(params)
     try:
         rows = svc.up(p, only or None, timeout=timeout)
@@ -45,7 +51,11 @@ def up_cmd(only: list[str] = OnlyOption, params: Path = ParamsOption,
 @services_app.command("down")
 def down_cmd(only: list[str] = OnlyOption, params: Path = ParamsOption,
              timeout: float = typer.Option(None, help="seconds to wait for each process (default services.stop_timeout)")) -> None:
-    """Stop the services by pid (served Prefect processes, Prefect, MLflow, then SeaweedFS) and wait for exit."""
+    """Stop the services by pid (served Prefect processes, Prefect, MLflow, then SeaweedFS) and wait for exit.
+
+    Example:
+      lerenet services down --only prefect
+    """
     p = params_or_exit(params)
     try:
         results = svc.down(p, only or None, timeout=timeout)
@@ -57,14 +67,22 @@ def down_cmd(only: list[str] = OnlyOption, params: Path = ParamsOption,
 
 @services_app.command("status")
 def status_cmd(params: Path = ParamsOption) -> None:
-    """Show what runs where: state, pid, process count, memory (RSS of the process tree), start-up time, URL."""
+    """Show what runs where: state, pid, process count, memory (RSS of the process tree), start-up time, URL.
+
+    Example:
+      lerenet services status
+    """
     p = params_or_exit(params)
     _table(svc.status(p))
 
 
 @services_app.command("env")
 def env_cmd(params: Path = ParamsOption) -> None:
-    """Print `export` lines pointing MLflow, Prefect, boto3 and DVC at the services (use with eval)."""
+    """Print `export` lines pointing MLflow, Prefect, boto3 and DVC at the services (use with eval).
+
+    Example:
+      eval "$(lerenet services env)"
+    """
     p = params_or_exit(params)
     for k, v in svc.client_env(p).items():
         typer.echo(f"export {k}={shlex.quote(v)}")
@@ -75,7 +93,11 @@ def dvc_remote_cmd(repo: Path = typer.Option(None, help="DVC repository to confi
                    name: str = typer.Option("s3remote", help="remote name"),
                    default: bool = typer.Option(False, "--default", help="also make it the default remote"),
                    params: Path = ParamsOption) -> None:
-    """Add the S3 remote s3://<dvc_bucket>/<dvc_prefix> on the local SeaweedFS to .dvc/config.local."""
+    """Add the S3 remote s3://<dvc_bucket>/<dvc_prefix> on the local SeaweedFS to .dvc/config.local.
+
+    Example:
+      lerenet services dvc-remote --default && dvc push -r s3remote
+    """
     p = params_or_exit(params)
     repo = repo or p.root
     try:

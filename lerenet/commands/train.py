@@ -9,6 +9,7 @@ import typer
 
 from lerenet.app import app
 from lerenet.commands._common import ParamsOption, fail, params_or_exit
+from lerenet.help import PANEL_TRAIN
 
 
 def _fold(value: str) -> int | None:
@@ -21,10 +22,14 @@ def _fold(value: str) -> int | None:
     return None  # unreachable
 
 
-@app.command("features")
+@app.command("features", rich_help_panel=PANEL_TRAIN)
 def features_cmd(params_file: Path | None = ParamsOption,
                  force: bool = typer.Option(False, "--force", help="rebuild even if an up-to-date store exists")) -> None:
-    """Encode every validated image once with the frozen backbone (clean + augmented views) into data/features/."""
+    """Encode every validated image once with the frozen backbone (clean + augmented views) into data/features/.
+
+    Example:
+      lerenet features --force
+    """
     from pipeline.features import FeatureStoreError, build_feature_store
     from pipeline.images import DataArtifactError
 
@@ -36,12 +41,16 @@ def features_cmd(params_file: Path | None = ParamsOption,
     typer.echo(str(path))
 
 
-@app.command("train")
+@app.command("train", rich_help_panel=PANEL_TRAIN)
 def train_cmd(fold: str = typer.Option(..., "--fold", help="fold number from params.yaml, or 'all' (production model on every class)"),
               model: str = typer.Option(..., "--model", help="lerenet | baseline | prototype"),
               params_file: Path | None = ParamsOption,
               no_track: bool = typer.Option(False, "--no-track", help="do not log to MLflow")) -> None:
-    """Train one model on one fold's training classes; writes models/<fold>/<model>/model.pt (resumes from a checkpoint)."""
+    """Train one model on one fold's training classes; writes models/<fold>/<model>/model.pt (resumes from a checkpoint).
+
+    Example:
+      lerenet train --fold 0 --model lerenet --no-track
+    """
     from pipeline.checkpoint import CheckpointError
     from pipeline.features import FeatureStoreError
     from pipeline.images import DataArtifactError

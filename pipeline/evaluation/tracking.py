@@ -106,4 +106,5 @@ def log_evaluation(params: Params, fold: int, name: str, res: ModelResult) -> No
             from pipeline.serving.pyfunc import log_pyfunc
 
             log_pyfunc(layout.model_file(fold, name), name=logged_model_name(fold, name),
-                       metadata_={"model_name": name, "fold": fold, **{k: v for k, v in flat.items() if k.endswith("miou")}})
+                       metadata_={"model_name": name, "fold": fold, **{k: v for k, v in flat.items() if k.endswith("miou")}},
+                       max_request_bytes=params.serve.max_request_bytes)

@@ -6,6 +6,8 @@
   :func:`cv2.findContours` / :func:`cv2.drawContours` (``opencv-python-headless``, installed with
   albumentations).
 * PNG encoding: Pillow, into memory (the caller writes the bytes atomically).
+* Per-image headline (:func:`headline`): defect area %, component count, largest component's box and
+  max score, what ``lerenet predict`` prints in its table.
 
 SciPy and OpenCV are imported by the functions that need them, so the served model's request path
 (PNG encoding only) does not load them.
@@ -146,3 +148,18 @@ def summarise(prob: np.ndarray, threshold: float, min_area: int = 1) -> tuple[np
             "defect_fraction": float(mask.mean()), "max_score": float(prob.max()),
             "components": connected_components(mask, min_area=min_area)}
     return mask, info
+
+
+def headline(info: dict[str, Any]) -> dict[str, Any]:
+    """The figures ``lerenet predict`` prints for one image, from :func:`summarise`'s ``info``.
+
+    Returns:
+        ``{"defect_percent": 100 * defect fraction, "components": number of connected components,
+        "largest_box": (x, y, width, height) of the largest component or ``None`` without defect,
+        "max_score": highest defect probability}``.
+    """
+    components = info["components"]
+    largest = components[0] if components else None  # sorted largest first
+    return {"defect_percent": 100.0 * float(info["defect_fraction"]), "components": len(components),
+            "largest_box": (largest["x"], largest["y"], largest["width"], largest["height"]) if largest else None,
+            "max_score": float(info["max_score"])}

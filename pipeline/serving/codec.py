@@ -5,8 +5,8 @@ Input (a pandas DataFrame, one row per query; ``mlflow.pyfunc.load_model(uri).pr
 ====================  ==========================================================================
 column                content
 ====================  ==========================================================================
-``support_images``    list of K base64 strings, each the bytes of an image file (PNG, JPEG, ...
-                      anything Pillow decodes; gray or RGB; any size)
+``support_images``    list of K base64 strings, each the bytes of an image file (PNG, JPEG, BMP
+                      or TIFF -- :data:`ACCEPTED_FORMATS`, nothing else is decoded; gray or RGB)
 ``support_masks``     list of K base64 strings, each the bytes of a mask image the size of its
                       support image; defect where the 8-bit gray value > 127
 ``query_image``       one base64 string, the bytes of the query image (any size)
@@ -18,6 +18,12 @@ Output (DataFrame, one row per input row, same order):
   (logits bilinearly upsampled to the original size, sigmoid > 0.5);
 * ``defect_fraction``: share of predicted defect pixels in [0, 1];
 * ``max_score``: largest sigmoid probability in [0, 1] (a crude confidence that any defect is present).
+
+Decoding (:func:`open_b64`) never hands bytes to any other Pillow plugin (no EPS/PostScript, which
+Pillow renders with Ghostscript, no GIF, WebP, ...); Pillow's decompression-bomb check
+(``Image.MAX_IMAGE_PIXELS``) stays on, and the serving limits (:mod:`pipeline.serving.limits`) are
+checked on the headers before any pixel is decoded. Every failure is a :class:`PyfuncInputError`
+naming the row and field.
 
 This module is the one place that defines the format; pixels are converted with
 :mod:`pipeline.inference.preprocess` (gray replicated to RGB) and PNGs written with
@@ -32,7 +38,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from pipeline.inference.postprocess import png_bytes
 from pipeline.inference.predictor import PredictInputError
@@ -41,6 +47,8 @@ from pipeline.inference.preprocess import gray_array, rgb_array
 INPUT_COLUMNS = ("support_images", "support_masks", "query_image")
 OUTPUT_COLUMNS = ("mask", "defect_fraction", "max_score")
 MASK_THRESHOLD = 127
+#: the image formats a request may carry (Pillow format ids); everything else is refused undecoded
+ACCEPTED_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")
 
 
 class PyfuncInputError(PredictInputError):
@@ -62,24 +70,44 @@ def encode_png(array: np.ndarray) -> str:
     return base64.b64encode(png_bytes(array)).decode("ascii")
 
 
-def open_b64(text: str, what: str, *, load: bool = True) -> Image.Image:
+def open_b64(text: Any, what: str, *, load: bool = True) -> Image.Image:
     """Open base64 image-file bytes with Pillow; ``load=False`` reads the header only (sizes).
 
+    Only :data:`ACCEPTED_FORMATS` are tried, so no other Pillow plugin (EPS, GIF, ...) ever sees the
+    bytes; Pillow's decompression-bomb check applies (an image declaring more than
+    ``2 * PIL.Image.MAX_IMAGE_PIXELS`` pixels is refused from its header).
+
     Raises:
-        PyfuncInputError: not a base64 string, or not an image Pillow can open (``what`` names the field).
+        PyfuncInputError: not a base64 string, not a PNG/JPEG/BMP/TIFF file, a decompression bomb, or
+            pixel data that cannot be decoded (``what`` names the row and field).
     """
     if not isinstance(text, (str, bytes)):
         raise PyfuncInputError(f"{what}: expected a base64 string, got {type(text).__name__}")
     try:
         raw = base64.b64decode(text, validate=True)
-    except (ValueError, TypeError) as exc:
-        raise PyfuncInputError(f"{what}: not valid base64 ({exc})") from None
+    except (ValueError, TypeError) as exc:  # binascii.Error is a ValueError
+        raise PyfuncInputError(f"{what}: not valid base64 ({exc}); send the file's bytes base64-encoded "
+                               "(standard alphabet, no line breaks)") from None
+    if not raw:
+        raise PyfuncInputError(f"{what}: empty payload; send a PNG, JPEG, BMP or TIFF file base64-encoded")
     try:
-        im = Image.open(io.BytesIO(raw))
-        if load:
+        im = Image.open(io.BytesIO(raw), formats=ACCEPTED_FORMATS)
+    except Image.DecompressionBombError as exc:
+        raise PyfuncInputError(f"{what}: refused as a possible decompression bomb ({exc}); "
+                               "send a smaller image (serving limits: docs/inference.md)") from None
+    except UnidentifiedImageError:
+        raise PyfuncInputError(f"{what}: not a PNG, JPEG, BMP or TIFF file (it starts with {raw[:8]!r}); other "
+                               "formats (EPS/PostScript, GIF, WebP, ...) are not decoded: convert it to PNG") from None
+    except Exception as exc:  # a recognised header that is damaged (Pillow raises several types)
+        raise PyfuncInputError(f"{what}: the image header cannot be read ({exc}); send a complete PNG, JPEG, "
+                               "BMP or TIFF file") from None
+    if load:
+        try:
             im.load()
-    except Exception as exc:  # Pillow raises several types for undecodable bytes
-        raise PyfuncInputError(f"{what}: base64 payload is not a decodable image ({exc})") from None
+        except Exception as exc:  # truncated or corrupt pixel data
+            im.close()
+            raise PyfuncInputError(f"{what}: the {im.format} pixel data cannot be decoded ({exc}); the file is "
+                                   "truncated or corrupt: send it again") from None
     return im
 
 
@@ -101,7 +129,12 @@ def decode_mask(text: str, what: str = "mask", threshold: int = MASK_THRESHOLD) 
     return gray_array(open_b64(text, what)) > threshold
 
 
-def _as_list(value: Any, what: str) -> list:
+def payload_list(value: Any, what: str) -> list:
+    """The base64 strings of a list column cell (a lone string counts as a list of one).
+
+    Raises:
+        PyfuncInputError: the cell is neither a string nor a list (``what`` names row and column).
+    """
     if isinstance(value, str):
         return [value]
     if isinstance(value, (list, tuple, np.ndarray, pd.Series)):
@@ -126,12 +159,13 @@ def parse_input(frame: pd.DataFrame) -> list[tuple[list[np.ndarray], list[np.nda
         raise PyfuncInputError(f"input is missing column(s) {missing}; expected {list(INPUT_COLUMNS)}")
     out = []
     for r, row in enumerate(frame.itertuples(index=False)):
-        imgs = _as_list(row.support_images, f"row {r}, support_images")
-        masks = _as_list(row.support_masks, f"row {r}, support_masks")
+        imgs = payload_list(row.support_images, f"row {r}, support_images")
+        masks = payload_list(row.support_masks, f"row {r}, support_masks")
         if not imgs:
             raise PyfuncInputError(f"row {r}, support_images: at least one support image is required")
         if len(imgs) != len(masks):
-            raise PyfuncInputError(f"row {r}: {len(imgs)} support_images but {len(masks)} support_masks")
+            raise PyfuncInputError(f"row {r}: {len(imgs)} support_images but {len(masks)} support_masks; "
+                                   "send one mask per support image, in the same order")
         s_img = [decode_image(t, f"row {r}, support_images[{k}]") for k, t in enumerate(imgs)]
         s_msk = [decode_mask(t, f"row {r}, support_masks[{k}]") for k, t in enumerate(masks)]
         for k, (i, m) in enumerate(zip(s_img, s_msk)):
@@ -139,3 +173,19 @@ def parse_input(frame: pd.DataFrame) -> list[tuple[list[np.ndarray], list[np.nda
                 raise PyfuncInputError(f"row {r}, support_masks[{k}]: mask size {m.shape} != image size {i.shape[:2]}")
         out.append((s_img, s_msk, decode_image(row.query_image, f"row {r}, query_image")))
     return out
+
+
+def example_frame(size: int = 32) -> pd.DataFrame:
+    """The smallest valid request: one query and one support pair, synthetic ``size`` x ``size`` gray
+    images (a bright horizontal scratch on a dark surface; the support mask marks it).
+
+    Logged with the pyfunc as its input example (the MLflow UI shows it; ``mlflow models serve``
+    callers can copy it) and checked by MLflow at log time by running the model on it.
+    """
+    surface = np.full((size, size), 60, np.uint8)
+    support, query = surface.copy(), surface.copy()
+    support[size // 2 - 1:size // 2 + 1, 4:-4] = 220
+    query[size // 3:size // 3 + 2, 6:-2] = 220
+    mask = support > 127
+    return pd.DataFrame({"support_images": [[encode_png(support)]], "support_masks": [[encode_png(mask)]],
+                         "query_image": [encode_png(query)]})

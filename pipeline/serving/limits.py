@@ -1,7 +1,15 @@
 """Serving request limits, checked by :func:`check_request_frame` before any image is decoded.
 
-Sizes come from the image headers only (Pillow opens lazily), so an oversized request is refused
-without decoding its pixels. Documented in ``docs/inference.md``.
+Two passes over the request frame, cheapest first:
+
+1. without decoding anything: the number of rows, of support pairs per row (and that each row has as
+   many masks as images), and the request's **bytes** -- the length of all base64 payloads
+   together, against ``max_request_bytes`` (``serve.max_request_bytes`` in ``params.yaml``, stored
+   in the logged model's ``model_config``; :data:`DEFAULT_MAX_REQUEST_BYTES` otherwise);
+2. from the image headers only (Pillow opens lazily): the pixels of each image and of the request.
+
+So an oversized request is refused without a second copy of its bytes and without decoding its
+pixels. Documented in ``docs/inference.md``.
 """
 
 from __future__ import annotations
@@ -9,19 +17,67 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.inference.predictor import PredictInputError
-from pipeline.serving.codec import open_b64
+from pipeline.serving.codec import INPUT_COLUMNS, PyfuncInputError, open_b64, payload_list
 
 MAX_QUERIES_PER_REQUEST = 32          # rows of the pyfunc input frame
 MAX_SUPPORTS_PER_QUERY = 10           # K per row
 MAX_IMAGE_PIXELS = 4096 * 4096        # width * height of any one image or mask
 MAX_REQUEST_PIXELS = 64 * 1024 * 1024  # sum of width * height over all images of a request
+DEFAULT_MAX_REQUEST_BYTES = 32 * 1024 * 1024  # base64 text over all images of a request (= params.yaml default)
 
 
 class RequestTooLargeError(PredictInputError):
-    """A serving request exceeds one of the documented limits (``MAX_*`` in this module)."""
+    """A serving request exceeds one of the documented limits (``MAX_*`` in this module, ``max_request_bytes``)."""
 
 
-def _payload_size(text: Any, what: str) -> int:
+def check_max_request_bytes(value: Any, where: str = "max_request_bytes") -> int:
+    """Return ``value`` if it is a usable byte limit (an integer > 0), else raise naming ``where``.
+
+    Raises:
+        ValueError: ``value`` is not a positive integer (``True``, ``"32MiB"``, ``0``, ``1.5``).
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{where} must be a positive integer number of bytes (e.g. 33554432 for 32 MiB), "
+                         f"got {value!r}")
+    return value
+
+
+def _payloads(frame: Any) -> list[tuple[int, list[tuple[str, Any]]]]:
+    """``[(row, [(field name, base64 payload), ...]), ...]``; checks counts and types, decodes nothing."""
+    import pandas as pd
+
+    if not isinstance(frame, pd.DataFrame):
+        frame = pd.DataFrame(frame)
+    missing = [c for c in INPUT_COLUMNS if c not in frame.columns]
+    if missing:
+        raise PyfuncInputError(f"input is missing column(s) {missing}; expected {list(INPUT_COLUMNS)}")
+    if len(frame) > MAX_QUERIES_PER_REQUEST:
+        raise RequestTooLargeError(f"request has {len(frame)} query rows; the limit is {MAX_QUERIES_PER_REQUEST} "
+                                   "per request: split it into several requests")
+    rows = []
+    for r, row in enumerate(frame.itertuples(index=False)):
+        imgs = payload_list(row.support_images, f"row {r}, support_images")
+        masks = payload_list(row.support_masks, f"row {r}, support_masks")
+        for col, vals in (("support_images", imgs), ("support_masks", masks)):
+            if len(vals) > MAX_SUPPORTS_PER_QUERY:
+                raise RequestTooLargeError(f"row {r}, {col}: {len(vals)} items; the limit is "
+                                           f"{MAX_SUPPORTS_PER_QUERY} support pairs per query")
+        if not imgs:
+            raise PyfuncInputError(f"row {r}, support_images: at least one support image is required")
+        if len(imgs) != len(masks):
+            raise PyfuncInputError(f"row {r}: {len(imgs)} support_images but {len(masks)} support_masks; "
+                                   "send one mask per support image, in the same order")
+        fields = [(f"row {r}, support_images[{k}]", v) for k, v in enumerate(imgs)]
+        fields += [(f"row {r}, support_masks[{k}]", v) for k, v in enumerate(masks)]
+        fields.append((f"row {r}, query_image", row.query_image))
+        for what, v in fields:
+            if not isinstance(v, (str, bytes)):
+                raise PyfuncInputError(f"{what}: expected a base64 string, got {type(v).__name__}")
+        rows.append((r, fields))
+    return rows
+
+
+def _pixels(text: Any, what: str) -> int:
     """Pixels (width * height) of a base64 image payload, read from its header only."""
     with open_b64(text, what, load=False) as im:  # lazy: reads the header, not the pixels
         w, h = im.size
@@ -31,39 +87,40 @@ def _payload_size(text: Any, what: str) -> int:
     return w * h
 
 
-def check_request_frame(frame: Any) -> None:
+def check_request_frame(frame: Any, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> None:
     """Refuse a serving request above the documented limits, before any image is decoded.
 
     Limits: at most :data:`MAX_QUERIES_PER_REQUEST` rows, :data:`MAX_SUPPORTS_PER_QUERY` support
-    images per row, :data:`MAX_IMAGE_PIXELS` pixels per image and :data:`MAX_REQUEST_PIXELS` pixels
-    over all images (supports and queries) of the request.
+    pairs per row, ``max_request_bytes`` bytes of base64 text over all payloads, then (from the image
+    headers) :data:`MAX_IMAGE_PIXELS` pixels per image and :data:`MAX_REQUEST_PIXELS` pixels over all
+    images (supports, masks and queries) of the request.
 
     Args:
         frame: the pyfunc input (``pandas.DataFrame`` with ``support_images``, ``support_masks``,
             ``query_image``; see :mod:`pipeline.serving.codec`).
+        max_request_bytes: the byte limit (the served model's ``model_config``).
 
     Raises:
-        RequestTooLargeError: a limit is exceeded (names row, column and limit).
-        PredictInputError: a payload is not base64 or has no readable image header.
+        RequestTooLargeError: a limit is exceeded (names row, field and limit).
+        PyfuncInputError: a missing column, a row without supports or with more or fewer masks than
+            images, a payload that is not a base64 string, not a PNG/JPEG/BMP/TIFF file or a
+            decompression bomb (names row and field).
     """
-    import pandas as pd
-
-    if not isinstance(frame, pd.DataFrame):
-        frame = pd.DataFrame(frame)
-    if len(frame) > MAX_QUERIES_PER_REQUEST:
-        raise RequestTooLargeError(f"request has {len(frame)} query rows; the limit is {MAX_QUERIES_PER_REQUEST} "
-                                   "per request: split it into several requests")
+    check_max_request_bytes(max_request_bytes)
+    rows = _payloads(frame)
     total = 0
-    for r, row in enumerate(frame.to_dict("records")):
-        for col in ("support_images", "support_masks"):
-            vals = row.get(col)
-            vals = [vals] if isinstance(vals, (str, bytes)) else list(vals if vals is not None else [])
-            if len(vals) > MAX_SUPPORTS_PER_QUERY:
-                raise RequestTooLargeError(f"row {r}, {col}: {len(vals)} items; the limit is "
-                                           f"{MAX_SUPPORTS_PER_QUERY} support pairs per query")
-            total += sum(_payload_size(v, f"row {r}, {col}[{k}]") for k, v in enumerate(vals))
-        if "query_image" in row:
-            total += _payload_size(row["query_image"], f"row {r}, query_image")
-        if total > MAX_REQUEST_PIXELS:
+    for _, fields in rows:  # pass 1: bytes, nothing decoded
+        for what, v in fields:
+            total += len(v)
+            if total > max_request_bytes:
+                raise RequestTooLargeError(
+                    f"{what}: the request's base64 image data reaches {total} bytes here ({len(v)} in this "
+                    f"field), above the limit of {max_request_bytes} bytes per request; send fewer or smaller images "
+                    "per request (PNG rather than BMP/TIFF), or have the server's serve.max_request_bytes raised")
+    pixels = 0
+    for r, fields in rows:  # pass 2: image headers
+        for what, v in fields:
+            pixels += _pixels(v, what)
+        if pixels > MAX_REQUEST_PIXELS:
             raise RequestTooLargeError(f"request holds more than {MAX_REQUEST_PIXELS} pixels in all (reached at "
                                        f"row {r}); send fewer or smaller images per request")
