@@ -83,6 +83,9 @@ def _selection_scores(params: Params, fold: int, net: torch.nn.Module, store: An
     for k in (1, 5):
         eps = validation_episodes(val_pools, train_pools, k, params.train.val_episodes, params.train.seed + 1)
         out[f"k{k}"] = round(100 * validate(net, eps, store=store), 2)
+        swapped = _swap_supports(eps, val_pools, train_pools, params.split.mismatched_seed)
+        if swapped:
+            out[f"mis_k{k}"] = round(100 * validate(net, swapped, store=store), 2)
         if k == 1:
             sets: dict[str, list[list[str]]] = {}
             for e in eps:
@@ -90,6 +93,25 @@ def _selection_scores(params: Params, fold: int, net: torch.nn.Module, store: An
             normals = normal_pools(params, sets)
             fa = false_alarms(src, sets, {c: list(v) for c, v in normals.items()}) if normals else None
             out["fp_k1"] = None if fa is None else round(100 * fa.image_rate, 1)
+    return out
+
+
+def _swap_supports(eps: list, val_pools: dict, train_pools: dict, seed: int) -> list:
+    """The selection episodes with each support set replaced by K images of another selection class
+    (the support check of the training side; [] when there is one selection class only)."""
+    from pipeline.episodes import Episode
+
+    classes = sorted(val_pools)
+    if len(classes) < 2:
+        return []
+    rng = np.random.default_rng([seed, 17])
+    out = []
+    for e in eps:
+        other = [c for c in classes if c != e.class_name]
+        o = other[int(rng.integers(len(other)))]
+        pool = sorted(set(val_pools[o]) | set(train_pools.get(o, ())))
+        pick = rng.choice(len(pool), size=len(e.support_ids), replace=False)
+        out.append(Episode(e.class_name, tuple(pool[int(j)] for j in pick), e.query_id))
     return out
 
 
@@ -119,16 +141,24 @@ def score_fold(params: Params, fold: int, predictor: Predictor) -> dict[str, Any
     return res
 
 
-def run(name: str, params: Params, folds: list[int], untrained: str | None, sets: list[str]) -> dict[str, Any]:
-    """Train (unless ``untrained``) and score ``name`` on ``folds``; append the row to ``runs.jsonl``."""
+def run(name: str, params: Params, folds: list[int], untrained: str | None, sets: list[str],
+        rescore: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train (unless ``untrained``, or ``rescore``: the row of an earlier run whose models are still in
+    ``bench/support/<name>/``) and score ``name`` on ``folds``; append the row to ``runs.jsonl``."""
     from pipeline.checkpoint import build_net
     from pipeline.train import train
 
     row: dict[str, Any] = {"name": name, "sets": sets, "untrained": untrained, "folds": {}}
+    if rescore:
+        row["rescored"] = True
     t0 = time.perf_counter()
     for f in folds:
         fold_dir = OUT / name / f"fold{f}"
-        if untrained:
+        if rescore:
+            predictor = Predictor.load(fold_dir / "model.pt")
+            info = {k: v for k, v in rescore["folds"][str(f)].items()
+                    if k in ("best_step", "steps", "best_val", "train_s")}
+        elif untrained:
             net = build_net(params, untrained).eval()
             predictor = Predictor(net, params.train.image_size, {"model": untrained})
             info: dict[str, Any] = {}
@@ -151,6 +181,9 @@ def run(name: str, params: Params, folds: list[int], untrained: str | None, sets
         "fp_k1": mean(lambda v: v["fp_k1"] or 0.0),
         "sel_fp_k1": mean(lambda v: v["selection"].get("fp_k1") or 0.0),
     }
+    if all("mis_k1" in v["selection"] for v in folds_v):
+        for k in (1, 5):
+            row["mean"][f"sel_gain_k{k}"] = round(mean(lambda v: v["selection"][f"k{k}"] - v["selection"][f"mis_k{k}"]), 2)
     row["mean"]["gain_k1"] = round(row["mean"]["k1"] - row["mean"]["mis_k1"], 2)
     OUT.mkdir(parents=True, exist_ok=True)
     with (OUT / "runs.jsonl").open("a") as fh:
@@ -166,10 +199,17 @@ def main() -> None:
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--untrained", default=None, help="score a parameter-free model (prototype) or lerenet at init")
     ap.add_argument("-S", dest="sets", action="append", default=[])
+    ap.add_argument("--rescore", action="store_true",
+                    help="score the models an earlier run of NAME left in bench/support/NAME/ again (same -S keys)")
     a = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    earlier = None
+    if a.rescore:
+        rows = [json.loads(line) for line in (OUT / "runs.jsonl").read_text().splitlines() if line.strip()]
+        earlier = next(r for r in reversed(rows) if r["name"] == a.name)
+        a.sets = earlier["sets"]
     params = _override(Path(a.params), a.sets)
-    row = run(a.name, params, [int(f) for f in a.folds.split(",")], a.untrained, a.sets)
+    row = run(a.name, params, [int(f) for f in a.folds.split(",")], a.untrained, a.sets, earlier)
     print(json.dumps(row["mean"]), json.dumps({f: {k: v for k, v in d.items() if k != "per_class"}
                                                  for f, d in row["folds"].items()}))
 
