@@ -2,7 +2,7 @@
 
 With a frozen backbone, ``net.encode`` is a fixed function of the image, so its output for
 each image (and for a few augmented views of it) is computed once per data version and reused
-across training episodes, shots, epochs, folds, models and the evaluation's 90,000 episodes.
+across training episodes, shots, epochs, folds, models and the evaluation's standard-protocol episodes.
 This is what makes the CPU budget reachable (see docs/results.md for the measured speed-up).
 
 Store layout (a folder, ``<data>/features/<backbone>_<S>/``, DVC stage ``features``):
