@@ -194,6 +194,8 @@ class TrainParams(_Section):
     negative_share: float = Field(0.0, ge=0, lt=1)  # share of episodes whose query has none of the support's defect
     selection_classes: int = Field(0, ge=0)        # whole training classes held out for model selection (0: images)
     validate_at_start: bool = False                # score the untrained network too (step 0 is selectable)
+    support_penalty: float = Field(0.0, ge=0.0, le=1.0)  # selection score = val mIoU - this x val mIoU with
+                                                   # supports of another selection class (0: plain mIoU)
 
 
 class EvaluateParams(_Section):

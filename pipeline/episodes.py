@@ -243,3 +243,30 @@ def validation_episodes(val_pools: Mapping[str, Sequence[str]], train_pools: Map
         sup = [source[int(j)] for j in rng.choice(len(source), size=shots, replace=False)]
         out.append(Episode(c, tuple(sup), q))
     return out
+
+
+def mismatched_validation(episodes: Sequence[Episode], val_pools: Mapping[str, Sequence[str]],
+                          train_pools: Mapping[str, Sequence[str]], seed: int) -> list[Episode]:
+    """The selection episodes with each support set replaced by K images of *another* selection class.
+
+    The support check of the training side (issue 11): the query and its truth stay, the support
+    shows a different defect, so a model that uses its support scores lower here. The other class
+    is drawn uniformly among the other classes of ``val_pools``; its K images among its validation
+    and training-pool images, seeded by ``[seed, 17]``.
+
+    Returns:
+        One episode per input episode, in order; ``[]`` when ``val_pools`` has fewer than 2 classes
+        (nothing to swap with).
+    """
+    classes = sorted(val_pools)
+    if len(classes) < 2:
+        return []
+    rng = np.random.default_rng([int(seed), 17])
+    out = []
+    for e in episodes:
+        other = [c for c in classes if c != e.class_name]
+        o = other[int(rng.integers(len(other)))]
+        pool = sorted(set(val_pools[o]) | set(train_pools.get(o, ())))
+        pick = rng.choice(len(pool), size=len(e.support_ids), replace=False)
+        out.append(Episode(e.class_name, tuple(pool[int(j)] for j in pick), e.query_id))
+    return out

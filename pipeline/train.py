@@ -55,7 +55,7 @@ from pipeline import device as dev
 from pipeline.atomic import atomic_write_text
 from pipeline.checkpoint import build_net, save_model
 from pipeline.config import MODEL_NAMES, Params
-from pipeline.episodes import normal_pools, training_pools, validation_episodes
+from pipeline.episodes import mismatched_validation, normal_pools, training_pools, validation_episodes
 from pipeline.features import FeatureStore, build_feature_store
 from pipeline.images import load_validated
 from pipeline.layout import Layout, fold_tag
@@ -65,7 +65,7 @@ from pipeline.training.loop import (Session, TrainingStopped, optimizer, run_ste
 from pipeline.training.rng import build_seeded, make_generator, training_seed, use_generator
 from pipeline.training.state import Progress, code_version, resume, state_key
 
-CURVE_FIELDS = ("step", "episodes", "loss", "lr", "val_miou", "episodes_per_s")
+CURVE_FIELDS = ("step", "episodes", "loss", "lr", "val_miou", "episodes_per_s", "val_mismatched_miou")
 
 
 @dataclass
@@ -213,6 +213,10 @@ def train(params: Params, fold: int | None, model_name: str, out_dir: Path | Non
         store = FeatureStore.open(feature_store or build_feature_store(params, progress=progress))
         check_store(store, net, params, rows)
     val_data = None if cached else ImageEpisodes(params, val_pools, rows, augment=False, episodes=val_eps)
+    val_mis = mismatched_validation(val_eps, val_pools, train_pools, params.split.mismatched_seed) \
+        if t.support_penalty > 0 else []
+    val_mis_data = None if cached or not val_mis else ImageEpisodes(params, val_pools, rows, augment=False,
+                                                                     episodes=val_mis)
 
     trainable = model_name != "prototype"
     steps = total_steps(params) if trainable else 0
@@ -225,7 +229,8 @@ def train(params: Params, fold: int | None, model_name: str, out_dir: Path | Non
     tracker = Tracker(params, fold, model_name, p.run_id) if track else None
     p.run_id = tracker.run_id if tracker else None
     session = Session(params, net, device, opt, sched, scaler, val_eps, store, val_data, state_file, key, tracker,
-                      f"train {fold_tag(fold)}/{model_name}", progress, on_step, stop_after, generator)
+                      f"train {fold_tag(fold)}/{model_name}", progress, on_step, stop_after, generator,
+                      val_mis, val_mis_data)
     try:
         if not trainable:
             p.best = session.validate()

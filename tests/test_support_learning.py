@@ -249,6 +249,39 @@ def test_training_with_support_switches_selects_step_zero_when_it_is_best(projec
     assert r.best_val_miou >= float(rows[1].split(",")[4]) - 1e-6
 
 
+def test_mismatched_validation_swaps_the_support_for_another_class():
+    from pipeline.episodes import Episode, mismatched_validation
+
+    val = {"A": ["a0", "a1", "a2"], "B": ["b0", "b1"], "C": ["c0"]}
+    train_pools = {"A": ["a9"], "B": ["b9"], "C": ["c8", "c9"]}
+    eps = [Episode("A", ("a1",), "a0"), Episode("B", ("b1", "b9"), "b0"), Episode("C", ("c8", "c9"), "c0")]
+    mis = mismatched_validation(eps, val, train_pools, 2718)
+    assert mis == mismatched_validation(eps, val, train_pools, 2718)            # seeded
+    for e, m in zip(eps, mis):
+        assert (m.class_name, m.query_id, m.negative) == (e.class_name, e.query_id, False)  # query and truth kept
+        assert len(m.support_ids) == len(e.support_ids) and len(set(m.support_ids)) == len(m.support_ids)
+        assert not any(i[0] == e.class_name.lower() for i in m.support_ids)      # another class's images
+    assert mismatched_validation(eps, {"A": val["A"]}, train_pools, 0) == []     # one class: nothing to swap
+
+
+def test_support_penalty_selects_on_miou_minus_mismatched_miou(project, tmp_path):
+    import csv
+
+    from pipeline.train import train
+
+    params = load(project, model={"priors": ["linear"], "prior_skip": True, "skip_source": "linear"},
+                  train={"support_penalty": 1.0, "validate_at_start": True, "val_every": 2})
+    r = train(params, 0, "lerenet", tmp_path / "m", checkpoint_file=tmp_path / "s.pt", curve_file=tmp_path / "c.csv",
+              track=False, progress=False)
+    rows = [x for x in csv.DictReader((tmp_path / "c.csv").open()) if x["val_miou"]]
+    assert rows and all(x["val_mismatched_miou"] for x in rows)
+    scores = {int(x["step"]): float(x["val_miou"]) - float(x["val_mismatched_miou"]) for x in rows}
+    assert r.best_step == max(scores, key=scores.get)
+    assert r.best_val_miou == pytest.approx(scores[r.best_step], abs=1e-5)
+    with pytest.raises(Exception, match="support_penalty"):
+        load(project, train={"support_penalty": 2.0})
+
+
 def test_config_rejects_bad_support_switches(project):
     from pipeline.config import ConfigError
 

@@ -30,7 +30,14 @@ import torch
 import yaml
 
 from pipeline.config import Params, load_params
-from pipeline.episodes import material, normal_pools, selection_classes, training_pools, validation_episodes
+from pipeline.episodes import (
+    material,
+    mismatched_validation,
+    normal_pools,
+    selection_classes,
+    training_pools,
+    validation_episodes,
+)
 from pipeline.evaluation.data import FeatureSource, ImageTable, open_store_for
 from pipeline.evaluation.scoring import false_alarms, score_episodes
 from pipeline.images import load_episodes, load_validated
@@ -83,7 +90,7 @@ def _selection_scores(params: Params, fold: int, net: torch.nn.Module, store: An
     for k in (1, 5):
         eps = validation_episodes(val_pools, train_pools, k, params.train.val_episodes, params.train.seed + 1)
         out[f"k{k}"] = round(100 * validate(net, eps, store=store), 2)
-        swapped = _swap_supports(eps, val_pools, train_pools, params.split.mismatched_seed)
+        swapped = mismatched_validation(eps, val_pools, train_pools, params.split.mismatched_seed)
         if swapped:
             out[f"mis_k{k}"] = round(100 * validate(net, swapped, store=store), 2)
         if k == 1:
@@ -93,25 +100,6 @@ def _selection_scores(params: Params, fold: int, net: torch.nn.Module, store: An
             normals = normal_pools(params, sets)
             fa = false_alarms(src, sets, {c: list(v) for c, v in normals.items()}) if normals else None
             out["fp_k1"] = None if fa is None else round(100 * fa.image_rate, 1)
-    return out
-
-
-def _swap_supports(eps: list, val_pools: dict, train_pools: dict, seed: int) -> list:
-    """The selection episodes with each support set replaced by K images of another selection class
-    (the support check of the training side; [] when there is one selection class only)."""
-    from pipeline.episodes import Episode
-
-    classes = sorted(val_pools)
-    if len(classes) < 2:
-        return []
-    rng = np.random.default_rng([seed, 17])
-    out = []
-    for e in eps:
-        other = [c for c in classes if c != e.class_name]
-        o = other[int(rng.integers(len(other)))]
-        pool = sorted(set(val_pools[o]) | set(train_pools.get(o, ())))
-        pick = rng.choice(len(pool), size=len(e.support_ids), replace=False)
-        out.append(Episode(e.class_name, tuple(pool[int(j)] for j in pick), e.query_id))
     return out
 
 

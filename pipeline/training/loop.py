@@ -7,7 +7,9 @@
   a fine-tuned backbone gets ``lr * backbone_lr_mult``.
 * Model selection: every ``train.val_every`` steps (and at the last step), mean foreground IoU
   over the training classes on ``train.val_episodes`` fixed episodes whose queries are the fold's
-  held-out ``val_ids`` (:func:`validate`); the best state is kept. Test classes are never touched.
+  held-out ``val_ids`` (:func:`validate`), minus ``train.support_penalty`` x the same with
+  mismatched supports (:meth:`Session.selection_score`); the best state is kept. Test classes are
+  never touched.
 * Checkpoints: every ``train.checkpoint_every`` steps (and at the end) the full training state is
   written (:mod:`pipeline.training.state`); ``stop_after`` simulates a killed run.
 """
@@ -114,10 +116,24 @@ class Session:
     on_step: Callable[[int, float], None] | None = None
     stop_after: int | None = None
     generator: torch.Generator | None = None
+    val_mismatched: Sequence[Episode] = ()
+    val_mismatched_data: ImageEpisodes | None = None
 
     def validate(self) -> float:
         """:func:`validate` on the fixed validation episodes (cached features or images)."""
         return validate(self.net, self.val_episodes, store=self.store, dataset=self.val_data, device=self.device)
+
+    def selection_score(self) -> tuple[float, float, float | None]:
+        """``(score, val mIoU, mismatched val mIoU or None)``: the model-selection score is the val
+        mIoU minus ``train.support_penalty`` x the mIoU of the same queries with supports of another
+        selection class (:func:`pipeline.episodes.mismatched_validation`); plain mIoU without them."""
+        miou = self.validate()
+        lam = self.params.train.support_penalty
+        if lam <= 0 or not self.val_mismatched:
+            return miou, miou, None
+        mis = validate(self.net, self.val_mismatched, store=self.store, dataset=self.val_mismatched_data,
+                       device=self.device)
+        return miou - lam * mis, miou, mis
 
     def forward(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
         """Query logits of a batch: ``forward_features`` on cached features, else the full ``net(...)``."""
@@ -147,11 +163,16 @@ def _step(s: Session, b: dict[str, torch.Tensor]) -> tuple[float, float]:
 
 
 def _validate_into(s: Session, p: Progress, done: int, row: dict[str, Any]) -> None:
-    score = s.validate()
+    score, miou, mis = s.selection_score()
     s.net.train()
-    row["val_miou"] = round(score, 6)
+    row["val_miou"] = round(miou, 6)
+    if mis is not None:
+        row["val_mismatched_miou"] = round(mis, 6)
     if s.tracker:
-        s.tracker.add("val_miou", score, done)
+        s.tracker.add("val_miou", miou, done)
+        if mis is not None:
+            s.tracker.add("val_mismatched_miou", mis, done)
+            s.tracker.add("val_score", score, done)
         s.tracker.flush()
     if score > p.best:
         p.best, p.best_step = score, done
