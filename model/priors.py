@@ -76,14 +76,22 @@ def _linear_probe(q: torch.Tensor, s: torch.Tensor, fg: torch.Tensor, bg: torch.
     A support without defect cells scores ``-1`` everywhere (nothing to find). float64 solve.
     """
     ridge = RIDGE if ridge is None else ridge
+    # non-finite features (a diverged fine-tuned backbone) would make the solve fail: zero them, the
+    # map is then as undefined as the features but the step still runs
+    s, q = torch.nan_to_num(s, 0.0, 0.0, 0.0), torch.nan_to_num(q, 0.0, 0.0, 0.0)
     x = torch.cat([s, s.new_ones(s.shape[0], 1, s.shape[2])], dim=1).double()  # (B, C+1, N)
     fgw, bgw = fg.squeeze(1).double(), bg.squeeze(1).double()                  # (B, N)
     n_fg, n_bg = fgw.sum(1, keepdim=True), bgw.sum(1, keepdim=True)
     wt = 0.5 * fgw / n_fg.clamp_min(1) + 0.5 * bgw / n_bg.clamp_min(1)
     y = fgw - bgw
-    xw = x * wt[:, None, :]
-    gram = xw @ x.transpose(1, 2) + ridge * torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
-    w = torch.linalg.solve(gram, (xw @ y[:, :, None]))                         # (B, C+1, 1)
+    a = x * wt.sqrt()[:, None, :]                                               # X W^1/2
+    rhs = (wt.sqrt() * y)[:, :, None]                                           # W^1/2 y, (B, N, 1)
+    if a.shape[1] <= a.shape[2]:   # primal: (A A^T + r I) w = A W^1/2 y, a (C+1) x (C+1) system
+        gram = a @ a.transpose(1, 2) + ridge * torch.eye(a.shape[1], dtype=a.dtype, device=a.device)
+        w = torch.cholesky_solve(a @ rhs, torch.linalg.cholesky(gram))        # (B, C+1, 1)
+    else:                          # dual (wide features, few cells): w = A (A^T A + r I)^-1 W^1/2 y
+        gram = a.transpose(1, 2) @ a + ridge * torch.eye(a.shape[2], dtype=a.dtype, device=a.device)
+        w = a @ torch.cholesky_solve(rhs, torch.linalg.cholesky(gram))
     qx = torch.cat([q, q.new_ones(q.shape[0], 1, q.shape[2])], dim=1).double()
     score = (w.transpose(1, 2) @ qx).squeeze(1)                                # (B, Lq)
     score = torch.where(n_fg > 0, score, score.new_tensor(-1.0))
@@ -123,6 +131,12 @@ def frozen_priors(query: torch.Tensor, support: torch.Tensor, masks: torch.Tenso
     check_kinds(kinds)
     if sum(levels) != query.shape[1]:
         raise ValueError(f"levels {levels} do not sum to the {query.shape[1]} feature channels")
+    with torch.autocast(query.device.type, enabled=False):  # float32/64 maths even inside a caller's AMP
+        return _frozen_priors(query, support, masks, levels, kinds)
+
+
+def _frozen_priors(query: torch.Tensor, support: torch.Tensor, masks: torch.Tensor,
+                   levels: tuple[int, ...], kinds: tuple[str, ...]) -> torch.Tensor:
     b, _, h, w = query.shape
     out = []
     for q, s in zip(query.split(list(levels), dim=1), support.split(list(levels), dim=2)):

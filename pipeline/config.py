@@ -117,6 +117,11 @@ PRODUCTION_MODEL = "lerenet"
 Variant = Literal["mpr", "mpe", "mpe*", "mpr+mpe", "mpr+mpe*"]
 
 
+# LERENet prior-skip sources = model.priors.SKIP_FACTORS (a test keeps them equal; not imported: every DVC
+# stage reads this module, only training depends on model/)
+SKIP_SOURCES = ("nn", "linear", "proto")
+
+
 class ModelParams(_Section):
     """Which models to train/evaluate and their backbone (see ``model.build_model``)."""
 
@@ -130,14 +135,14 @@ class ModelParams(_Section):
     # LERENet only (model.LERENet): frozen-feature guidance, prior skip, raw-query path (docs/model.md)
     priors: list[Literal["fg", "abnormal", "nn", "linear", "proto"]] = Field(default_factory=list)
     prior_skip: bool = False
-    skip_source: str = "nn"  # nn | linear | proto, or several joined by "+" (model.priors.check_skip_source)
+    skip_source: str = "nn"  # nn | linear | proto, or several joined by "+" (model.priors.nearest_neighbour_score)
 
     @field_validator("skip_source")
     @classmethod
     def _skip_source(cls, v: str) -> str:
-        from model.priors import check_skip_source
-
-        check_skip_source(v)
+        kinds = v.split("+")
+        if not v or any(k not in SKIP_SOURCES for k in kinds) or len(set(kinds)) != len(kinds):
+            raise ValueError(f"skip_source must be one or more of {', '.join(SKIP_SOURCES)} joined by '+'; got {v!r}")
         return v
     query_path: Literal["on", "dropout", "off"] = "on"
 
@@ -235,23 +240,19 @@ class ServeParams(_Section):
     max_request_bytes: int = Field(32 * 1024 * 1024, gt=0, le=2**31 - 1, strict=True)
 
 
-@functools.cache
-def _iana_timezones() -> frozenset[str]:
-    from zoneinfo import available_timezones
-
-    return frozenset(available_timezones())
+_IANA = functools.cache(lambda: frozenset(__import__("zoneinfo").available_timezones()))
 
 
 def check_timezone(name: object) -> str:
     """Return ``name`` if it is an IANA time zone name Prefect accepts for a schedule, else raise.
 
-    The set is :func:`zoneinfo.available_timezones` (what Prefect's ``CronSchedule`` checks), plus
-    ``UTC`` always.
+    The set is :func:`zoneinfo.available_timezones` (what Prefect's ``CronSchedule`` checks, read
+    once), plus ``UTC`` always.
 
     Raises:
         ValueError: naming the bad value, e.g. ``'CET+1'`` or ``'Berlin'``.
     """
-    if name == "UTC" or (isinstance(name, str) and name in _iana_timezones()):
+    if name == "UTC" or (isinstance(name, str) and name in _IANA()):
         return name
     raise ValueError(f"{name!r} is not an IANA time zone name: expected e.g. UTC, Europe/Berlin, America/New_York")
 

@@ -283,8 +283,14 @@ def test_support_penalty_selects_on_miou_minus_mismatched_miou(project, tmp_path
 
 
 def test_config_rejects_bad_support_switches(project):
-    from pipeline.config import ConfigError
+    from model.priors import SKIP_FACTORS
+    from pipeline.config import SKIP_SOURCES, ConfigError
 
+    assert SKIP_SOURCES == tuple(SKIP_FACTORS)          # params validation and the model agree
+    for bad in ("svm", "linear+linear", "nn+"):
+        with pytest.raises(ConfigError, match="skip_source"):
+            load(project, model={"skip_source": bad})
+    assert load(project, model={"skip_source": "linear+proto"}).model.skip_source == "linear+proto"
     with pytest.raises(ConfigError, match="priors"):
         load(project, model={"priors": ["fg", "fg"]})
     with pytest.raises(ConfigError, match="negative_share"):
