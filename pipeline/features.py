@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from pipeline.augment import augment_pair, build_augment, clean_pair, to_tensor_pair
 from pipeline.config import Params
+from pipeline.device import configure_threads
 from pipeline.images import load_validated, read_image, read_mask, replace_dir, resolve
 from pipeline.layout import FEATURES_DIR
 
@@ -110,7 +111,11 @@ def build_feature_store(params: Params, data_dir: Path | None = None, *, net: to
     """Encode every validated image (clean view + augmented views) once and store the features.
 
     Idempotent: if a store with the same content key (settings + every image id/sha256) already
-    exists it is returned untouched, without running the backbone.
+    exists it is returned untouched, without running the backbone. The backbone runs with the
+    project's thread policy (:func:`pipeline.device.configure_threads`: ``$LERENET_TORCH_THREADS``
+    or every core), as training does: oneDNN's convolution results differ in the last float16 bit
+    between thread counts, so a store built in a process that happened to run with another count
+    would change the trained weights (issue 14 item 2). The count is recorded as ``torch_threads``.
 
     Args:
         params: validated params (backbone, ``train.image_size``, ``train.feature_views``, seed).
@@ -148,6 +153,7 @@ def build_feature_store(params: Params, data_dir: Path | None = None, *, net: to
     s = params.train.image_size
     counts = [1 + (n_aug if k == "defect" else 0) for k in rows["kind"]]
     total = int(sum(counts))
+    threads = configure_threads(torch.device("cpu"))  # the backbone's conv results depend on the thread count
     net = build_encoder(params) if net is None else net
     pipeline = build_augment(s)
     with torch.inference_mode():
@@ -197,7 +203,7 @@ def build_feature_store(params: Params, data_dir: Path | None = None, *, net: to
         feats.flush()
         masks.flush()
         del feats, masks
-        meta = {**settings, "key": key, "feat_shape": list(feat_shape), "rows": total,
+        meta = {**settings, "key": key, "feat_shape": list(feat_shape), "rows": total, "torch_threads": threads,
                 "build_seconds": round(time.perf_counter() - t0, 2), "index": index}
         (tmp / INDEX).write_text(json.dumps(meta))
         replace_dir(tmp, out)

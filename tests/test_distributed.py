@@ -59,10 +59,6 @@ def no_worker_torch_threads(monkeypatch):
     monkeypatch.delenv("LERENET_TORCH_THREADS", raising=False)
 
 
-@pytest.mark.xfail(reason="open regression (issue 14 item 2): since the issue-11 defaults of 2026-12-02 (commit "
-                          "c2c9df1: linear-probe/prototype skip, priors, negative_share 0) the Dask run's weights and "
-                          "one fbiou differ in the last bits from the sequential run; passes at 3336d8e. Cause not "
-                          "found yet (not the priors alone, not negative_share alone).", strict=False)
 def test_flow_on_dask_local_cluster_equals_sequential_and_standalone_train(
         prefect_harness, tmp_path, small_source, monkeypatch, no_worker_torch_threads):
     from flows.training_pipeline import training_pipeline

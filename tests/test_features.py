@@ -130,3 +130,27 @@ def test_index_records_settings(built):
     assert meta["image_size"] == params.train.image_size
     assert meta["feature_views"] == params.train.feature_views
     assert np.load(path / "feats.npy", mmap_mode="r").dtype == np.float16
+
+
+def test_store_is_built_with_the_thread_policy_not_the_ambient_thread_count(built, monkeypatch):
+    """Issue 14 item 2: oneDNN's convolutions give other last bits with another intra-op thread count;
+    a store built in a process that had set 2 threads (a flow after a training) must equal one built
+    where 1 was set, under the same ``$LERENET_TORCH_THREADS`` -- else the flow's weights drift."""
+    from pipeline.features import FeatureStore, build_feature_store
+
+    params, path, _ = built
+    before = torch.get_num_threads()
+    monkeypatch.setenv("LERENET_TORCH_THREADS", "1")
+    try:
+        stores = []
+        for ambient in (2, 1):
+            torch.set_num_threads(ambient)
+            out = build_feature_store(params, progress=False, batch_size=8, force=True)
+            stores.append((out / "feats.npy").read_bytes())
+        assert stores[0] == stores[1]
+        assert json.loads((out / "index.json").read_text())["torch_threads"] == 1
+    finally:
+        monkeypatch.delenv("LERENET_TORCH_THREADS")
+        build_feature_store(params, progress=False, batch_size=8, force=True)  # the module's store again
+        torch.set_num_threads(before)
+    assert FeatureStore.open(path).key
