@@ -201,6 +201,7 @@ class TrainParams(_Section):
     validate_at_start: bool = False                # score the untrained network too (step 0 is selectable)
     support_penalty: float = Field(0.0, ge=0.0, le=1.0)  # selection score = val mIoU - this x val mIoU with
                                                    # supports of another selection class (0: plain mIoU)
+    presence_budget: float | None = Field(None, ge=0.0, allow_inf_nan=False)  # mIoU points (pipeline/training/gate.py)
 
 
 class EvaluateParams(_Section):

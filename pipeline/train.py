@@ -60,6 +60,7 @@ from pipeline.features import FeatureStore, build_feature_store
 from pipeline.images import load_validated
 from pipeline.layout import Layout, fold_tag
 from pipeline.training.batches import CachedEpisodes, ImageEpisodes, check_store, image_loader, total_steps
+from pipeline.training.gate import presence_gate
 from pipeline.training.loop import (Session, TrainingStopped, optimizer, run_steps, scheduler, start_validation,
                                     validate)
 from pipeline.training.rng import build_seeded, make_generator, training_seed, use_generator
@@ -130,7 +131,7 @@ def _batches(params: Params, store: FeatureStore | None, pools: Any, rows: dict[
 
 
 def _finish(params: Params, fold: int | None, model_name: str, net: torch.nn.Module, p: Progress, steps: int,
-            paths: tuple[Path, Path], tracker: Any, t0: float) -> TrainResult:
+            paths: tuple[Path, Path], tracker: Any, t0: float, gate: dict[str, Any]) -> TrainResult:
     """Write the model file, the curve and ``run.json``; close the MLflow run."""
     out_dir, curve_file = paths
     net.eval()
@@ -141,11 +142,11 @@ def _finish(params: Params, fold: int | None, model_name: str, net: torch.nn.Mod
         run_id=p.run_id, steps=steps, best_val_miou=float(p.best), best_step=p.best_step, resumed_from=p.resumed_from,
         episodes_per_s=float(measured[-1]) if measured else 0.0, seconds=round(seconds, 2))
     save_model(result.model_path, net.to("cpu"),
-               _meta(params, net, fold, model_name, steps, float(p.best), p.best_step, p.run_id))
+               {**_meta(params, net, fold, model_name, steps, float(p.best), p.best_step, p.run_id), **gate})
     _write_curve(curve_file, p.curve)
     run_info = {"run_id": p.run_id, "fold": fold, "model": model_name, "backbone": params.model.backbone,
                 "train_shots": params.train.shots, "best_val_miou": float(p.best), "best_step": p.best_step,
-                "steps": steps}
+                "steps": steps, **gate}
     if tracker:
         run_info.update(tracker.info())
         tracker.finish(result, curve_file)
@@ -242,7 +243,8 @@ def train(params: Params, fold: int | None, model_name: str, out_dir: Path | Non
             if t.validate_at_start and p.step == 0 and not p.curve:
                 start_validation(session, p)
             run_steps(session, _batches(params, store, train_pools, rows, p.step, device), p, steps)
-        return _finish(params, fold, model_name, net, p, steps, (out_dir, curve_file), tracker, t0)
+        gate = presence_gate(params, net, (train_pools, val_pools), rows, store, device)
+        return _finish(params, fold, model_name, net, p, steps, (out_dir, curve_file), tracker, t0, gate)
     except BaseException as exc:
         if tracker:
             tracker.close(failed=not isinstance(exc, TrainingStopped))

@@ -103,6 +103,14 @@ def _selection_scores(params: Params, fold: int, net: torch.nn.Module, store: An
     return out
 
 
+def _gate(params: Params, fold: int, predictor: Predictor) -> dict[str, float | None]:
+    """The presence gate ``train()`` would store for this network (``train.presence_budget``)."""
+    from pipeline.training.gate import presence_gate
+
+    store = open_store_for(params, predictor, Path(params.data.dir))
+    return presence_gate(params, predictor.net, training_pools(params, fold), {}, store, torch.device("cpu"))
+
+
 def score_fold(params: Params, fold: int, predictor: Predictor) -> dict[str, Any]:
     """Selection and test scores of one trained (or parameter-free) network on ``fold``."""
     data_dir = Path(params.data.dir)
@@ -122,10 +130,9 @@ def score_fold(params: Params, fold: int, predictor: Predictor) -> dict[str, Any
         mis, _ = score_episodes(src, mismatched(paper, ids))
         res[f"k{k}"] = {"paper": round(100 * acc.miou(test), 2), "mismatched": round(100 * mis.miou(test), 2),
                         "per_class": {c: round(100 * v, 1) for c, v in acc.class_iou(test).items()}}
-        if k == 1:
-            sets = {c: part["support_ids"].tolist() for c, part in paper.groupby("class_name")}
-            fa = false_alarms(src, sets, normal_ids)
-            res["fp_k1"] = None if fa is None else round(100 * fa.image_rate, 1)
+        sets = {c: part["support_ids"].tolist() for c, part in paper.groupby("class_name")}
+        fa = false_alarms(src, sets, normal_ids)
+        res[f"fp_k{k}"] = None if fa is None else round(100 * fa.image_rate, 1)
     return res
 
 
@@ -139,9 +146,10 @@ def run(name: str, params: Params, folds: list[int], untrained: str | None, sets
     row: dict[str, Any] = {"name": name, "sets": sets, "untrained": untrained, "folds": {}}
     if rescore:
         row["rescored"] = True
+        row["models_of"] = rescore["models_of"]
     t0 = time.perf_counter()
     for f in folds:
-        fold_dir = OUT / name / f"fold{f}"
+        fold_dir = OUT / (rescore or {}).get("models_of", name) / f"fold{f}"
         if rescore:
             predictor = Predictor.load(fold_dir / "model.pt")
             info = {k: v for k, v in rescore["folds"][str(f)].items()
@@ -156,18 +164,25 @@ def run(name: str, params: Params, folds: list[int], untrained: str | None, sets
             predictor = Predictor.load(r.model_path)
             info = {"best_step": r.best_step, "steps": r.steps, "best_val": round(100 * r.best_val_miou, 2),
                     "train_s": r.seconds}
+        if "presence_threshold" not in predictor.meta or rescore:  # rescored/untrained: calibrate as train() does
+            predictor.meta.update(_gate(params, f, predictor))
+        info["presence_threshold"] = predictor.presence_threshold
         row["folds"][f] = {**info, **score_fold(params, f, predictor),
                            "selection_classes": selection_classes(params, f)}
     row["seconds"] = round(time.perf_counter() - t0, 1)
     row["episodes"] = params.train.episodes
     folds_v = list(row["folds"].values())
-    mean = lambda get: round(float(np.mean([get(v) for v in folds_v])), 2)  # noqa: E731
+    def mean(get: Any) -> float | None:  # over the folds that have the figure (no Nd images: None)
+        vals = [x for x in (get(v) for v in folds_v) if x is not None]
+        return round(float(np.mean(vals)), 2) if vals else None
+
     row["mean"] = {
         "sel_k1": mean(lambda v: v["selection"]["k1"]), "sel_k5": mean(lambda v: v["selection"]["k5"]),
         "k1": mean(lambda v: v["k1"]["paper"]), "k5": mean(lambda v: v["k5"]["paper"]),
         "mis_k1": mean(lambda v: v["k1"]["mismatched"]), "mis_k5": mean(lambda v: v["k5"]["mismatched"]),
-        "fp_k1": mean(lambda v: v["fp_k1"] or 0.0),
-        "sel_fp_k1": mean(lambda v: v["selection"].get("fp_k1") or 0.0),
+        "fp_k1": mean(lambda v: v["fp_k1"]),
+        "sel_fp_k1": mean(lambda v: v["selection"].get("fp_k1")),
+        "fp_k5": mean(lambda v: v.get("fp_k5")),
     }
     if all("mis_k1" in v["selection"] for v in folds_v):
         for k in (1, 5):
@@ -189,13 +204,17 @@ def main() -> None:
     ap.add_argument("-S", dest="sets", action="append", default=[])
     ap.add_argument("--rescore", action="store_true",
                     help="score the models an earlier run of NAME left in bench/support/NAME/ again (same -S keys)")
+    ap.add_argument("--models-of", default=None, metavar="EARLIER",
+                    help="with --rescore: the models and -S keys of run EARLIER, plus this call's -S keys, "
+                         "scored as a new row NAME (e.g. a post-hoc presence gate)")
     a = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     earlier = None
     if a.rescore:
         rows = [json.loads(line) for line in (OUT / "runs.jsonl").read_text().splitlines() if line.strip()]
-        earlier = next(r for r in reversed(rows) if r["name"] == a.name)
-        a.sets = earlier["sets"]
+        source = a.models_of or a.name
+        earlier = {**next(r for r in reversed(rows) if r["name"] == source), "models_of": source}
+        a.sets = earlier["sets"] + (a.sets if a.models_of else [])
     params = _override(Path(a.params), a.sets)
     row = run(a.name, params, [int(f) for f in a.folds.split(",")], a.untrained, a.sets, earlier)
     print(json.dumps(row["mean"]), json.dumps({f: {k: v for k, v in d.items() if k != "per_class"}

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.inference import preprocess
+from pipeline.inference.gate import apply_gate
 from pipeline.inference.resolve import ModelSource, open_model
 
 
@@ -101,6 +102,13 @@ class Predictor:
         return _device_of(self.net)
 
     @property
+    def presence_threshold(self) -> float | None:
+        """The image-level presence gate ``tau`` (logit units) calibrated at training, ``None``: ungated
+        (model files written before the gate, or ``train.presence_budget: null``)."""
+        tau = self.meta.get("presence_threshold")
+        return None if tau is None else float(tau)
+
+    @property
     def version(self) -> str | None:
         """Registered model version, ``None`` when not from the registry."""
         return self.source.version
@@ -110,7 +118,7 @@ class Predictor:
         s = self.source
         return {"uri": s.uri, "registered_name": s.registered_name, "version": s.version, "alias": s.alias,
                 "run_id": s.run_id, "model": self.meta.get("model"), "backbone": self.meta.get("backbone"),
-                "image_size": self.image_size}
+                "image_size": self.image_size, "presence_threshold": self.presence_threshold}
 
     # ---- preprocessing + backbone ---------------------------------------------------------------
     def image_batch(self, images: Sequence[np.ndarray]) -> torch.Tensor:
@@ -161,10 +169,13 @@ class Predictor:
             query_feats: ``(B, Cb, h, w)``.
 
         Returns:
-            ``(B, 1, h, w)`` float32 logits (``net.forward_features`` asked for the feature grid size).
+            ``(B, 1, h, w)`` float32 logits (``net.forward_features`` asked for the feature grid size),
+            after the model file's presence gate (:func:`pipeline.training.gate.apply_gate`: a query
+            whose max logit is below :attr:`presence_threshold` gets no pixel > 0).
         """
-        return self.net.forward_features(support_feats, support_masks, query_feats,
-                                         tuple(query_feats.shape[-2:])).float()
+        logits = self.net.forward_features(support_feats, support_masks, query_feats,
+                                           tuple(query_feats.shape[-2:])).float()
+        return apply_gate(logits, self.presence_threshold)
 
     @staticmethod
     @torch.inference_mode()

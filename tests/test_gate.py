@@ -1,0 +1,125 @@
+"""Image-level presence gate (issue 11, false alarms): the decision, its calibration rule on the
+selection classes, and that train() stores it and every Predictor path applies it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from _train_data import load, shared_project
+
+
+def test_apply_gate_empties_only_the_queries_below_the_threshold():
+    from pipeline.inference.gate import ABSENT_LOGIT, apply_gate
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 1, 5, 5, generator=g)
+    logits[0] = logits[0] - logits[0].max() + 0.5   # max 0.5: below tau -> emptied
+    logits[1] = logits[1] - logits[1].max() + 3.0   # max 3.0: kept
+    logits[2] = logits[2] - logits[2].max() - 1.0   # max -1: nothing to empty
+    out = apply_gate(logits, 2.0)
+    assert not (out[0] > 0).any() and (out[0] <= ABSENT_LOGIT).all()
+    neg = logits[0] < ABSENT_LOGIT
+    assert torch.equal(out[0][neg], logits[0][neg])  # negative logits are left as they were
+    assert torch.equal(out[1], logits[1]) and torch.equal(out[2], logits[2])
+    assert apply_gate(logits, None) is logits
+
+
+def _scores():
+    from pipeline.training.gate import QueryScore
+
+    # class A: ungated 60/80; class B: ungated 40/80, its query b1 is a pure false alarm (I = 0)
+    return [QueryScore("A", 1.0, 10, 20, 15), QueryScore("A", 5.0, 50, 60, 55),
+            QueryScore("B", 2.0, 0, 30, 10), QueryScore("B", 8.0, 40, 50, 45)]
+
+
+def test_gated_miou_counts_a_gated_query_as_its_missed_truth():
+    from pipeline.training.gate import gated_miou
+
+    s = _scores()
+    assert gated_miou(s, None) == pytest.approx((60 / 80 + 40 / 80) / 2)
+    assert gated_miou(s, 2.0) == pytest.approx((50 / 75 + 40 / 80) / 2)       # a1 off: its 15 truth pixels missed
+    assert gated_miou(s, 5.0) == pytest.approx((50 / 75 + 40 / 60) / 2)       # b1 off too: its false alarm gone
+    assert gated_miou(s, 8.0) == pytest.approx((0 / 70 + 40 / 60) / 2)
+
+
+@pytest.mark.parametrize("budget, tau", [(0.0, 5.0), (1.0, 5.0), (29.0, 5.0), (30.0, 8.0), (None, None)])
+def test_calibrate_picks_the_largest_threshold_within_the_budget(budget, tau):
+    from pipeline.training.gate import calibrate
+
+    assert calibrate(_scores(), budget) == tau
+
+
+def test_calibrate_rejects_a_negative_budget_and_needs_scores():
+    from pipeline.training.gate import calibrate
+
+    with pytest.raises(ValueError, match="presence budget must be >= 0"):
+        calibrate(_scores(), -1.0)
+    assert calibrate([], 1.0) is None
+
+
+@pytest.fixture(scope="module")
+def gated(tmp_path_factory):
+    """A tiny real LERENet training on fold 0 with ``train.presence_budget: 1.0``."""
+    from pipeline.features import build_feature_store
+    from pipeline.train import train
+
+    pf = shared_project(tmp_path_factory)
+    params = load(pf, train={"presence_budget": 1.0})
+    build_feature_store(params, progress=False)
+    out = tmp_path_factory.mktemp("gated")
+    res = train(params, 0, "lerenet", out_dir=out / "m", checkpoint_file=out / "s.pt", curve_file=out / "c.csv",
+                track=False, progress=False)
+    return params, res
+
+
+def test_training_stores_the_calibrated_threshold_and_predictor_reads_it(gated):
+    from pipeline.checkpoint import load_model
+    from pipeline.inference.predictor import Predictor
+
+    params, res = gated
+    _, meta = load_model(res.model_path)
+    assert isinstance(meta["presence_threshold"], float) and meta["presence_budget"] == 1.0
+    run = json.loads(res.run_json.read_text())
+    assert run["presence_threshold"] == meta["presence_threshold"]
+    pred = Predictor.load(res.model_path)
+    assert pred.presence_threshold == meta["presence_threshold"]
+    assert pred.describe()["presence_threshold"] == meta["presence_threshold"]
+
+
+def test_no_budget_means_no_gate(tmp_path_factory):
+    from pipeline.checkpoint import load_model
+    from pipeline.train import train
+
+    params = load(shared_project(tmp_path_factory))
+    assert params.train.presence_budget is None
+    out = tmp_path_factory.mktemp("ungated")
+    res = train(params, 0, "prototype", out_dir=out / "m", checkpoint_file=out / "s.pt", curve_file=out / "c.csv",
+                track=False, progress=False)
+    assert load_model(res.model_path)[1]["presence_threshold"] is None
+
+
+def test_predictor_segment_applies_the_gate_of_its_model_file(gated):
+    """The one inference path (predict, serving, evaluation): a query whose max logit is below tau
+    gets an empty mask; at a tau below its max the mask is the ungated one."""
+    from pipeline.images import load_validated, read_image, read_mask, resolve
+    from pipeline.inference.predictor import Predictor
+
+    params, res = gated
+    rows = load_validated(params.data.dir, kind="defect")
+    rows = rows[rows["class_name"] == sorted(rows["class_name"])[0]].head(2)
+    img = [read_image(resolve(params.data.dir, p)) for p in rows["image_path"]]
+    msk = [read_mask(resolve(params.data.dir, p), params.data.mask_threshold) for p in rows["mask_path"]]
+    pred = Predictor.load(res.model_path)
+    pred.meta["presence_threshold"] = None
+    support = pred.encode_support(img[:1], msk[:1])
+    raw = pred.predict_logits(support, img[1:])[0]
+    assert (raw > 0).any(), "the ungated prediction must mark pixels for this check to mean anything"
+    top = float(pred.head(support.feats, support.masks, pred.encode_images(img[1:])).max())
+    pred.meta["presence_threshold"] = top + 1.0
+    assert not (pred.segment(img[:1], msk[:1], img[1]) > 0).any()
+    pred.meta["presence_threshold"] = top - 1.0
+    assert np.array_equal(pred.predict_logits(support, img[1:])[0], raw)
