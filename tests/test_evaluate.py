@@ -252,7 +252,7 @@ def test_plots_write_pngs_and_reject_bad_input(tmp_path):
     img = np.zeros((6, 8, 3), np.uint8)
     m = np.zeros((6, 8), bool)
     m[2:4, 3:5] = True
-    assert overlay(img, m, (1.0, 0.0, 0.0))[3, 4, 0] == pytest.approx(0.5)
+    assert overlay(img, m, (1.0, 0.0, 0.0), alpha=0.5)[3, 4, 0] == pytest.approx(0.5)
     with pytest.raises(ValueError, match="size"):
         overlay(img, np.zeros((5, 8), bool), (1.0, 0.0, 0.0))
     p = overlay_grid([OverlayEpisode("A", [img], [m], img, m, m, 1.0)], tmp_path / "g.png")

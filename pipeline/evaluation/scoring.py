@@ -13,6 +13,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -156,5 +157,6 @@ def overlay_items(table: Any, episodes: pd.DataFrame, kept: dict[int, torch.Tens
             support_images=[table.image(s) for s in row.support_ids],
             support_masks=[table.mask(s) for s in row.support_ids],
             query_image=table.image(row.query_id), truth=gt.numpy(), pred=kept[j].numpy(),
-            iou=(i / u) if u else 1.0))
+            iou=(i / u) if u else 1.0, query_id=Path(str(table.row(row.query_id).image_path)).stem,
+            support_class=getattr(row, "support_class", None)))
     return items

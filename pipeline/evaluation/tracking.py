@@ -29,6 +29,15 @@ def logged_model_name(fold: int, model: str) -> str:
     return f"fold{fold}-{model}"
 
 
+def sheet_title(model: str, fold: int, tag: str) -> str:
+    """Title of an overlay sheet, e.g. ``sheet_title("lerenet", 0, "k1_paper")`` ->
+    ``"lerenet, fold 0 (novel classes): K=1, paper episodes"``."""
+    k, _, protocol = tag.partition("_")
+    shots = k[1:] if k.startswith("k") and k[1:].isdigit() else k
+    what = "mismatched-support control episodes" if protocol == MISMATCHED else f"{protocol} episodes"
+    return f"{model}, fold {fold} (novel classes): K={shots}, {what}"
+
+
 def flat_metrics(metrics: ModelMetrics) -> dict[str, float]:
     """Flatten a model's metrics to MLflow metric names, e.g. ``test_k1_paper_miou``,
     ``test_k5_standard_miou_mean``, ``test_k1_mismatched_miou``, ``test_k1_support_gain``,
@@ -100,7 +109,7 @@ def log_evaluation(params: Params, fold: int, name: str, res: ModelResult) -> No
             if series:
                 per_class_bar(series, tmpd / "per_class_iou.png", f"{name} fold {fold}: per-class IoU")
             for tag, items in res.overlays.items():
-                overlay_grid(items, tmpd / f"overlays_{tag}.png", f"{name} fold {fold} {tag}")
+                overlay_grid(items, tmpd / f"overlays_{tag}.png", sheet_title(name, fold, tag))
             mlflow.log_artifacts(str(tmpd), artifact_path="evaluation")
         if params.evaluate.log_pyfunc:
             from pipeline.serving.pyfunc import log_pyfunc
