@@ -35,6 +35,8 @@ CELLS_JSON = "registry/cv_cells.json"
 CELLS_MD = "registry/cv_cells.md"
 HEADLINE_PROTOCOL = "paper"
 CELLS_TAG = "cv.cells"
+#: artifact folder of the pictures logged onto the register and production runs (pipeline.champion_pictures)
+PICTURES_DIR = "pictures"
 
 
 # ---------------------------------------------------------------------------------------- cells
@@ -215,6 +217,9 @@ def version_description(params: Params, version: str, tags: Mapping[str, str], d
         where = f"[the register run's artifacts]({link})" if link else "the register run"
         out.append(f"- Per-fold cells and episode hashes: `{CELLS_MD}` / `{CELLS_JSON}` in {where} "
                    f"(`runs:/{run_id}/{CELLS_JSON}`)")
+        out.append(f"- Pictures (cross-validation on novel classes): `{PICTURES_DIR}/per_class_iou.png` and the "
+                   f"overlay sheets `{PICTURES_DIR}/fold<f>/overlays_k<K>_paper.png` (support, query, truth, "
+                   f"prediction) in {where} and in the production model's training run")
     uri = f"models:/{name}/{version}"
     out += ["", "**Use it** (or `models:/" + name + "@champion` for whichever version is champion):", "", "```bash",
             f"lerenet predict --model {uri} --support-dir DEFECT_CLASS_DIR --shots-limit 5 \\",

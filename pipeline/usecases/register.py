@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,8 @@ from typing import Any
 from pipeline.config import PRODUCTION_MODEL, Params
 from pipeline.layout import Layout
 from pipeline.storage import StorageError
+
+log = logging.getLogger(__name__)
 
 
 class ModelCardError(StorageError):
@@ -38,8 +41,23 @@ def register_production(params: Params, model_name: str = PRODUCTION_MODEL, chec
     ckpt = Path(checkpoint) if checkpoint is not None else Layout.of(params).model_file(None, model_name)
     cells = registry.collect_cv_cells(params, model_name)
     version = registry.register(params, ckpt, cells, model_name=model_name, extra_tags=extra_tags)
+    log_pictures(params, version, model_name)
     describe_pipeline_run(params, model_name, version)
     return version
+
+
+def log_pictures(params: Params, version: str, model_name: str = PRODUCTION_MODEL) -> list[str]:
+    """Best effort: the cross-validation pictures onto the version's register run and the production training
+    run (:func:`pipeline.champion_pictures.log_champion_pictures`); returns the artifact paths logged. A
+    failure is logged as a warning and changes nothing else: the version and its metrics stand without them."""
+    from pipeline.champion_pictures import log_champion_pictures
+
+    try:
+        return log_champion_pictures(params, version, model_name).artifacts
+    except Exception as exc:  # noqa: BLE001 -- pictures are documentation; registration must not fail on them
+        log.warning("%s v%s: pictures not logged onto its runs (%s: %s)", params.mlflow.registered_model, version,
+                    type(exc).__name__, exc)
+        return []
 
 
 def cv_table(params: Params) -> dict[str, dict[str, float]]:
