@@ -13,12 +13,12 @@ What it does:
    tracking database (``mlflow.tracking_uri`` of ``params.yaml``), and stops it at the end;
 2. runs ``dvc plots show`` in the project (to a temporary folder) and takes the latest GX validation page
    of ``data/validation/docs``;
-3. shoots, 1400 px wide: ``mlflow_registered_model.png`` (the model and its description),
+3. shoots (MLflow pages 1800 px wide, since MLflow 3.17 opens its Assistant panel on the right): ``mlflow_registered_model.png`` (the model and its description),
    ``mlflow_model_version.png`` (the champion version: description, decision, tags),
    ``mlflow_champion_run_pictures.png`` (the champion's register run showing
    ``pictures/fold0/overlays_k1_paper.png``), ``mlflow_champion_run_chart.png``
    (``pictures/per_class_iou.png``), ``dvc_plots.png`` and ``gx_data_docs.png``;
-4. shrinks a PNG over ``--max-kb`` (default 300) by quantising it to 256 colours, then by scaling it down.
+4. shrinks a PNG over ``--max-kb`` (default 290 KiB, under 300 kB): scaled down to 1200 px wide, then quantised (:func:`shrink`).
 
 Needs ``chromium`` (Debian: ``apt-get install -y chromium``). The DVC plots page and the Data Docs load
 Vega, Bootstrap, jQuery and Font Awesome from CDNs; offline those assets are missing (no plots, unstyled
@@ -147,17 +147,23 @@ def shoot(chromium: str, url: str, out: Path, width: int = 1400, height: int = 1
     return ok
 
 
-def shrink(path: Path, max_kb: int) -> None:
-    """Keep ``path`` under ``max_kb`` KiB: quantise to 256 colours, then scale down by 0.85 until it fits."""
+def shrink(path: Path, max_kb: int, min_width: int = 1200) -> None:
+    """Keep ``path`` under ``max_kb`` KiB: scale it down (factor 0.85 a step, true colour) to ``min_width``,
+    then, if still too big, quantise it to 256 colours (fast octree: keeps the overlay colours) and go on
+    scaling down."""
     from PIL import Image
 
     if path.stat().st_size <= max_kb * 1024:
         return
     img = Image.open(path).convert("RGB")
+    quantise = False
     while True:
-        img.quantize(256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
-        if path.stat().st_size <= max_kb * 1024 or img.width < 600:
+        (img.quantize(256, method=Image.Quantize.FASTOCTREE) if quantise else img).save(path, optimize=True)
+        if path.stat().st_size <= max_kb * 1024 or img.width < 500:
             return
+        if not quantise and img.width * 0.85 < min_width:
+            quantise = True
+            continue
         img = img.resize((int(img.width * 0.85), int(img.height * 0.85)), Image.Resampling.LANCZOS)
 
 
@@ -198,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--assets", type=Path, default=Path.home() / ".cache" / "lerenet" / "web-assets",
                     help="local copies of the CDN assets (npm packages)")
     ap.add_argument("--no-fetch", action="store_true", help="do not run npm pack for missing CDN assets")
-    ap.add_argument("--max-kb", type=int, default=300, help="largest PNG to keep (KiB)")
+    ap.add_argument("--max-kb", type=int, default=290, help="largest PNG to keep (KiB; 290 KiB < 300 kB)")
     ap.add_argument("--wait-ms", type=int, default=15000, help="page time before each screenshot")
     args = ap.parse_args(argv)
 
@@ -230,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
                     ("mlflow_model_version.png", f"{base}/models/{name}/versions/{version}", 1400),
                     ("mlflow_champion_run_pictures.png", f"{run}/{PICTURES_DIR}/fold0/overlays_k1_paper.png", 1200),
                     ("mlflow_champion_run_chart.png", f"{run}/{PICTURES_DIR}/per_class_iou.png", 900)]:
-                ok.append(shoot(chromium, url, args.out / file, height=height, wait_ms=args.wait_ms))
+                # 1800 px wide: MLflow 3.17 opens its "MLflow Assistant" panel on the right (~25 % of the width)
+                ok.append(shoot(chromium, url, args.out / file, width=1800, height=height, wait_ms=args.wait_ms))
         finally:
             os.killpg(server.pid, 15)
             server.wait(timeout=60)
