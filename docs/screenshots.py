@@ -168,6 +168,7 @@ def shrink(path: Path, max_kb: int, min_width: int = 1200) -> None:
 
 
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for the MLflow UI)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
