@@ -241,6 +241,19 @@ class ServeParams(_Section):
     max_request_bytes: int = Field(32 * 1024 * 1024, gt=0, le=2**31 - 1, strict=True)
 
 
+class ClassesParams(_Section):
+    """The store of defect classes by name (``lerenet classes add|list|show|remove``;
+    ``pipeline/classes_store.py``, format in ``pipeline/serving/class_sets.py``).
+
+    ``dir``: the class store folder, one sub-folder per class (relative paths against the params
+    file's folder). Serve it with ``SERVING_MODEL_CONFIG='{"class_store": "<dir>"}'`` or
+    ``LERENET_CLASS_STORE=<dir>`` (``docs/inference.md``). Not a training setting: excluded from
+    ``params_hash``.
+    """
+
+    dir: Path = Path("classes")
+
+
 _IANA = functools.cache(lambda: frozenset(__import__("zoneinfo").available_timezones()))
 
 
@@ -370,6 +383,7 @@ class Params(_Section):
     evaluate: EvaluateParams = EvaluateParams()
     mlflow: MlflowParams = MlflowParams()
     serve: ServeParams = ServeParams()
+    classes: ClassesParams = ClassesParams()
     retrain: RetrainParams = RetrainParams()
     services: ServicesParams = ServicesParams()
     distributed: DistributedParams = DistributedParams()
@@ -400,6 +414,7 @@ class Params(_Section):
             object.__setattr__(self, "model", self.model.model_copy(update={"weights": res(self.model.weights)}))
         object.__setattr__(self, "services", self.services.model_copy(
             update={"state_dir": res(self.services.state_dir)}))
+        object.__setattr__(self, "classes", self.classes.model_copy(update={"dir": res(self.classes.dir)}))
         return self
 
     # ---- derived views -------------------------------------------------
