@@ -266,3 +266,41 @@ def test_store_from_config_and_env(tmp_path):
     assert C.store_from_config({}, env={C.STORE_ENV: str(tmp_path)}) == tmp_path
     assert C.store_from_config(None, env={}) is None
 
+
+
+# ----------------------------------------------------------------------------- S3 (real SeaweedFS)
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A real SeaweedFS with the models bucket (``lerenet services up --only seaweedfs``); stopped at the end."""
+    from pipeline import services as svc
+    from _s3_server import services_params
+
+    sparams = services_params(tmp_path_factory.mktemp("s3state"))
+    keys = {"AWS_ACCESS_KEY_ID": "lerenet-test-key", "AWS_SECRET_ACCESS_KEY": "lerenet-test-secret-0123456789"}
+    svc.up(sparams, ["seaweedfs"], env=keys)
+    creds = svc.ensure_credentials(sparams, keys)
+    store = svc.local_store(sparams, creds, max_attempts=2, connect_timeout=1.0, read_timeout=10.0)
+    try:
+        yield {"LERENET_S3_ENDPOINT_URL": svc.s3_endpoint(sparams), **keys, **ENV}, store
+    finally:
+        svc.down(sparams)
+
+
+def test_add_uploads_versioned_objects_and_remove_drops_the_pointer(params, work, s3):
+    env, s3store = s3
+    bucket = params.services.models_bucket
+    src = pairs(work, "Steel_In", 2)
+    info = add_class(params, "Steel_In", src, env=env)
+    assert info.uploaded[-1] == f"s3://{bucket}/classes/Steel_In/latest.json"
+    rec = json.loads(s3store.get_bytes(bucket, "classes/Steel_In/v1/class.json"))
+    assert rec == info.record
+    for s in rec["supports"]:  # the objects are the stored files
+        assert hashlib.sha256(s3store.get_bytes(bucket, f"classes/Steel_In/v1/{s['image']}")).hexdigest() == s["image_sha256"]
+        assert hashlib.sha256(s3store.get_bytes(bucket, f"classes/Steel_In/v1/{s['mask']}")).hexdigest() == s["mask_sha256"]
+    add_class(params, "Steel_In", src[:1], replace=True, env=env)
+    latest = json.loads(s3store.get_bytes(bucket, "classes/Steel_In/latest.json"))
+    assert latest["version"] == 2 and latest["prefix"] == "classes/Steel_In/v2/"
+    assert s3store.exists(bucket, "classes/Steel_In/v1/class.json")  # versions are kept
+    remove_class(params, "Steel_In", env=env)
+    assert not s3store.exists(bucket, "classes/Steel_In/latest.json")
+    assert s3store.exists(bucket, "classes/Steel_In/v2/class.json")
