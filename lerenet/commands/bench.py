@@ -17,8 +17,10 @@ def bench_cmd(
     only: list[str] = typer.Option(None, "--only", help="run only this case (repeatable): train, inference, "
                                    "ingest, overhead, serving"),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
-    repeats: int = typer.Option(None, "--repeats", min=1, help="timed repeats of train/inference (default: preset)"),
-    warmup: int = typer.Option(None, "--warmup", min=0, help="warm-up runs of train/inference (default: preset)"),
+    repeats: int = typer.Option(None, "--repeats", min=1, help="timed repeats of train/inference/serving "
+                                 "(default: preset)"),
+    warmup: int = typer.Option(None, "--warmup", min=0, help="warm-up runs of train/inference/serving "
+                                "(default: preset)"),
     workers: int = typer.Option(None, "--workers", min=0, help="DataLoader workers of the image-based training case "
                                 "(default: params train.num_workers)"),
     threads: int = typer.Option(None, "--threads", min=1, help="torch CPU threads of the in-process cases "

@@ -232,10 +232,10 @@ def run_bench(params: Params, *, cases: Sequence[str] | None = None, preset: str
 def with_overrides(settings: Settings, *, repeats: int | None = None, warmup: int | None = None,
                    **changes: Any) -> Settings:
     """``settings`` with the non-``None`` ``changes`` applied (CLI flags). ``repeats``/``warmup`` set
-    both the train and the inference counts."""
+    the train, inference and serving counts."""
     if repeats is not None:
-        changes.update(train_repeats=repeats, infer_repeats=repeats)
+        changes.update(train_repeats=repeats, infer_repeats=repeats, serve_repeats=repeats)
     if warmup is not None:
-        changes.update(train_warmup=warmup, infer_warmup=warmup)
+        changes.update(train_warmup=warmup, infer_warmup=warmup, serve_warmup=warmup)
     changes = {k: v for k, v in changes.items() if v is not None}
     return replace(settings, **changes) if changes else settings
