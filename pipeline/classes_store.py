@@ -247,7 +247,7 @@ def _s3_configured(env: Mapping[str, str]) -> bool:
     return s3_configured(env)
 
 
-def s3_keys(name: str, version: int) -> str:
+def s3_prefix(name: str, version: int) -> str:
     """Key prefix of version ``version`` of class ``name``: ``classes/<name>/v<version>/``."""
     return f"{S3_PREFIX}/{name}/v{version}/"
 
@@ -256,7 +256,7 @@ def _upload(params: Params, folder: Path, record: dict[str, Any], env: Mapping[s
     from pipeline.storage import S3Store
 
     store, bucket = S3Store.from_params(params, env), params.services.models_bucket
-    prefix = s3_keys(record["name"], record["version"])
+    prefix = s3_prefix(record["name"], record["version"])
     uris = [store.put_file(bucket, prefix + s[key], folder / s[key])
             for s in record["supports"] for key in ("image", "mask")]
     uris.append(store.put_json(bucket, prefix + RECORD, record))
@@ -266,7 +266,8 @@ def _upload(params: Params, folder: Path, record: dict[str, Any], env: Mapping[s
 def _point_latest(params: Params, record: dict[str, Any], env: Mapping[str, str]) -> str:
     from pipeline.storage import S3Store
 
-    pointer = {"name": record["name"], "version": record["version"], "prefix": s3_keys(record["name"], record["version"]),
+    pointer = {"name": record["name"], "version": record["version"],
+               "prefix": s3_prefix(record["name"], record["version"]),
                "fingerprint": fingerprint(record), "created": record["created"], "created_by": record["created_by"]}
     return S3Store.from_params(params, env).put_json(params.services.models_bucket,
                                                       f"{S3_PREFIX}/{record['name']}/latest.json", pointer)

@@ -25,8 +25,10 @@ Two transports, each timed request by request, the two request kinds alternating
   --workers 1`` on a free loopback port, ``LERENET_CLASS_STORE`` pointing at the class; the client
   (``httpx``, bodies serialised beforehand) runs on the same machine.
 
-Figures: queries/s per request kind (``serve_queries`` / seconds per request), and the per-repeat
-speed-up supports-per-row / by-class. One warm-up request of each kind first (the by-class warm-up
+Figures: queries/s per request kind (``serve_queries`` / wall seconds per request), the per-repeat
+speed-up supports-per-row / by-class, and CPU milliseconds per query (user + system time of the
+process doing the work: this one in-process, the server's process tree over HTTP -- on a shared
+machine a much steadier figure than wall time). One warm-up request of each kind first (the by-class warm-up
 fills the cache: the timed by-class requests are cache hits, as in production).
 """
 
@@ -103,27 +105,62 @@ def _model_file(ctx: Any, path: Path) -> Path:
     return path
 
 
-def _time_pair(by_class: Any, per_row: Any, warmup: int, repeats: int) -> tuple[list[float], list[float]]:
+def _time_pair(by_class: Any, per_row: Any, warmup: int, repeats: int, cpu: Any = time.process_time
+               ) -> tuple[list[float], list[float], list[float], list[float]]:
+    """Wall and CPU seconds of ``repeats`` calls of each, alternating, after ``max(warmup, 1)`` warm-up
+    calls of each: ``(wall by_class, wall per_row, cpu by_class, cpu per_row)``; ``cpu()`` reads the CPU
+    seconds of whoever does the work (this process, or the server's process tree)."""
     for _ in range(max(warmup, 1)):
         by_class()
         per_row()
-    t_c, t_r = [], []
+    t_c, t_r, c_c, c_r = [], [], [], []
     for _ in range(repeats):  # alternate, so both see the same machine state
-        for fn, out in ((by_class, t_c), (per_row, t_r)):
-            t0 = time.perf_counter()
+        for fn, wall, cpus in ((by_class, t_c, c_c), (per_row, t_r, c_r)):
+            c0, t0 = cpu(), time.perf_counter()
             fn()
-            out.append(time.perf_counter() - t0)
-    return t_c, t_r
+            wall.append(time.perf_counter() - t0)
+            cpus.append(cpu() - c0)
+    return t_c, t_r, c_c, c_r
 
 
-def _rows(transport: str, n: int, t_c: list[float], t_r: list[float]) -> list[dict[str, Any]]:
-    return [{"label": f"{transport}, class by name (cached): queries/s", **summarize([n / t for t in t_c], "queries/s").as_dict()},
-            {"label": f"{transport}, supports per row: queries/s", **summarize([n / t for t in t_r], "queries/s").as_dict()},
-            {"label": f"{transport}: speed-up of the class by name", **ratio_stats(t_r, t_c).as_dict()}]
+def _tree_cpu(pid: int) -> Any:
+    """A callable returning the CPU seconds (user + system) of process ``pid`` and its descendants."""
+    import psutil
+
+    root = psutil.Process(pid)
+
+    def total() -> float:
+        secs = 0.0
+        for p in [root, *root.children(recursive=True)]:
+            try:
+                t = p.cpu_times()
+                secs += t.user + t.system
+            except psutil.NoSuchProcess:
+                pass
+        return secs
+
+    return total
+
+
+def _rows(transport: str, n: int, times: tuple[list[float], list[float], list[float], list[float]]
+          ) -> list[dict[str, Any]]:
+    t_c, t_r, c_c, c_r = times
+
+    def qps(wall: list[float]) -> dict[str, Any]:
+        return summarize([n / t for t in wall], "queries/s").as_dict()
+
+    def cpu_ms(cpu: list[float]) -> dict[str, Any]:
+        return summarize([1000 * c / n for c in cpu], "CPU ms/query").as_dict()
+
+    return [{"label": f"{transport}, class by name (cached): queries/s", **qps(t_c)},
+            {"label": f"{transport}, supports per row: queries/s", **qps(t_r)},
+            {"label": f"{transport}: speed-up of the class by name", **ratio_stats(t_r, t_c).as_dict()},
+            {"label": f"{transport}, class by name (cached): CPU ms/query", **cpu_ms(c_c)},
+            {"label": f"{transport}, supports per row: CPU ms/query", **cpu_ms(c_r)}]
 
 
 def _in_process(checkpoint: Path, store: Path, frames: tuple[Any, Any], warmup: int, repeats: int
-                ) -> tuple[list[float], list[float], dict[str, int]]:
+                ) -> tuple[tuple[list[float], ...], dict[str, int]]:
     from mlflow.pyfunc import PythonModelContext
 
     from pipeline.serving.class_sets import CONFIG_KEY
@@ -133,9 +170,9 @@ def _in_process(checkpoint: Path, store: Path, frames: tuple[Any, Any], warmup: 
     model.load_context(PythonModelContext(artifacts={"checkpoint": str(checkpoint)},
                                           model_config={CONFIG_KEY: str(store)}))
     by_class, per_row = frames
-    t_c, t_r = _time_pair(lambda: model.predict(None, by_class), lambda: model.predict(None, per_row), warmup, repeats)
+    times = _time_pair(lambda: model.predict(None, by_class), lambda: model.predict(None, per_row), warmup, repeats)
     c = model.classes
-    return t_c, t_r, {"cache_hits": c.hits, "cache_misses": c.misses}
+    return times, {"cache_hits": c.hits, "cache_misses": c.misses}
 
 
 def _free_port() -> int:
@@ -158,7 +195,7 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def _http(work: Path, checkpoint: Path, store: Path, bodies: tuple[bytes, bytes], warmup: int, repeats: int,
-          timeout: float = 240.0) -> tuple[list[float], list[float], dict[str, Any]]:
+          timeout: float = 240.0) -> tuple[tuple[list[float], ...], dict[str, Any]]:
     import httpx
 
     from pipeline.serving.class_sets import STORE_ENV
@@ -203,10 +240,10 @@ def _http(work: Path, checkpoint: Path, store: Path, bodies: tuple[bytes, bytes]
                 if r.status_code != 200:
                     raise ServeBenchError(f"HTTP {r.status_code}: {r.text[-1000:]}")
 
-            t_c, t_r = _time_pair(lambda: post(bodies[0]), lambda: post(bodies[1]), warmup, repeats)
+            times = _time_pair(lambda: post(bodies[0]), lambda: post(bodies[1]), warmup, repeats, _tree_cpu(proc.pid))
     finally:
         _stop(proc)
-    return t_c, t_r, {"model_uri": model_uri, "log_seconds": round(log_s, 1), "server_start_seconds": round(start_s, 1),
+    return times, {"model_uri": model_uri, "log_seconds": round(log_s, 1), "server_start_seconds": round(start_s, 1),
                       "request_bytes_by_class": len(bodies[0]), "request_bytes_supports_per_row": len(bodies[1])}
 
 
@@ -231,8 +268,8 @@ def run(ctx: Any) -> dict[str, Any]:
     per_row = {"columns": ["support_images", "support_masks", "query_image"], "data": [[s_img, s_msk, q] for q in q64]}
     frames = tuple(pd.DataFrame(d["data"], columns=d["columns"]) for d in (by_class, per_row))
     n = len(queries)
-    t_c, t_r, cache = _in_process(checkpoint, store, frames, s.serve_warmup, s.serve_repeats)
-    rows = _rows("in-process pyfunc", n, t_c, t_r)
+    times, cache = _in_process(checkpoint, store, frames, s.serve_warmup, s.serve_repeats)
+    rows = _rows("in-process pyfunc", n, times)
     info: dict[str, Any] = {"model": "lerenet", "backbone": ctx.params.model.backbone,
                             "channels": ctx.params.model.channels, "image_size": s.image_size, "shots": s.shots,
                             "class": s.serve_class, "queries_per_request": n, "warmup_requests": max(s.serve_warmup, 1),
@@ -241,7 +278,7 @@ def run(ctx: Any) -> dict[str, Any]:
                                      "network, upsampling, PNG encoding of each mask (+ HTTP and JSON for http)"}
     if s.serve_http:
         bodies = tuple(json.dumps({"dataframe_split": d}).encode() for d in (by_class, per_row))
-        t_c, t_r, http = _http(work, checkpoint, store, bodies, s.serve_warmup, s.serve_repeats)
-        rows += _rows("HTTP mlflow models serve", n, t_c, t_r)
+        times, http = _http(work, checkpoint, store, bodies, s.serve_warmup, s.serve_repeats)
+        rows += _rows("HTTP mlflow models serve", n, times)
         info["http"] = http
     return {"rows": rows, "info": info}

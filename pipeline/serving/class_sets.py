@@ -137,7 +137,8 @@ def _decode(data: bytes, where: Path) -> Image.Image:
         im.load()
         return im
     except Exception as exc:  # noqa: BLE001 -- Pillow raises several types for bad files
-        raise ClassSetError(f"{where}: not a decodable PNG, JPEG, BMP or TIFF file ({exc}); add the class again") from None
+        raise ClassSetError(f"{where}: not a decodable PNG, JPEG, BMP or TIFF file ({exc}); "
+                            "add the class again") from None
 
 
 def load_class(store: str | os.PathLike[str], name: str,

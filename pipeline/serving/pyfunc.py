@@ -118,14 +118,16 @@ class SegmenterPyfunc(_PythonModel):  # type: ignore[misc,valid-type]
             rows: list[tuple | None] = [None] * len(model_input)
             by_class: dict[str, list[int]] = {}
             parsed = parse_rows(model_input)
-            for i, (name, supports, q) in enumerate(parsed):
+            for i, (name, _, _) in enumerate(parsed):
                 if name is not None:
                     by_class.setdefault(name, []).append(i)
-                    continue
-                support = self.predictor.encode_support(*supports)
-                rows[i] = _output(self.predictor.predict_probabilities(support, [q])[0])
+            stored = {name: self.classes.get(name, self.predictor)[0] for name in by_class}  # unknown class: fail early
+            for i, (name, supports, q) in enumerate(parsed):
+                if name is None:
+                    support = self.predictor.encode_support(*supports)
+                    rows[i] = _output(self.predictor.predict_probabilities(support, [q])[0])
             for name, idx in by_class.items():  # a stored class: cached support set, its queries batched
-                support, _ = self.classes.get(name, self.predictor)
+                support = stored[name]
                 for start in range(0, len(idx), CLASS_BATCH):
                     chunk = idx[start:start + CLASS_BATCH]
                     probs = self.predictor.predict_probabilities(support, [parsed[i][2] for i in chunk])
