@@ -243,7 +243,8 @@ class SupportCache:
                 :class:`~pipeline.inference.predictor.Predictor` (encodes on a miss).
 
         Raises:
-            ClassSetError: no store configured, or as :func:`read_record` / :func:`load_class`.
+            ClassSetError: no store configured, or as :func:`read_record` / :func:`load_class` (a class
+                replaced while its files are read is read again once before this is raised).
         """
         if self.store is None:
             raise ClassSetError(f"class {name!r}: this server has no class store; start it with "
@@ -257,7 +258,12 @@ class SupportCache:
                 self._entries.move_to_end(name)
                 self.hits += 1
                 return entry.support, record
-            images, masks, record = load_class(self.store, name, record)
+            try:
+                images, masks, record = load_class(self.store, name, record)
+            except ClassSetError:  # replaced between reading the record and its files: read both again, once
+                record = read_record(self.store, name)
+                fp = fingerprint(record)
+                images, masks, record = load_class(self.store, name, record)
             support = predictor.encode_support(images, masks)
             self.misses += 1
             self._entries[name] = _Entry(self.model_key, fp, support, record.get("version"))
