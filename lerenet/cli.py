@@ -11,7 +11,7 @@ import pkgutil
 from lerenet import commands
 from lerenet.app import app
 
-PIPELINE_ORDER = ("data", "train", "evaluate", "flows", "predict", "services", "bench", "model_info")
+PIPELINE_ORDER = ("data", "train", "evaluate", "flows", "predict", "classes", "services", "bench", "model_info")
 """Command modules in the order their commands are registered (within a panel, the order they are listed)."""
 
 for _name in (*PIPELINE_ORDER, *sorted(m.name for m in pkgutil.iter_modules(commands.__path__))):

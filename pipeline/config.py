@@ -67,14 +67,12 @@ class _Section(BaseModel):
 class DataParams(_Section):
     """Where data comes from and how masks are read.
 
-    ``mask_threshold``: defect where mask value > threshold, in 0..254 (8-bit masks).
-    ``soft_tolerance``: a pixel is "soft" (neither near 0 nor near 255) if
-    ``tol < v < 255 - tol``. ``max_soft_fraction``: masks above it are rejected as
-    not binarisable. ``near_duplicate_distance``: perceptual-hash Hamming distance
-    (64-bit pHash) at or below which two images are near-duplicates.
-    ``near_duplicate_allow``: reviewed pairs of defect images (paths relative to the
-    source root, ``<Class>/Images/<file>``) that are near-duplicates across classes
-    and are accepted anyway (validation reports them instead of failing).
+    ``mask_threshold``: defect where mask value > threshold, in 0..254 (8-bit masks). ``soft_tolerance``: a pixel
+    is "soft" (neither near 0 nor near 255) if ``tol < v < 255 - tol``. ``max_soft_fraction``: masks above it are
+    rejected as not binarisable. ``near_duplicate_distance``: perceptual-hash Hamming distance (64-bit pHash) at or
+    below which two images are near-duplicates. ``near_duplicate_allow``: reviewed pairs of defect images (paths
+    relative to the source root, ``<Class>/Images/<file>``) that are near-duplicates across classes and are
+    accepted anyway (validation reports them instead of failing).
     """
 
     source: Path
@@ -230,15 +228,19 @@ class MlflowParams(_Section):
 class ServeParams(_Section):
     """Limits of the model served over REST (``mlflow models serve``; ``docs/inference.md``).
 
-    ``max_request_bytes``: bytes of base64 image data (all supports, masks and queries) one request
-    may carry, checked before anything is decoded. Stored in every logged pyfunc's ``model_config``
-    (``pipeline.serving.pyfunc.log_pyfunc``); a server overrides it with
-    ``SERVING_MODEL_CONFIG='{"max_request_bytes": N}'``. Default 32 MiB
-    (= ``pipeline.serving.limits.DEFAULT_MAX_REQUEST_BYTES``). Not a training setting: excluded from
-    ``params_hash``.
-    """
+    ``max_request_bytes``: bytes of base64 image data (all supports, masks and queries) one request may carry,
+    checked before anything is decoded; stored in each logged pyfunc's ``model_config`` (``log_pyfunc``), overridden
+    when serving by ``SERVING_MODEL_CONFIG='{"max_request_bytes": N}'``. Default 32 MiB (= ``serving.limits.
+    DEFAULT_MAX_REQUEST_BYTES``). Not a training setting: excluded from ``params_hash``."""
 
     max_request_bytes: int = Field(32 * 1024 * 1024, gt=0, le=2**31 - 1, strict=True)
+
+
+class ClassesParams(_Section):
+    """``dir``: the store of defect classes by name (``lerenet classes``, ``pipeline/classes_store.py``), one folder
+    per class; served with ``LERENET_CLASS_STORE=<dir>`` (docs/inference.md). Excluded from ``params_hash``."""
+
+    dir: Path = Path("classes")
 
 
 _IANA = functools.cache(lambda: frozenset(__import__("zoneinfo").available_timezones()))
@@ -303,12 +305,10 @@ class DistributedParams(_Section):
 class ServicesParams(_Section):
     """Local team services started by ``lerenet services up`` (see ``pipeline/services/``).
 
-    SeaweedFS (S3 API on ``s3_port``), an MLflow tracking server (``mlflow_port``,
-    artifacts proxied to ``s3://<mlflow_bucket>/<mlflow_prefix>``) and a Prefect
-    server (``prefect_port``). Every process binds to ``host``, which must be a
-    loopback address; every port is explicit (a taken port fails fast instead of
-    silently moving). ``state_dir`` holds pid files, logs, data and the generated
-    credentials (git-ignored). Timeouts are in seconds.
+    SeaweedFS (S3 API on ``s3_port``), an MLflow tracking server (``mlflow_port``, artifacts proxied to
+    ``s3://<mlflow_bucket>/<mlflow_prefix>``) and a Prefect server (``prefect_port``). Every process binds to
+    ``host``, which must be a loopback address; every port is explicit (a taken port fails fast instead of silently
+    moving). ``state_dir`` holds pid files, logs, data and the generated credentials (git-ignored). Timeouts: s.
     """
 
     host: str = "127.0.0.1"
@@ -370,6 +370,7 @@ class Params(_Section):
     evaluate: EvaluateParams = EvaluateParams()
     mlflow: MlflowParams = MlflowParams()
     serve: ServeParams = ServeParams()
+    classes: ClassesParams = ClassesParams()
     retrain: RetrainParams = RetrainParams()
     services: ServicesParams = ServicesParams()
     distributed: DistributedParams = DistributedParams()
@@ -400,6 +401,7 @@ class Params(_Section):
             object.__setattr__(self, "model", self.model.model_copy(update={"weights": res(self.model.weights)}))
         object.__setattr__(self, "services", self.services.model_copy(
             update={"state_dir": res(self.services.state_dir)}))
+        object.__setattr__(self, "classes", self.classes.model_copy(update={"dir": res(self.classes.dir)}))
         return self
 
     # ---- derived views -------------------------------------------------

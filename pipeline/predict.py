@@ -82,12 +82,14 @@ def parse_support_pair(text: str) -> tuple[Path, Path]:
     return Path(img), Path(mask)
 
 
-def supports_from_class_dir(class_dir: str | os.PathLike[str], limit: int | None = None) -> list[tuple[Path, Path]]:
+def supports_from_class_dir(class_dir: str | os.PathLike[str], limit: int | None = None, *,
+                            option: str = "--support-dir") -> list[tuple[Path, Path]]:
     """Support pairs from a Surface-Defects-4i class folder: ``Images/<stem>.*`` with ``GT/<stem>.png``.
 
     Args:
         class_dir: folder holding ``Images/`` and ``GT/``.
         limit: keep the first ``limit`` pairs in file-name order (``None``: all).
+        option: the command-line option named in error messages.
 
     Returns:
         ``[(image_path, mask_path), ...]`` sorted by image file name.
@@ -99,13 +101,13 @@ def supports_from_class_dir(class_dir: str | os.PathLike[str], limit: int | None
     root = Path(class_dir)
     images_dir = root / "Images"
     if not images_dir.is_dir():
-        raise PredictInputError(f"--support-dir {root}: no Images/ subfolder (expected the Surface-Defects-4i "
+        raise PredictInputError(f"{option} {root}: no Images/ subfolder (expected the Surface-Defects-4i "
                                 "layout <Class>/Images/<stem>.jpg + <Class>/GT/<stem>.png)")
     if limit is not None and limit < 1:
         raise PredictInputError(f"--shots-limit must be >= 1, got {limit}")
     images = sorted(p for p in images_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
-        raise PredictInputError(f"--support-dir {root}: Images/ holds no image ({', '.join(IMAGE_SUFFIXES)})")
+        raise PredictInputError(f"{option} {root}: Images/ holds no image ({', '.join(IMAGE_SUFFIXES)})")
     pairs = []
     for p in images[: limit or len(images)]:
         mask = root / "GT" / f"{p.stem}.png"
@@ -239,7 +241,8 @@ def _finalise(tmp: Path, out_dir: Path, overwrite: bool) -> None:
 def predict_folder(model: Predictor, support_pairs: Sequence[tuple[Path, Path]],
                    queries: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLike[str], *,
                    threshold: float = 0.5, mask_threshold: int = 127, batch_size: int = 8,
-                   overwrite: bool = False, progress: bool = True, min_area: int = 1) -> dict[str, Any]:
+                   overwrite: bool = False, progress: bool = True, min_area: int = 1,
+                   support_class: dict[str, Any] | None = None) -> dict[str, Any]:
     """Segment every query with one support set and write masks, overlays and a summary.
 
     Args:
@@ -255,12 +258,14 @@ def predict_folder(model: Predictor, support_pairs: Sequence[tuple[Path, Path]],
         overwrite: replace an existing ``out_dir`` (only after the new one is complete).
         progress: show a tqdm bar over the queries.
         min_area: smallest component (pixels) listed in the summary.
+        support_class: the stored class the supports come from (``lerenet predict --class``:
+            ``{"name", "version", "fingerprint"}``), recorded as ``class`` in the summary.
 
     Returns:
         The summary dict written to ``summary.json``: ``model`` (provenance), ``threshold``, ``shots``,
         ``supports``, ``images`` (per query: ``query``, ``mask``, ``overlay``, ``width``, ``height``,
         ``defect_fraction``, ``max_score``, ``components``, ``model_version``), ``skipped``,
-        ``created``.
+        ``created``, and ``class`` when ``support_class`` is given.
 
     Raises:
         PredictInputError: bad threshold / batch size, existing ``out_dir`` without ``overwrite``,
@@ -323,6 +328,8 @@ def predict_folder(model: Predictor, support_pairs: Sequence[tuple[Path, Path]],
             "skipped": skipped,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
+        if support_class is not None:
+            summary["class"] = dict(support_class)
         (tmp / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
         _finalise(tmp, out_dir, overwrite)
     except BaseException:

@@ -74,9 +74,9 @@ before it existed stay valid."""
 def params_hash(params: Params) -> str:
     """16-hex sha256 of the resolved parameters, excluding machine-local settings (root, data
     source/incoming/dir, the tracking URI, ``train.device``, ``train.num_workers``, ``retrain.timezone``,
-    ``services``), where the work runs (``distributed``) and the serving limits (``serve``): equal on
-    every clone, machine and runner for equal settings."""
-    d = params.model_dump(mode="json", exclude={"root", "services", "distributed", "serve"})
+    ``services``), where the work runs (``distributed``), the serving limits (``serve``) and the class
+    store (``classes``): equal on every clone, machine and runner for equal settings."""
+    d = params.model_dump(mode="json", exclude={"root", "services", "distributed", "serve", "classes"})
     for section, keys in MACHINE_LOCAL_PARAMS.items():
         for k in keys:
             d.get(section, {}).pop(k, None)

@@ -176,3 +176,32 @@ def test_bench_inference_use_case_times_the_predictor_of_the_configured_model(sm
         res["uncached_s"] / res["cached_s"])
     with pytest.raises(ValueError, match="need 101"):
         bench_inference(small_params, proto, small_params.data.source / "Steel_In", queries=100)
+
+
+def test_serving_case_in_process_writes_valid_json(small_params, tmp_path: Path):
+    """Class by name vs supports per row through the real pyfunc; the timed by-class requests are cache hits."""
+    s = Settings(image_size=64, serve_class="Steel_In", serve_queries=3, serve_warmup=0, serve_repeats=2,
+                 serve_http=False)
+    res = run_bench(small_params, cases=["serving"], settings=s, device="cpu", out=tmp_path / "r.json",
+                    workdir=tmp_path / "w", echo=lambda _m: None)
+    case = res["cases"]["serving"]
+    _check_rows(case)
+    labels = {r["label"] for r in case["rows"]}
+    assert {"in-process pyfunc, class by name (cached): queries/s", "in-process pyfunc, supports per row: queries/s",
+            "in-process pyfunc: speed-up of the class by name"} <= labels
+    assert case["info"]["in_process"] == {"cache_hits": 2, "cache_misses": 1}  # warm-up encodes, repeats hit
+    assert case["info"]["queries_per_request"] == 3 and "http" not in case["info"]
+    assert json.loads((tmp_path / "w" / "serving" / "classes" / "bench-class" / "class.json").read_text())["shots"] == 1
+
+
+@pytest.mark.slow
+def test_serving_case_over_http(small_params, tmp_path: Path):
+    """The same requests against the real `mlflow models serve` (model logged into a scratch SQLite store)."""
+    s = Settings(image_size=64, serve_class="Steel_In", serve_queries=2, serve_warmup=0, serve_repeats=1)
+    res = run_bench(small_params, cases=["serving"], settings=s, device="cpu", out=tmp_path / "r.json",
+                    workdir=tmp_path / "w", echo=lambda _m: None)
+    case = res["cases"]["serving"]
+    _check_rows(case)
+    assert "HTTP mlflow models serve, class by name (cached): queries/s" in {r["label"] for r in case["rows"]}
+    assert case["info"]["http"]["model_uri"].startswith("models:/")
+    assert case["info"]["http"]["request_bytes_by_class"] < case["info"]["http"]["request_bytes_supports_per_row"]

@@ -46,7 +46,7 @@ def test_top_level_help_shows_the_panels_in_pipeline_order():
     boxes = dict(zip(titles, re.split(r"╭─ .+? ─+╮", text)[1:]))
     expected = {"Data": ["ingest", "validate", "split", "import-coco"],
                 "Train and evaluate": ["features", "train", "evaluate", "report"],
-                "Registry": ["register", "promote"], "Inference": ["predict"],
+                "Registry": ["register", "promote"], "Inference": ["predict", "classes"],
                 "Services and orchestration": ["serve", "flow", "services"],
                 "Benchmarks": ["bench-predict", "bench", "model-info"]}
     for panel, names in expected.items():

@@ -7,8 +7,10 @@ free loopback port, posts real HTTP requests (httpx) and checks the returned mas
 model carries only ``model/`` and ``pipeline/{inference,serving}`` as code, so this also checks that
 serving needs nothing else of the project. The server is started once for the module, with a byte limit
 of :data:`SERVED_LIMIT` set the way an operator would (``SERVING_MODEL_CONFIG``), and hostile or malformed
-payloads (tests/_payloads.py) must each get HTTP 400 with the reason. The server is always stopped by the
-fixture's finalizer. About 20-40 s.
+payloads (tests/_payloads.py) must each get HTTP 400 with the reason. Requests naming a stored class
+(``lerenet classes add``; the server finds the store through ``LERENET_CLASS_STORE``) must give the
+same masks as the same supports sent in the request. The server is always stopped by the fixture's
+finalizer. About 20-40 s.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from PIL import Image
 
 import pipeline.predict as P
 from pipeline.inference.predictor import Predictor
+from pipeline.serving.class_sets import STORE_ENV
 from pipeline.serving.limits import MAX_QUERIES_PER_REQUEST
 from _payloads import EPS, b64, png_declaring, png_with_tail, random_bytes
 from _registry import REAL_DATA, copy_class, prototype_checkpoint, register_champion
@@ -75,6 +78,7 @@ def served(tmp_path_factory):
     port = _free_port()
     bin_dir = Path(sys.executable).parent  # the server runs `uvicorn` from PATH: the venv's bin first
     env = {**os.environ, "MLFLOW_TRACKING_URI": reg["tracking_uri"], "MLFLOW_REGISTRY_URI": reg["tracking_uri"],
+           STORE_ENV: str(root / "classes"),  # the class store of by-name requests (filled by the tests)
            "MLFLOW_ENABLE_TELEMETRY": "false", "SERVING_MODEL_CONFIG": json.dumps({"max_request_bytes": SERVED_LIMIT}),
            "DO_NOT_TRACK": "1", "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
     mlflow_cli = bin_dir / "mlflow"
@@ -195,3 +199,60 @@ def test_served_refuses_oversized_and_hostile_payloads(served):
         {**base, "query_image": b64(png_with_tail(SERVED_LIMIT // 2))}]}, timeout=120)
     assert r.status_code == 200, r.text[-1000:]
     assert Image.open(io.BytesIO(base64.b64decode(r.json()["predictions"][0]["mask"]))).size == (8, 8)
+
+
+def test_served_by_class_name_equals_supports_in_request(served, tmp_path):
+    """`lerenet classes add` on the store the running server reads; then a request with a `class` column
+    (no support images) answers as the same supports sent in the request, and a replaced class is seen
+    without restarting the server."""
+    from lerenet.cli import app
+    from typer.testing import CliRunner
+
+    from conftest import write_small_params
+
+    url, _, root = served
+    src = root / "src"
+    params = write_small_params(tmp_path / "params.yaml", src, tmp_path / "data", classes={"dir": str(root / "classes")})
+    s_img, s_msk = src / "Steel_In" / "Images" / "In_1.png", src / "Steel_In" / "GT" / "In_1.png"
+    res = CliRunner().invoke(app, ["classes", "add", "Steel_In", "--support", f"{s_img}:{s_msk}",
+                                   "--params", str(params), "--replace"])
+    assert res.exit_code == 0, res.output
+    queries = [src / "Steel_In" / "Images" / "In_10.png", src / "MT_Uneven" / "Images" / "exp0_num_461.jpg",
+               next((src / "Leather_Color" / "Images").iterdir())]
+    with_supports = {"dataframe_split": {"columns": ["support_images", "support_masks", "query_image"],
+                                         "data": [[[_b64(s_img)], [_b64(s_msk)], _b64(q)] for q in queries]}}
+    by_name = {"dataframe_split": {"columns": ["class", "query_image"], "data": [["Steel_In", _b64(q)] for q in queries]}}
+    r_sup = httpx.post(f"{url}/invocations", json=with_supports, timeout=120)
+    r_cls = httpx.post(f"{url}/invocations", json=by_name, timeout=120)
+    assert r_sup.status_code == 200 and r_cls.status_code == 200, (r_sup.text[-1000:], r_cls.text[-1000:])
+    for a, b, q in zip(r_cls.json()["predictions"], r_sup.json()["predictions"], queries):
+        ma = np.asarray(Image.open(io.BytesIO(base64.b64decode(a["mask"]))))
+        mb = np.asarray(Image.open(io.BytesIO(base64.b64decode(b["mask"]))))
+        assert ma.shape == mb.shape and (ma != mb).mean() <= 1e-4, q.name
+        assert a["max_score"] == pytest.approx(b["max_score"], abs=1e-4)
+
+    # records form, one row by name and one with supports (the class row sends empty support lists)
+    rows = [{"class": "Steel_In", "support_images": [], "support_masks": [], "query_image": _b64(queries[0])},
+            {"support_images": [_b64(s_img)], "support_masks": [_b64(s_msk)], "query_image": _b64(queries[1])}]
+    r = httpx.post(f"{url}/invocations", json={"dataframe_records": rows}, timeout=120)
+    assert r.status_code == 200, r.text[-1000:]
+    assert [p["mask"] for p in r.json()["predictions"]] == [p["mask"] for p in r_cls.json()["predictions"][:2]]
+
+    # the class is replaced with other supports: the server re-encodes it (sha256s changed), no restart
+    l_img = next((src / "Leather_Color" / "Images").iterdir())
+    l_msk = src / "Leather_Color" / "GT" / f"{l_img.stem}.png"
+    res = CliRunner().invoke(app, ["classes", "add", "Steel_In", "--support", f"{l_img}:{l_msk}", "--replace",
+                                   "--params", str(params)])
+    assert res.exit_code == 0, res.output
+    leather = {"dataframe_split": {"columns": ["support_images", "support_masks", "query_image"],
+                                   "data": [[[_b64(l_img)], [_b64(l_msk)], _b64(q)] for q in queries]}}
+    r_new = httpx.post(f"{url}/invocations", json=by_name, timeout=120)
+    r_ref = httpx.post(f"{url}/invocations", json=leather, timeout=120)
+    assert [p["max_score"] for p in r_new.json()["predictions"]] == \
+        pytest.approx([p["max_score"] for p in r_ref.json()["predictions"]], abs=1e-4)
+
+    # an unknown class: HTTP 400 naming it and the known ones
+    r = httpx.post(f"{url}/invocations", json={"dataframe_split": {"columns": ["class", "query_image"],
+                                                                     "data": [["Nope", _b64(queries[0])]]}}, timeout=120)
+    assert r.status_code == 400 and r.json()["error_code"] == "BAD_REQUEST"
+    assert "class 'Nope' is not in the class store" in r.json()["message"] and "Steel_In" in r.json()["message"]

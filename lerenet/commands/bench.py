@@ -15,10 +15,12 @@ from lerenet.help import PANEL_BENCH
 def bench_cmd(
     quick: bool = typer.Option(False, "--quick", help="smoke run: 1 repeat, small workloads"),
     only: list[str] = typer.Option(None, "--only", help="run only this case (repeatable): train, inference, "
-                                   "ingest, overhead"),
+                                   "ingest, overhead, serving"),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
-    repeats: int = typer.Option(None, "--repeats", min=1, help="timed repeats of train/inference (default: preset)"),
-    warmup: int = typer.Option(None, "--warmup", min=0, help="warm-up runs of train/inference (default: preset)"),
+    repeats: int = typer.Option(None, "--repeats", min=1, help="timed repeats of train/inference/serving "
+                                 "(default: preset)"),
+    warmup: int = typer.Option(None, "--warmup", min=0, help="warm-up runs of train/inference/serving "
+                                "(default: preset)"),
     workers: int = typer.Option(None, "--workers", min=0, help="DataLoader workers of the image-based training case "
                                 "(default: params train.num_workers)"),
     threads: int = typer.Option(None, "--threads", min=1, help="torch CPU threads of the in-process cases "
@@ -28,13 +30,15 @@ def bench_cmd(
     keep: bool = typer.Option(False, "--keep", help="keep the scratch folder (logs of the pipeline runs)"),
     params_file: Path = ParamsOption,
 ) -> None:
-    """Measure training/inference speed, pipeline overhead, ingest throughput and peak memory.
+    """Measure training/inference speed, pipeline overhead, ingest throughput, served queries/s (a stored class
+    vs supports in every request) and peak memory.
 
     Each figure is the median over repeats after a warm-up, with min and max; ratios come from runs
     made side by side. Exit status 1 if a case failed (the others still run and are written).
 
     Example:
       lerenet bench --quick --only inference --only ingest
+      lerenet bench --only serving
     """
     from pipeline.bench.runner import CASES, PRESETS, run_bench, with_overrides
     from pipeline.layout import Layout

@@ -40,6 +40,24 @@ def _predictor(spec: str | None, params, device, architecture: str | None = None
         fail(str(exc))
 
 
+def _class_supports(params, name: str):
+    """``(pairs, mask threshold, {"name", "version", "fingerprint"})`` of a stored class; exits 1 (unknown
+    or damaged class) or 2 (bad name) with the store's message."""
+    from pipeline.classes_store import ClassStoreError, class_pairs
+    from pipeline.config import check_class_name
+
+    try:
+        check_class_name(name)
+    except ValueError as exc:
+        fail(f"--class: {exc}", 2)
+    try:
+        pairs, info = class_pairs(params, name)
+    except ClassStoreError as exc:  # unknown class, or files that do not match their sha256
+        fail(str(exc), 1)
+    return pairs, int(info.record["mask_threshold"]), {"name": info.name, "version": info.version,
+                                                        "fingerprint": info.fingerprint}
+
+
 TABLE_COLUMNS = ("image", "defect %", "components", "largest box (x, y, w, h)", "max score")
 """Column headers of the table ``lerenet predict`` prints (rows: :func:`pipeline.predict.image_table`)."""
 
@@ -68,6 +86,9 @@ def predict(
                                      help="Surface-Defects-4i class folder (Images/ + GT/) to take supports from"),
     shots_limit: int = typer.Option(5, "--shots-limit", min=1,
                                     help="with --support-dir: use the first N images (file-name order)"),
+    class_name: str = typer.Option(None, "--class", "-c",
+                                   help="use the stored support set of this class (`lerenet classes add`) "
+                                        "instead of --support / --support-dir"),
     model: str = typer.Option(None, "--model", "-m",
                               help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/PATH or a model.pt "
                                    "(default: the registry's champion, alias champion of mlflow.registered_model)"),
@@ -84,7 +105,8 @@ def predict(
     summary.json for the batch, and prints a table: per image the defect area in %, the number of
     connected defect regions, the largest region's box (x, y, width, height in pixels of the image)
     and the highest defect probability. Supports are encoded once and reused for every query.
-    Non-image files in a query folder are skipped with a warning.
+    Non-image files in a query folder are skipped with a warning. With --class NAME the supports are
+    the class's stored set (checked against its sha256s).
 
     Example:
       lerenet predict --support-dir ../shared/datasets/defects12/Steel_In --shots-limit 5 \\
@@ -94,12 +116,18 @@ def predict(
     from pipeline.predict import image_table, parse_support_pair, predict_folder, supports_from_class_dir
 
     params = params_or_exit(params_path)
+    mask_threshold, stored = params.data.mask_threshold, None
     try:
         pairs = [parse_support_pair(s) for s in (support or [])]
         if support_dir is not None:
             pairs += supports_from_class_dir(support_dir, shots_limit)
+        if class_name is not None:
+            if pairs:
+                raise PredictInputError(f"--class {class_name} and --support/--support-dir: give one of them")
+            pairs, mask_threshold, stored = _class_supports(params, class_name)
         if not pairs:
-            raise PredictInputError("no support given: pass --support IMAGE:MASK (repeatable) or --support-dir DIR")
+            raise PredictInputError("no support given: pass --support IMAGE:MASK (repeatable), --support-dir DIR "
+                                    "or --class NAME")
         if not 0.0 < threshold < 1.0:
             raise PredictInputError(f"--threshold must be a probability in (0, 1), got {threshold}")
         if out.exists() and not overwrite:
@@ -113,15 +141,16 @@ def predict(
         warnings.showwarning = lambda msg, *a, **k: typer.echo(f"warning: {msg}", err=True)  # type: ignore[assignment]
         try:
             summary = predict_folder(resolved, pairs, [str(q) for q in query], out, threshold=threshold,
-                                     mask_threshold=params.data.mask_threshold, batch_size=batch_size,
-                                     overwrite=overwrite, progress=progress)
+                                     mask_threshold=mask_threshold, batch_size=batch_size,
+                                     overwrite=overwrite, progress=progress, support_class=stored)
         except PredictInputError as exc:
             fail(str(exc), 2)
     m = summary["model"]
     version = f" version {m['version']}" if m["version"] else ""
     _print_table(image_table(summary))
+    cls = f", class {stored['name']} v{stored['version']}" if stored else ""
     typer.echo(f"{len(summary['images'])} mask(s) from {m['model']} ({m['uri']}{version}), "
-               f"K={summary['shots']}, threshold {threshold}; skipped {len(summary['skipped'])}; "
+               f"K={summary['shots']}{cls}, threshold {threshold}; skipped {len(summary['skipped'])}; "
                f"summary: {out / 'summary.json'}")
 
 

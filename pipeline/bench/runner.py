@@ -8,6 +8,7 @@ Cases (one module each; see their docstrings for exactly what is timed):
 | ``inference`` | :mod:`pipeline.bench.infer_case` | ms/query, queries/s; supports cached vs not; batch 1, 16 |
 | ``ingest`` | :mod:`pipeline.bench.data_case` | ingest / validate images/s on ``data.source`` |
 | ``overhead`` | :mod:`pipeline.bench.overhead_case` | plain Python vs ``dvc repro`` vs Prefect flow, ratios |
+| ``serving`` | :mod:`pipeline.bench.serve_case` | served queries/s: class by name (cached) vs supports per row |
 
 Every case also reports its peak memory (:class:`pipeline.bench.harness.PeakMemory`). A case
 that fails is recorded with its error and the others still run; :func:`run_bench` returns the
@@ -33,7 +34,7 @@ from typing import Any
 
 import torch
 
-from pipeline.bench import data_case, harness, infer_case, overhead_case, train_case
+from pipeline.bench import data_case, harness, infer_case, overhead_case, serve_case, train_case
 from pipeline.config import Params
 from pipeline.layout import Layout
 
@@ -49,6 +50,8 @@ class Settings:
     validate runs over the source; ``overhead_warmup`` untimed plain-Python pipeline runs and
     ``overhead_repeats`` rounds of the three pipeline runs. ``workers``: DataLoader workers
     of the image-based training configuration (``None`` = ``params.train.num_workers``).
+    ``serve_*``: the ``serving`` case (requests of ``serve_queries`` rows; ``serve_http`` also over
+    ``mlflow models serve``).
     """
 
     train_warmup: int = 1
@@ -70,12 +73,18 @@ class Settings:
     overhead_classes: tuple[str, ...] = ("Steel_In", "MT_Blowhole", "Leather_Color")
     overhead_images_per_class: int = 6
     workers: int | None = None
+    serve_class: str = "Steel_In"
+    serve_queries: int = 16
+    serve_warmup: int = 1
+    serve_repeats: int = 4
+    serve_http: bool = True
 
 
 PRESETS: dict[str, Settings] = {
     "full": Settings(),
     "quick": Settings(train_warmup=1, train_repeats=1, train_steps=2, infer_warmup=1, infer_repeats=1, infer_queries=4,
-                      infer_batches=(1, 4), data_warmup=0, data_repeats=1, overhead_warmup=0, overhead_repeats=1),
+                      infer_batches=(1, 4), data_warmup=0, data_repeats=1, overhead_warmup=0, overhead_repeats=1,
+                      serve_queries=4, serve_repeats=1),
 }
 
 CASES: dict[str, Callable[[Any], dict[str, Any]]] = {
@@ -83,6 +92,7 @@ CASES: dict[str, Callable[[Any], dict[str, Any]]] = {
     "inference": infer_case.run,
     "ingest": data_case.run,
     "overhead": overhead_case.run,
+    "serving": serve_case.run,
 }
 
 
@@ -222,10 +232,10 @@ def run_bench(params: Params, *, cases: Sequence[str] | None = None, preset: str
 def with_overrides(settings: Settings, *, repeats: int | None = None, warmup: int | None = None,
                    **changes: Any) -> Settings:
     """``settings`` with the non-``None`` ``changes`` applied (CLI flags). ``repeats``/``warmup`` set
-    both the train and the inference counts."""
+    the train, inference and serving counts."""
     if repeats is not None:
-        changes.update(train_repeats=repeats, infer_repeats=repeats)
+        changes.update(train_repeats=repeats, infer_repeats=repeats, serve_repeats=repeats)
     if warmup is not None:
-        changes.update(train_warmup=warmup, infer_warmup=warmup)
+        changes.update(train_warmup=warmup, infer_warmup=warmup, serve_warmup=warmup)
     changes = {k: v for k, v in changes.items() if v is not None}
     return replace(settings, **changes) if changes else settings

