@@ -157,7 +157,8 @@ def test_ui_links_open_the_model_training_view_of_the_bundled_mlflow_ui():
     from pipeline.tracking import UI_WORKFLOW_QUERY, ui_route
 
     assert ui_route("7") == "#/experiments/7?workflowType=machine_learning"
-    assert ui_route("7", "runs", "abc", "artifacts") == "#/experiments/7/runs/abc/artifacts?workflowType=machine_learning"
+    assert ui_route("7", "runs", "abc", "artifacts") == \
+        "#/experiments/7/runs/abc/artifacts?workflowType=machine_learning"
     build = Path(mlflow.__file__).parent / "server" / "js" / "build" / "static" / "js"
     main = next(build.glob("main.*.js")).read_text(encoding="utf-8", errors="replace")
     key, value = UI_WORKFLOW_QUERY.split("=")
