@@ -231,12 +231,16 @@ def main(argv: list[str] | None = None) -> int:
         server = start_mlflow(uri, port, tmpd / "mlflow.log")
         try:
             base = f"http://127.0.0.1:{port}/#"
-            run = f"{base}/experiments/{exp_id}/runs/{run_id}/artifacts"
+            server_url = f"http://127.0.0.1:{port}/"
+
+            def run(*picture: str) -> str:  # the model-training pages, not GenAI (tracking.ui_route)
+                return server_url + tracking.ui_route(exp_id, "runs", run_id, "artifacts", PICTURES_DIR, *picture)
+
             for file, url, height in [
                     ("mlflow_registered_model.png", f"{base}/models/{name}", 1000),
                     ("mlflow_model_version.png", f"{base}/models/{name}/versions/{version}", 1400),
-                    ("mlflow_champion_run_pictures.png", f"{run}/{PICTURES_DIR}/fold0/overlays_k1_paper.png", 1200),
-                    ("mlflow_champion_run_chart.png", f"{run}/{PICTURES_DIR}/per_class_iou.png", 900)]:
+                    ("mlflow_champion_run_pictures.png", run("fold0", "overlays_k1_paper.png"), 1200),
+                    ("mlflow_champion_run_chart.png", run("per_class_iou.png"), 900)]:
                 # 1800 px wide: MLflow 3.17 opens its "MLflow Assistant" panel on the right (~25 % of the width)
                 ok.append(shoot(chromium, url, args.out / file, width=1800, height=height, wait_ms=args.wait_ms))
         finally:

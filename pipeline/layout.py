@@ -191,8 +191,8 @@ class Layout:
         return self.metrics_dir / "curves"
 
     def curve_plot(self, fold: int, kind: str) -> Path:
-        """``<root>/metrics/curves/<kind>_fold<f>.csv``: ``step`` + one column per model (``kind``:
-        ``val_miou`` | ``loss``)."""
+        """``<root>/metrics/curves/<kind>_fold<f>.csv``: long table ``step, model, <kind>``, a row
+        where a model has a value (``kind``: ``val_miou`` | ``loss``)."""
         return self.curves_dir / f"{kind}_fold{fold}.csv"
 
     @property

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import Params
+from pipeline.tracking import ui_route
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +214,7 @@ def version_description(params: Params, version: str, tags: Mapping[str, str], d
     out.append(f"- Data version `{tags.get('data_version', 'unknown')}`, git `{tags.get('git_commit', 'unknown')[:12]}`, "
                f"params `{tags.get('params_hash', '?')}`, profile `{tags.get('profile', '?')}`")
     if run_id:
-        link = f"#/experiments/{experiment_id}/runs/{run_id}/artifacts" if experiment_id else None
+        link = ui_route(experiment_id, "runs", run_id, "artifacts") if experiment_id else None
         where = f"[the register run's artifacts]({link})" if link else "the register run"
         out.append(f"- Per-fold cells and episode hashes: `{CELLS_MD}` / `{CELLS_JSON}` in {where} "
                    f"(`runs:/{run_id}/{CELLS_JSON}`)")

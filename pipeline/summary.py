@@ -12,12 +12,16 @@ is copied from the detailed file when it has one (``metrics/fold<f>.json``, ``<m
 smallest K. The detailed file stays an ordinary output. ``dvc metrics show --md`` prints one
 row per fold with ``3 models x 2 K x 2-3`` columns.
 
-``metrics/curves/val_miou_fold<f>.csv`` (``step`` + one validation-mIoU column per model, blank where
-a model did not validate at that step) and ``metrics/curves/loss_fold<f>.csv`` (``step`` + one
-loss column per model that has a loss; the prototype model has none) come from the training
-curves ``metrics/train/fold<f>_<model>.csv``. ``dvc.yaml``'s top-level ``plots:`` draws them with
-all models in one plot, and the per-class IoU of every model side by side
-(``metrics/plots/per_class_fold<f>.csv``; template ``.dvc/plots/grouped_bars.json``).
+``metrics/curves/val_miou_fold<f>.csv`` (columns ``step,model,val_miou``) and
+``metrics/curves/loss_fold<f>.csv`` (``step,model,loss``) come from the training curves
+``metrics/train/fold<f>_<model>.csv``, in long form: one row per model and step *where that model has a
+value*, no blank cells. (A wide table, one column per model, has blanks wherever the models' steps
+differ, e.g. the parameter-free prototype validated once at step 0, and Vega draws a blank as 0.)
+``dvc.yaml``'s top-level ``plots:`` draws them with all models in one plot (template
+``.dvc/plots/curves.json``: colour = ``model``; a model with a single value, the prototype, is also drawn
+as a dashed horizontal line at that value: it has nothing to train, so its score holds at every step),
+and the per-class IoU of every model side by side (``metrics/plots/per_class_fold<f>.csv``; template
+``.dvc/plots/grouped_bars.json``).
 """
 
 from __future__ import annotations
@@ -76,8 +80,10 @@ def compact_fold(detailed: dict[str, Any]) -> dict[str, Any]:
 
 
 def curve_table(params: Params, fold: int, kind: str) -> pd.DataFrame | None:
-    """``step`` + one ``kind`` column per model of ``params.model.names`` with a training curve that has any
-    ``kind`` value (outer join on ``step``, sorted); ``None`` when no model has one.
+    """Long table ``step, model, <kind>``: one row per model of ``params.model.names`` (in that order) and
+    step at which its training curve has a ``kind`` value (the last one if a step repeats, e.g. after a
+    resume), sorted by step within a model; no row, hence no blank cell, where a model has no value.
+    ``None`` when no model has one.
 
     Raises:
         ValueError: ``kind`` is not one of :data:`CURVE_KINDS`.
@@ -85,18 +91,19 @@ def curve_table(params: Params, fold: int, kind: str) -> pd.DataFrame | None:
     if kind not in CURVE_KINDS:
         raise ValueError(f"kind must be one of {CURVE_KINDS}, got {kind!r}")
     layout = Layout.of(params)
-    table: pd.DataFrame | None = None
+    parts: list[pd.DataFrame] = []
     for model in params.model.names:
         path = layout.curve(fold, model)
         if not path.is_file():
             continue
         df = pd.read_csv(path)
-        if kind not in df.columns or df[kind].isna().all():
+        if kind not in df.columns:
             continue
-        part = df.loc[df[kind].notna(), ["step", kind]].rename(columns={kind: model})
-        part = part.drop_duplicates("step", keep="last")
-        table = part if table is None else table.merge(part, on="step", how="outer")
-    return None if table is None else table.sort_values("step").reset_index(drop=True)
+        part = df.loc[df[kind].notna(), ["step", kind]].drop_duplicates("step", keep="last")
+        if part.empty:
+            continue
+        parts.append(part.sort_values("step").assign(model=model)[["step", "model", kind]])
+    return pd.concat(parts, ignore_index=True) if parts else None
 
 
 def write_summaries(params: Params) -> list[Path]:

@@ -41,15 +41,21 @@ TAG_ROLE = "lerenet.role"
 TAG_KEY = "lerenet.pipeline_key"
 PARENT_TAG = "mlflow.parentRunId"
 NOTE_TAG = "mlflow.note.content"  # the run's / experiment's markdown description in the MLflow UI
-#: Experiment tags: ``mlflow.experimentKind`` makes the MLflow 3 UI open the experiment on its
-#: training runs (not on the GenAI traces overview); the note is the experiment's description.
+KIND_TAG = "mlflow.experimentKind"
+#: Experiment tags: the kind (``custom_model_development`` = "Machine learning", vs ``genai_development``)
+#: is what MLflow's API and UIs before the GenAI/Model-training switch read; the note is the
+#: experiment's description. MLflow 3.17's UI ignores the kind tag: it chooses the experiment's view
+#: from its sidebar switch (``workflowType``, default ``genai`` = the GenAI overview), per browser
+#: (localStorage ``mlflow.workflowType``) or from the URL query, hence :func:`ui_route`.
 EXPERIMENT_TAGS = {
-    "mlflow.experimentKind": "custom_model_development",
+    KIND_TAG: "custom_model_development",
     NOTE_TAG: ("Few-shot defect segmentation (LERENet and baselines). One parent run `pipeline-<key>` per "
                "pipeline run (code, params and data version) with the CV summary; nested runs "
                "`fold<f>/<model>/<backbone>/k<K>` train and are then evaluated on the fold's novel classes "
                "(tag `lerenet.step`); `register-<model>` registers the production model."),
 }
+#: The MLflow 3.17 UI's query that selects the "Model training" pages (see :func:`ui_route`).
+UI_WORKFLOW_QUERY = "workflowType=machine_learning"
 _MAX_PARAM_LEN = 6000
 
 
@@ -206,10 +212,23 @@ def configure(params: Params) -> str:
         if exp.lifecycle_stage == "deleted":
             client.restore_experiment(exp_id)
         for k, v in EXPERIMENT_TAGS.items():  # an experiment created before the tags existed
-            if exp.tags.get(k) is None:
+            # the kind is enforced (this is a model-training experiment); a description a person edited stays
+            if exp.tags.get(k) is None or (k == KIND_TAG and exp.tags[k] != v):
                 client.set_experiment_tag(exp_id, k, v)
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
+
+
+def ui_route(experiment_id: str, *path: str) -> str:
+    """The MLflow UI route (the part after the server's address) of an experiment, or of a page under it
+    (``ui_route(eid, "runs", run_id, "artifacts")``), that opens on the *Model training* view.
+
+    MLflow 3.17's UI picks GenAI vs model-training pages from ``?workflowType=`` in the URL, else from the
+    browser's last choice of its sidebar switch, else GenAI (the tag :data:`KIND_TAG` is not read); links
+    inside the UI keep the query.
+    """
+    tail = "".join(f"/{p}" for p in path)
+    return f"#/experiments/{experiment_id}{tail}?{UI_WORKFLOW_QUERY}"
 
 
 def describe_run(params: Params, run_id: str, text: str, metrics: Mapping[str, float] | None = None) -> None:

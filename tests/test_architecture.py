@@ -9,6 +9,7 @@ itself (matrix and foreach expanded), so a renamed path or a forgotten module fa
 from __future__ import annotations
 
 import ast
+import json
 import os
 from pathlib import Path
 
@@ -115,7 +116,9 @@ def test_dvc_outs_are_the_layout(dvc_stages):
 
 def test_dvc_metrics_are_the_compact_files_and_plots_compare_every_model():
     """`dvc metrics show` reads only metrics/summary (the detailed JSON and report.json are plain outs);
-    every top-level plot reads a Layout table, and each compares every model of model.names."""
+    every top-level plot reads a Layout table, and each compares every model of model.names: the
+    per-class bars one column per model, the curves a long table (a `model` column, the template's colour;
+    tests/test_summary.py checks every model is in it)."""
     import yaml
 
     params = load_params(ROOT / "params.yaml", env={})
@@ -129,8 +132,8 @@ def test_dvc_metrics_are_the_compact_files_and_plots_compare_every_model():
     folds = sorted(params.folds)
     expected = {}
     for f in folds:
-        expected[f"val_miou_fold{f}"] = (_rel(lay.curve_plot(f, "val_miou")), names)
-        expected[f"loss_fold{f}"] = (_rel(lay.curve_plot(f, "loss")), [m for m in names if m != "prototype"])
+        expected[f"val_miou_fold{f}"] = (_rel(lay.curve_plot(f, "val_miou")), ["val_miou"])
+        expected[f"loss_fold{f}"] = (_rel(lay.curve_plot(f, "loss")), ["loss"])
         for k in params.split.shots:
             expected[f"per_class_fold{f}_k{k}"] = (_rel(lay.per_class_plot(f)), [f"{m}_k{k}_paper" for m in names])
     got = {}
@@ -139,6 +142,9 @@ def test_dvc_metrics_are_the_compact_files_and_plots_compare_every_model():
         (path, fields), = d["y"].items()
         got[pid] = (path, fields)
         assert (ROOT / ".dvc" / "plots" / f"{d['template']}.json").is_file(), pid
+        if pid.startswith(("val_miou_", "loss_")):
+            template = json.loads((ROOT / ".dvc" / "plots" / f"{d['template']}.json").read_text())
+            assert template["encoding"]["color"]["field"] == "model", pid
     assert got == expected
     assert "/dvc_plots/" in (ROOT / ".gitignore").read_text().splitlines()
 

@@ -97,7 +97,8 @@ def test_descriptions_say_what_the_model_is_its_scores_the_decision_and_how_to_c
     assert f"Data version `{mv.tags['data_version']}`" in text
     assert f"lerenet predict --model models:/{name}/{v}" in text and "/invocations" in text
     assert f"runs:/{mv.run_id}/registry/cv_cells.json" in text
-    assert f"#/experiments/{c.get_run(mv.run_id).info.experiment_id}/runs/{mv.run_id}/artifacts" in text
+    assert (f"#/experiments/{c.get_run(mv.run_id).info.experiment_id}/runs/{mv.run_id}/artifacts"
+            "?workflowType=machine_learning") in text  # opens on the model-training pages of MLflow 3.17
     assert c.get_run(mv.run_id).data.tags["decision"] == "promoted"
     assert false_alarm_rate(params, "prototype") is None and "not measured" in text
 

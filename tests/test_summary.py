@@ -78,11 +78,16 @@ def test_report_writes_compact_metrics_and_curve_tables(small_params):
         flat = [k for m in compact.values() for k, v in m.items() for _ in (v if isinstance(v, dict) else [v])]
         assert len(flat) <= 8 * len(compact)  # a few numbers per model, not the 217 columns of the detailed file
         val = pd.read_csv(lay.curve_plot(f, "val_miou"))
-        assert list(val.columns) == ["step", *params.model.names]
-        assert val["step"].tolist() == [0, 2, 4]  # validation steps only
-        assert val.loc[val.step == 0, "prototype"].item() == pytest.approx(0.35)
+        assert list(val.columns) == ["step", "model", "val_miou"]  # long: a row only where a value exists
+        assert not val.isna().any().any()  # no blank cell for Vega to draw as 0
+        trained = [m for m in params.model.names if m != "prototype"]
+        assert val.groupby("model", sort=False)["step"].apply(list).to_dict() == {
+            **{m: [2, 4] for m in trained}, "prototype": [0]}  # validation steps only, per model
+        assert val.loc[val.model == "prototype", "val_miou"].tolist() == [pytest.approx(0.35)]
+        assert val.loc[val.model == trained[0], "val_miou"].tolist() == [pytest.approx(0.2), pytest.approx(0.3)]
         loss = pd.read_csv(lay.curve_plot(f, "loss"))
-        assert "prototype" not in loss.columns and loss["step"].tolist() == [1, 2, 3, 4]  # no empty series
+        assert list(loss.columns) == ["step", "model", "loss"] and not loss.isna().any().any()
+        assert "prototype" not in set(loss.model) and loss.step.tolist() == [1, 2, 3, 4] * len(trained)
     assert curve_table(params, 99, "loss") is None
     lay.fold_metrics(sorted(params.folds)[0]).write_text(json.dumps({"lerenet": {"k1": {}}}))
     with pytest.raises(ReportError, match="re-run `lerenet evaluate"):
@@ -112,8 +117,17 @@ def test_real_dvc_shows_compact_metrics_and_plots_every_model(tmp_path):
                                       capture_output=True, text=True, check=True).stdout)
     assert not plots.get("errors")
     val = plots["data"][f"val_miou_fold{sorted(params.folds)[0]}"][0]["content"]
-    series = {r["field"] for r in val["data"]["values"] if r["dvc_inferred_y_value"] != ""}
-    assert series == set(params.model.names)  # every model in one plot, each with data
+    rows = val["data"]["values"]
+    y = val["encoding"]["y"]["field"]
+    assert {r["model"] for r in rows} == set(params.model.names)  # every model in one plot
+    assert val["encoding"]["color"]["field"] == "model"
+    # no point that Vega would draw as a false 0: every row has a number (the old wide table gave "" rows)
+    assert rows and all(str(r[y]).strip() not in ("", "nan") and float(r[y]) > 0 for r in rows)
+    assert sorted((int(r["step"]), float(r[y])) for r in rows if r["model"] == "prototype") == [(0, 0.35)]
+    rule = [layer for layer in val["layer"] if layer["mark"]["type"] == "rule"]
+    assert rule and rule[0]["transform"] == [{"filter": "datum.points == 1"}]  # the prototype's dashed line
+    loss = plots["data"][f"loss_fold{sorted(params.folds)[0]}"][0]["content"]
+    assert {r["model"] for r in loss["data"]["values"]} == set(params.model.names) - {"prototype"}
     bars = plots["data"][f"per_class_fold{sorted(params.folds)[0]}_k1"][0]["content"]
     assert bars["encoding"]["xOffset"]["field"] == "field"  # models side by side per class
     assert {r["field"] for r in bars["data"]["values"]} == {f"{m}_k1_paper" for m in params.model.names}

@@ -120,3 +120,47 @@ def test_failed_body_marks_the_nested_run_failed(params_file, monkeypatch):
         with nested_run(p, parent, "boom", reuse=False) as run:
             raise RuntimeError("x")
     assert mlflow.MlflowClient(tracking_uri(p)).get_run(run.info.run_id).info.status == "FAILED"
+
+
+def test_experiment_kind_is_model_training_on_creation_and_on_an_existing_experiment(tmp_path):
+    """A new experiment gets the kind tag; an existing one with the GenAI kind (or none) is corrected, a
+    description a person wrote stays, and configuring again changes nothing (real SQLite store)."""
+    from pipeline.tracking import EXPERIMENT_TAGS, KIND_TAG, NOTE_TAG, configure, tracking_uri
+
+    pf = write_small_params(tmp_path / "params.yaml", tmp_path / "src", tmp_path / "data",
+                            mlflow={"tracking_uri": "sqlite:///mlruns.db", "experiment": "kinds"})
+    (tmp_path / "src").mkdir()
+    p = _params(pf)
+    c = mlflow.MlflowClient(tracking_uri(p))
+    eid = configure(p)
+    assert c.get_experiment(eid).tags[KIND_TAG] == "custom_model_development"
+
+    c.set_experiment_tag(eid, KIND_TAG, "genai_development")  # e.g. chosen in an older MLflow UI
+    c.set_experiment_tag(eid, NOTE_TAG, "our own words")
+    assert configure(p) == eid
+    tags = c.get_experiment(eid).tags
+    assert tags[KIND_TAG] == "custom_model_development" and tags[NOTE_TAG] == "our own words"
+    assert configure(p) == eid and c.get_experiment(eid).tags == tags  # idempotent
+
+    old = c.create_experiment("created-before-the-tags")  # no tags at all
+    assert KIND_TAG not in c.get_experiment(old).tags
+    assert configure(_params(pf, mlflow={"experiment": "created-before-the-tags"})) == old
+    assert {k: c.get_experiment(old).tags.get(k) for k in EXPERIMENT_TAGS} == EXPERIMENT_TAGS
+
+
+def test_ui_links_open_the_model_training_view_of_the_bundled_mlflow_ui():
+    """MLflow 3.17's UI ignores the kind tag and opens GenAI pages unless ``?workflowType=machine_learning``
+    (or the browser's remembered switch) says otherwise: links carry the query, and the bundled UI still
+    reads that query with that value (fails when an MLflow upgrade changes the mechanism)."""
+    from pathlib import Path
+
+    from pipeline.tracking import UI_WORKFLOW_QUERY, ui_route
+
+    assert ui_route("7") == "#/experiments/7?workflowType=machine_learning"
+    assert ui_route("7", "runs", "abc", "artifacts") == \
+        "#/experiments/7/runs/abc/artifacts?workflowType=machine_learning"
+    build = Path(mlflow.__file__).parent / "server" / "js" / "build" / "static" / "js"
+    main = next(build.glob("main.*.js")).read_text(encoding="utf-8", errors="replace")
+    key, value = UI_WORKFLOW_QUERY.split("=")
+    assert f'.get("{key}")' in main and f'MACHINE_LEARNING="{value}"' in main
+    assert 'key:"mlflow.workflowType"' in main and "initialValue:c" in main  # the per-browser default
