@@ -21,6 +21,13 @@ the SOFS priors (Zhang et al., arXiv 2407.21351, Sec. 3.2), per backbone level:
 * ``proto``: the prototype model's map on the frozen features (PANet, Wang et al. ICCV 2019):
   ``cos(q, p_fg) - cos(q, p_bg)`` with ``p_fg`` / ``p_bg`` the masked average pooling of the
   support over its defect area fractions / their complement (all shots), in ``[-2, 2]``.
+* ``self``: the linear probe refitted with the query's own confident cells (self-support, after
+  SSP, Fan et al. ECCV 2022, "Self-Support Few-Shot Semantic Segmentation"): the query cells whose
+  level-averaged ``linear+proto`` score (:func:`skip_score`) is above ``SELF_MARGIN`` join the
+  defect cells and those below ``-SELF_MARGIN`` the background cells, then the class-balanced ridge
+  probe is fitted again on support + query cells. The query's own normal surface is the best
+  model of what is *not* a defect in it (intra-class differences between support and query are
+  what LERENet sets out to remove), so the refit mainly cuts false positives.
 
 Shapes: ``B`` episodes, ``K`` shots, ``Cb`` frozen channels (the backbone's levels
 concatenated, ``Backbone.level_channels``), ``h x w`` grid. A support cell is *defect* when its
@@ -33,14 +40,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-PRIOR_KINDS = ("fg", "abnormal", "nn", "linear", "proto")
+PRIOR_KINDS = ("fg", "abnormal", "nn", "linear", "proto", "self")
 #: kinds a prior skip can start from, and the factor that puts each in the ``nn`` map's units
 #: (``skip_scale`` x factor = initial logit per unit of the map): the linear probe scores about
 #: ``[-1, 1]`` where the cosine differences move about twice as little
-SKIP_FACTORS = {"nn": 1.0, "linear": 0.5, "proto": 1.0}
+SKIP_FACTORS = {"nn": 1.0, "linear": 0.5, "proto": 1.0, "self": 0.5}
 FG_SHARE = 0.5
 RIDGE = 0.001  # ridge of the linear probe, relative to the unit total weight of the support cells
 _NONE = -2.0  # below any cosine: "no such support cell"
+#: |linear+proto score| a query cell needs to join the self-support refit (``self``), in skip-score units
+#: (logit / skip scale); 0.1 chosen on the selection classes over 0 / 0.05 (docs/experiments.md, e19)
+SELF_MARGIN = 0.1
 
 
 def _cells(query: torch.Tensor, support: torch.Tensor, masks: torch.Tensor
@@ -138,17 +148,28 @@ def frozen_priors(query: torch.Tensor, support: torch.Tensor, masks: torch.Tenso
 def _frozen_priors(query: torch.Tensor, support: torch.Tensor, masks: torch.Tensor,
                    levels: tuple[int, ...], kinds: tuple[str, ...]) -> torch.Tensor:
     b, _, h, w = query.shape
-    out = []
+    want = set(kinds) | ({"linear", "proto"} if "self" in kinds else set())
+    per_level = []
     for q, s in zip(query.split(list(levels), dim=1), support.split(list(levels), dim=2)):
         qn, sn, fg, bg = _cells(q, s, masks)
         maps = {}
-        if {"fg", "abnormal", "nn"} & set(kinds):
+        if {"fg", "abnormal", "nn"} & want:
             fg_max, bg_max = _max_cosines(qn, sn, fg, bg)
             maps = {"fg": fg_max, "abnormal": 1.0 - bg_max, "nn": fg_max - bg_max}
-        if "linear" in kinds:
+        if "linear" in want:
             maps["linear"] = _linear_probe(qn, sn, fg, bg)
-        if "proto" in kinds:
+        if "proto" in want:
             maps["proto"] = _prototype_map(qn, s, masks)
+        per_level.append((qn, sn, fg, bg, maps))
+    if "self" in kinds:
+        base = torch.stack([(SKIP_FACTORS["linear"] * m["linear"] + SKIP_FACTORS["proto"] * m["proto"]) / 2
+                            for *_, m in per_level]).mean(dim=0)                 # (B, Lq) linear+proto skip score
+        q_fg, q_bg = (base > SELF_MARGIN)[:, None, :], (base < -SELF_MARGIN)[:, None, :]
+        for qn, sn, fg, bg, maps in per_level:
+            maps["self"] = _linear_probe(qn, torch.cat([sn, qn], dim=2), torch.cat([fg, q_fg], dim=2),
+                                         torch.cat([bg, q_bg], dim=2))
+    out = []
+    for *_, maps in per_level:
         out.extend(maps[k].view(b, 1, h, w) for k in kinds)
     return torch.cat(out, dim=1)
 

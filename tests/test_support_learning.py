@@ -120,6 +120,34 @@ def test_proto_prior_is_the_prototype_models_cosine_difference():
     assert torch.allclose(got, expect, atol=1e-5)
 
 
+def test_self_support_refits_the_probe_with_the_querys_confident_cells():
+    """``self`` = the ``linear`` probe fitted on the support cells plus the query cells whose
+    level-averaged linear+proto score is beyond +-SELF_MARGIN (pseudo defect / background)."""
+    import model.priors as priors
+
+    sf, sm, qf = _feature_episode(b=1, k=1, seed=4)
+    sf, qf = sf[:, :, :40], qf[:, :40]
+    m = resize_mask(sm.flatten(0, 1), (10, 10)).unflatten(0, (1, 1))
+    base = frozen_priors(qf, sf, m, (40,), ("linear", "proto"))
+    score = (0.5 * base[:, 0] + base[:, 1]) / 2                                   # (1, 10, 10)
+    q_fg, q_bg = score > priors.SELF_MARGIN, score < -priors.SELF_MARGIN
+    assert q_fg.any() and q_bg.any()
+    # by hand: the query's cells appended to the support as an extra shot with a pseudo mask that is
+    # 1 on q_fg, 0 on q_bg and 0.25 (< FG_SHARE of the peak, > 0: neither class) elsewhere
+    pseudo = torch.full_like(score, 0.25).masked_fill(q_fg, 1.0).masked_fill(q_bg, 0.0)
+    s2 = torch.cat([sf, qf[:, None]], dim=1)
+    m2 = torch.cat([m, pseudo[:, None, None]], dim=1)
+    expect = frozen_priors(qf, s2, m2, (40,), ("linear",))
+    got = frozen_priors(qf, sf, m, (40,), ("self",))
+    assert torch.allclose(got, expect, atol=1e-4)
+    assert not torch.allclose(got, base[:, :1], atol=1e-2)     # the refit changes the map
+    with pytest.raises(ValueError, match="skip_source"):
+        build_model("lerenet", channels=16, pretrained=False, prior_skip=True, skip_source="self+self")
+    net = build_model("lerenet", channels=16, pretrained=False, prior_skip=True, skip_source="self+proto").eval()
+    sf, sm, qf = _feature_episode(b=2, k=2, seed=5)
+    assert net.forward_features(sf, sm, qf, (80, 80)).shape == (2, 1, 80, 80)
+
+
 def _feature_episode(b=2, k=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     sf = torch.rand(b, k, 152, 10, 10, generator=g)
