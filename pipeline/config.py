@@ -17,6 +17,7 @@ Environment overrides (applied after the profile overlay):
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import os
@@ -308,7 +309,7 @@ class ServicesParams(_Section):
     server (``prefect_port``). Every process binds to ``host``, which must be a
     loopback address; every port is explicit (a taken port fails fast instead of
     silently moving). ``state_dir`` holds pid files, logs, data and the generated
-    credentials (git-ignored). Timeouts are in seconds.
+    credentials (git-ignored). Timeouts are in seconds. ``dask_*``: ``up --dask`` (services/dask_cluster.py).
     """
 
     host: str = "127.0.0.1"
@@ -332,19 +333,20 @@ class ServicesParams(_Section):
     models_bucket: str = "lerenet-models"
     start_timeout: float = Field(90.0, gt=0)
     stop_timeout: float = Field(30.0, gt=0)
+    dask_scheduler_port: int = Field(8786, ge=1, le=65535)
+    dask_dashboard_port: int = Field(8787, ge=1, le=65535)
+    dask_workers: int = Field(2, ge=1, le=64)
+    dask_worker_port: int = Field(8790, ge=1, le=65535 - 128)
 
     @field_validator("host")
     @classmethod
     def _loopback_only(cls, v: str) -> str:
         import ipaddress
 
-        try:
-            ok = ipaddress.ip_address(v).is_loopback
-        except ValueError:
-            ok = False
-        if not ok:
-            raise ValueError(f"services bind to a loopback IP only (e.g. 127.0.0.1), got {v!r}")
-        return v
+        with contextlib.suppress(ValueError):
+            if ipaddress.ip_address(v).is_loopback:
+                return v
+        raise ValueError(f"services bind to a loopback IP only (e.g. 127.0.0.1), got {v!r}")
 
     @model_validator(mode="after")
     def _distinct_ports(self) -> "ServicesParams":
