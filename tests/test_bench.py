@@ -176,3 +176,28 @@ def test_bench_inference_use_case_times_the_predictor_of_the_configured_model(sm
         res["uncached_s"] / res["cached_s"])
     with pytest.raises(ValueError, match="need 101"):
         bench_inference(small_params, proto, small_params.data.source / "Steel_In", queries=100)
+
+
+def test_task_stream_picture_is_a_small_png_with_one_lane_per_worker(tmp_path: Path):
+    """The ``dask`` case's picture: drawn from task-stream rows (worker, thread, start/stop), labelled by cell."""
+    from PIL import Image
+
+    from pipeline.bench.task_stream import draw_task_stream
+
+    stream = [{"key": "train_task-a", "worker": "tcp://127.0.0.1:1", "thread": 1, "start": 100.0, "stop": 130.0},
+              {"key": "train_task-b", "worker": "tcp://127.0.0.1:2", "thread": 2, "start": 100.5, "stop": 120.0},
+              {"key": "train_task-c", "worker": "tcp://127.0.0.1:2", "thread": 2, "start": 120.1, "stop": 121.0}]
+    labels = {"train_task-a": "fold0/lerenet", "train_task-b": "fold0/baseline", "train_task-c": "fold0/prototype"}
+    out = draw_task_stream(stream, labels, tmp_path / "ts.png", "title")
+    with Image.open(out) as im:
+        assert im.format == "PNG" and im.size[0] == 1400
+    assert out.stat().st_size < 300_000
+    assert [p.name for p in tmp_path.iterdir()] == ["ts.png"]
+    with pytest.raises(ValueError, match="empty task stream"):
+        draw_task_stream([], {}, tmp_path / "none.png", "t")
+
+
+def test_dask_case_is_registered_but_not_in_the_default_run():
+    from pipeline.bench.runner import CASES, DEFAULT_CASES
+
+    assert "dask" in CASES and "dask" not in DEFAULT_CASES and set(DEFAULT_CASES) < set(CASES)
