@@ -56,7 +56,7 @@ def draw_task_stream(stream: Sequence[Mapping[str, Any]], labels: Mapping[str, s
     ax.set_xlim(0, max(r["stop"] for r in stream) - t0)
     ax.grid(axis="x", alpha=0.3)
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in COLOURS.values()]
-    ax.legend(handles, list(COLOURS), loc="lower right", bbox_to_anchor=(1.0, 1.0), ncols=3, fontsize=9, frameon=False)
+    ax.legend(handles, list(COLOURS), loc="upper right", bbox_to_anchor=(1.0, -0.1), ncols=3, fontsize=9, frameon=False)
     ax.set_title(title, fontsize=10, loc="left")
     fig.tight_layout()
     try:
