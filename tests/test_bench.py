@@ -201,3 +201,16 @@ def test_dask_case_is_registered_but_not_in_the_default_run():
     from pipeline.bench.runner import CASES, DEFAULT_CASES
 
     assert "dask" in CASES and "dask" not in DEFAULT_CASES and set(DEFAULT_CASES) < set(CASES)
+
+
+def test_dask_case_rows_pair_the_modes_of_each_round():
+    from pipeline.bench.dask_case import _rows
+
+    def run(grid, start, stop):
+        return {"grid_s": grid, "runner_start_s": start, "runner_stop_s": stop, "process_s": grid + 5, "cpu_s": 1.0}
+
+    rows = {r["label"]: r for r in _rows("g", {"sequential": [run(10, 0, 0), run(12, 0, 0)],
+                                              "dask": [run(5, 1, 2), run(4, 1, 2)]})}
+    assert rows["g: sequential / dask grid wall time (speed-up)"]["median"] == 2.5  # (2.0, 3.0)
+    assert rows["g: dask - sequential, runner start + grid + stop"]["median"] == -4.5  # (-2, -7)
+    assert rows["g, dask: runner start + grid + stop"]["max"] == 8

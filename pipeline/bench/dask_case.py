@@ -118,25 +118,28 @@ def _rounds(pf: Path, repeats: int, workers: int, log: Path) -> dict[str, list[d
     return runs
 
 
+def _row(label: str, values: list[float], unit: str = "s") -> dict[str, Any]:
+    return {"label": label, **summarize(values, unit).as_dict()}
+
+
 def _rows(tag: str, runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    def whole(r: dict[str, Any]) -> float:
+        return r["runner_start_s"] + r["grid_s"] + r["runner_stop_s"]
+
     rows = []
     for mode in MODES:
         rs = runs[mode]
-        rows.append({"label": f"{tag}, {mode}: grid wall seconds", **summarize([r["grid_s"] for r in rs], "s").as_dict()})
-        rows.append({"label": f"{tag}, {mode}: runner start + grid + stop", **summarize(
-            [r["runner_start_s"] + r["grid_s"] + r["runner_stop_s"] for r in rs], "s").as_dict()})
-        rows.append({"label": f"{tag}, {mode}: process wall seconds", **summarize([r["process_s"] for r in rs], "s").as_dict()})
-        rows.append({"label": f"{tag}, {mode}: process CPU seconds", **summarize([r["cpu_s"] for r in rs], "s").as_dict()})
-    rows.append({"label": f"{tag}: dask runner start (LocalCluster)", **summarize(
-        [r["runner_start_s"] for r in runs["dask"]], "s").as_dict()})
-    rows.append({"label": f"{tag}: dask runner stop", **summarize([r["runner_stop_s"] for r in runs["dask"]], "s").as_dict()})
+        rows.append(_row(f"{tag}, {mode}: grid wall seconds", [r["grid_s"] for r in rs]))
+        rows.append(_row(f"{tag}, {mode}: runner start + grid + stop", [whole(r) for r in rs]))
+        rows.append(_row(f"{tag}, {mode}: process wall seconds", [r["process_s"] for r in rs]))
+        rows.append(_row(f"{tag}, {mode}: process CPU seconds", [r["cpu_s"] for r in rs]))
+    rows.append(_row(f"{tag}: dask runner start (LocalCluster)", [r["runner_start_s"] for r in runs["dask"]]))
+    rows.append(_row(f"{tag}: dask runner stop", [r["runner_stop_s"] for r in runs["dask"]]))
     seq = [r["grid_s"] for r in runs["sequential"]]
     dsk = [r["grid_s"] for r in runs["dask"]]
     rows.append({"label": f"{tag}: sequential / dask grid wall time (speed-up)", **ratio_stats(seq, dsk).as_dict()})
-    full = [r["runner_start_s"] + r["grid_s"] + r["runner_stop_s"] for r in runs["dask"]]
-    seq_full = [r["runner_start_s"] + r["grid_s"] + r["runner_stop_s"] for r in runs["sequential"]]
-    rows.append({"label": f"{tag}: dask - sequential, runner start + grid + stop", **summarize(
-        [d - s for d, s in zip(full, seq_full)], "s").as_dict()})
+    rows.append(_row(f"{tag}: dask - sequential, runner start + grid + stop",
+                     [whole(d) - whole(q) for d, q in zip(runs["dask"], runs["sequential"])]))
     return rows
 
 
@@ -153,7 +156,8 @@ def run(ctx: Any) -> dict[str, Any]:
     tiny_over = workspace.tiny_overrides(classes)
     tiny_over["model"] = {"names": list(ctx.params.model.names), "channels": 32}
     tiny_pf = prepare(base / "tiny", tiny_src, tiny_over)
-    grid_over: dict[str, Any] = {"train": {"device": "cpu"}, "folds": {k: list(v) for k, v in ctx.params.folds.items()}}
+    grid_over: dict[str, Any] = {"train": {"device": "cpu"},
+                                 "folds": {k: list(v) for k, v in ctx.params.folds.items()}}
     if s.dask_episodes:
         grid_over["train"].update(episodes=s.dask_episodes)
     t0 = time.perf_counter()
@@ -170,7 +174,8 @@ def run(ctx: Any) -> dict[str, Any]:
     title = (f"Dask task stream: CPU-profile training grid, {len(params.folds)} folds x {len(params.model.names)} "
              f"models, {params.train.episodes} episodes each; {s.dask_workers} workers x 1 thread, {os.cpu_count()} cores")
     draw_task_stream(last["task_stream"], last["keys"], picture, title)
-    (picture.with_suffix(".json")).write_text(json.dumps({k: last[k] for k in ("task_stream", "keys")}, indent=1))
+    stream = {k: last[k] for k in ("task_stream", "keys")}
+    (picture.with_suffix(".json")).write_text(json.dumps(stream, indent=1))
     info = {"projects": {"tiny": str(tiny_pf.parent), "grid": str(grid_pf.parent)}, "log": str(log),
             "command": f"{sys.executable} -m flows.grid_bench --params P --runner sequential|dask --workers "
                        f"{s.dask_workers} --out R.json",

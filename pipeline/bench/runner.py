@@ -96,8 +96,9 @@ CASES: dict[str, Callable[[Any], dict[str, Any]]] = {
 
 
 DEFAULT_CASES: tuple[str, ...] = ("train", "inference", "ingest", "overhead")
-"""What a run without ``cases`` measures (``make bench``, about 10 minutes). ``dask`` trains the whole CPU grid
-twice (about 10 minutes on a quiet 2-core machine, over an hour under heavy load): ``lerenet bench --only dask`` / ``make bench BENCH_ARGS="--only dask"``."""
+"""What a run without ``cases`` measures (``make bench``, about 10 minutes). ``dask`` trains the whole CPU
+grid twice (about 10 minutes on a quiet 2-core machine, over an hour under heavy load):
+``lerenet bench --only dask`` / ``make bench BENCH_ARGS="--only dask"``."""
 
 
 @dataclass

@@ -2,7 +2,8 @@
 
 The same programs a team runs on several machines (``docs/orchestration.md``), here on ``services.host``
 (loopback) with explicit ports, so the distributed setup can be tried on one machine exactly as it
-runs on many; the flows reach it through ``LERENET_DASK_ADDRESS`` (``lerenet services env``). Started by ``lerenet services up --dask`` (or ``--only dask``).
+runs on many; the flows reach it through ``LERENET_DASK_ADDRESS`` (``lerenet services env``). Started by
+``lerenet services up --dask`` (or ``--only dask``).
 
 Processes (pid records and logs as for the other services, :mod:`pipeline.services.processes`):
 
