@@ -212,5 +212,5 @@ def test_dask_case_rows_pair_the_modes_of_each_round():
     rows = {r["label"]: r for r in _rows("g", {"sequential": [run(10, 0, 0), run(12, 0, 0)],
                                               "dask": [run(5, 1, 2), run(4, 1, 2)]})}
     assert rows["g: sequential / dask grid wall time (speed-up)"]["median"] == 2.5  # (2.0, 3.0)
-    assert rows["g: dask - sequential, runner start + grid + stop"]["median"] == -4.5  # (-2, -7)
+    assert rows["g: dask - sequential, runner start + grid + stop"]["median"] == -3.5  # (8 - 10, 7 - 12)
     assert rows["g, dask: runner start + grid + stop"]["max"] == 8
