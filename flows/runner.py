@@ -6,7 +6,8 @@
 * ``threads``: a ``ThreadPoolTaskRunner`` with ``workers`` threads in the flow's process;
 * ``dask``: a :class:`prefect_dask.DaskTaskRunner`, either on a new ``distributed.LocalCluster`` of
   ``workers`` processes with 1 thread each (torch threads per worker ``cores // workers``, through
-  ``$LERENET_TORCH_THREADS``), or connected to the scheduler at ``distributed.address`` /
+  ``$LERENET_TORCH_THREADS``; everything on 127.0.0.1, dashboard on a free port or
+  ``$LERENET_DASK_DASHBOARD``, e.g. ``127.0.0.1:8787``), or connected to the scheduler at ``distributed.address`` /
   ``$LERENET_DASK_ADDRESS`` (``dask scheduler`` + ``dask worker``, Kubernetes, Coiled, ...).
 
 Whatever the runner, every task calls the same ``pipeline`` step function the DVC stage calls, and
@@ -58,7 +59,7 @@ def make_task_runner(d: DistributedParams) -> Any:
     threads = str(torch_threads_per_worker(d.workers))
     return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs={
         "n_workers": d.workers, "threads_per_worker": 1, "processes": True,
-        "host": "127.0.0.1", "dashboard_address": os.environ.get("LERENET_DASK_DASHBOARD", ":0"),
+        "host": "127.0.0.1", "dashboard_address": os.environ.get("LERENET_DASK_DASHBOARD", "127.0.0.1:0"),
         "env": {"LERENET_TORCH_THREADS": threads, "OMP_NUM_THREADS": threads}})
 
 

@@ -5,6 +5,11 @@ credentials, the params file's fold table) goes through :func:`atomic_write`: th
 to a temporary file in the target's folder (same file system) and renamed over the target with
 :func:`os.replace` (atomic on POSIX). A failure removes the temporary file and leaves any old target
 untouched. Folders are swapped in with :func:`replace_dir`.
+
+A process killed by SIGKILL (an out-of-memory kill, a lost Dask worker) gets no chance to remove its
+temporary file: the target stays complete (old or absent), and the orphan ``.<name>.<random>.tmp<suffix>``
+is removed by :func:`remove_stale_temps`, which a step that owns its targets (one training, one fold's
+evaluation) calls when it starts again.
 """
 
 from __future__ import annotations
@@ -77,6 +82,37 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> Path:
     import torch
 
     return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def remove_stale_temps(*targets: str | os.PathLike[str]) -> list[Path]:
+    """Delete the temporary files that :func:`atomic_write` left for ``targets`` when its process was killed.
+
+    Only files named like this module's temporaries of exactly these targets
+    (``<folder>/.<name>.<8 random chars>.tmp<suffix>``) are removed, so other files of the folder and
+    the temporaries of other targets are left alone. Call it only where no other process writes the
+    same targets at the same time (the project lock, ``pipeline.lock``, ensures one run per project).
+
+    Returns:
+        The removed paths (empty when there were none or a folder does not exist).
+    """
+    removed: list[Path] = []
+    for target in targets:
+        t = Path(target)
+        if not t.parent.is_dir():
+            continue
+        for tmp in t.parent.glob(f".{glob_escape(t.name)}.*.tmp{glob_escape(t.suffix)}"):
+            middle = tmp.name[len(t.name) + 2:-len(f".tmp{t.suffix}")]
+            if tmp.is_file() and middle and "." not in middle:
+                tmp.unlink(missing_ok=True)
+                removed.append(tmp)
+    return removed
+
+
+def glob_escape(text: str) -> str:
+    """``text`` with the glob metacharacters ``*?[`` escaped (a literal part of a :meth:`Path.glob` pattern)."""
+    import glob
+
+    return glob.escape(text)
 
 
 def replace_dir(src: str | os.PathLike[str], dest: str | os.PathLike[str]) -> None:

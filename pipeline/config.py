@@ -17,8 +17,10 @@ Environment overrides (applied after the profile overlay):
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
+import ipaddress
 import os
 import re
 from pathlib import Path
@@ -115,8 +117,7 @@ PRODUCTION_MODEL = "lerenet"
 Variant = Literal["mpr", "mpe", "mpe*", "mpr+mpe", "mpr+mpe*"]
 
 
-# LERENet prior-skip sources = model.priors.SKIP_FACTORS (a test keeps them equal; not imported: every DVC
-# stage reads this module, only training depends on model/)
+# = model.priors.SKIP_FACTORS (a test keeps them equal; not imported: only training depends on model/)
 SKIP_SOURCES = ("nn", "linear", "proto", "self")
 
 
@@ -306,9 +307,9 @@ class ServicesParams(_Section):
     """Local team services started by ``lerenet services up`` (see ``pipeline/services/``).
 
     SeaweedFS (S3 API on ``s3_port``), an MLflow tracking server (``mlflow_port``, artifacts proxied to
-    ``s3://<mlflow_bucket>/<mlflow_prefix>``) and a Prefect server (``prefect_port``). Every process binds to
-    ``host``, which must be a loopback address; every port is explicit (a taken port fails fast instead of silently
-    moving). ``state_dir`` holds pid files, logs, data and the generated credentials (git-ignored). Timeouts: s.
+    ``s3://<mlflow_bucket>/<mlflow_prefix>``), a Prefect server (``prefect_port``) and, with ``up --dask``, a Dask
+    scheduler + workers (``dask_*``). Every process binds to ``host``, a loopback address; every port is explicit (a
+    taken port fails fast). ``state_dir``: pid files, logs, data, generated credentials (git-ignored). Timeouts: s.
     """
 
     host: str = "127.0.0.1"
@@ -332,19 +333,18 @@ class ServicesParams(_Section):
     models_bucket: str = "lerenet-models"
     start_timeout: float = Field(90.0, gt=0)
     stop_timeout: float = Field(30.0, gt=0)
+    dask_scheduler_port: int = Field(8786, ge=1, le=65535)
+    dask_dashboard_port: int = Field(8787, ge=1, le=65535)
+    dask_workers: int = Field(2, ge=1, le=64)
+    dask_worker_port: int = Field(8790, ge=1, le=65535 - 128)
 
     @field_validator("host")
     @classmethod
     def _loopback_only(cls, v: str) -> str:
-        import ipaddress
-
-        try:
-            ok = ipaddress.ip_address(v).is_loopback
-        except ValueError:
-            ok = False
-        if not ok:
-            raise ValueError(f"services bind to a loopback IP only (e.g. 127.0.0.1), got {v!r}")
-        return v
+        with contextlib.suppress(ValueError):
+            if ipaddress.ip_address(v).is_loopback:
+                return v
+        raise ValueError(f"services bind to a loopback IP only (e.g. 127.0.0.1), got {v!r}")
 
     @model_validator(mode="after")
     def _distinct_ports(self) -> "ServicesParams":

@@ -38,7 +38,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from pipeline.atomic import atomic_write_text
+from pipeline.atomic import atomic_write_text, remove_stale_temps
 from pipeline.config import Params
 from pipeline.evaluation.data import EvaluationError, FeatureSource, ImageTable, open_store_for
 from pipeline.evaluation.fold import evaluate_model
@@ -118,6 +118,8 @@ def evaluate(params: Params, fold: int, model_names: Sequence[str] | None = None
     data_dir = Path(data_dir) if data_dir is not None else params.data.dir
     layout = Layout.of(params, data_dir)
     names = list(model_names or params.model.names)
+    # orphan temporaries of an attempt killed mid-write (a lost Dask worker): only this fold's evaluation writes these
+    remove_stale_temps(layout.per_class(fold), layout.per_class_plot(fold), layout.fold_metrics(fold))
     test_classes, table, normal_ids, episodes = _fold_inputs(params, fold, names, data_dir)
     batch_size = batch_size or params.evaluate.batch_size
     device = resolve_device(params.train.device)

@@ -52,7 +52,7 @@ from typing import Any
 import torch
 
 from pipeline import device as dev
-from pipeline.atomic import atomic_write_text
+from pipeline.atomic import atomic_write_text, remove_stale_temps
 from pipeline.checkpoint import build_net, save_model
 from pipeline.config import MODEL_NAMES, Params
 from pipeline.episodes import mismatched_validation, normal_pools, training_pools, validation_episodes
@@ -199,6 +199,8 @@ def train(params: Params, fold: int | None, model_name: str, out_dir: Path | Non
     out_dir = Path(out_dir) if out_dir is not None else layout.model_dir(fold, model_name)
     state_file = Path(checkpoint_file) if checkpoint_file is not None else layout.train_state(fold, model_name)
     curve_file = Path(curve_file) if curve_file is not None else layout.curve(fold, model_name)
+    # a previous attempt killed mid-write (SIGKILL: a lost Dask worker, the OOM killer) left only orphan temporaries
+    remove_stale_temps(out_dir / "model.pt", out_dir / "run.json", state_file, curve_file)
     train_pools, val_pools = training_pools(params, fold)
     rows = {r["id"]: r for r in load_validated(params.data.dir, kind="defect").to_dict("records")}
     val_eps = validation_episodes(val_pools, train_pools, t.shots, t.val_episodes, t.seed)

@@ -205,3 +205,39 @@ def test_serving_case_over_http(small_params, tmp_path: Path):
     assert "HTTP mlflow models serve, class by name (cached): queries/s" in {r["label"] for r in case["rows"]}
     assert case["info"]["http"]["model_uri"].startswith("models:/")
     assert case["info"]["http"]["request_bytes_by_class"] < case["info"]["http"]["request_bytes_supports_per_row"]
+def test_task_stream_picture_is_a_small_png_with_one_lane_per_worker(tmp_path: Path):
+    """The ``dask`` case's picture: drawn from task-stream rows (worker, thread, start/stop), labelled by cell."""
+    from PIL import Image
+
+    from pipeline.bench.task_stream import draw_task_stream
+
+    stream = [{"key": "train_task-a", "worker": "tcp://127.0.0.1:1", "thread": 1, "start": 100.0, "stop": 130.0},
+              {"key": "train_task-b", "worker": "tcp://127.0.0.1:2", "thread": 2, "start": 100.5, "stop": 120.0},
+              {"key": "train_task-c", "worker": "tcp://127.0.0.1:2", "thread": 2, "start": 120.1, "stop": 121.0}]
+    labels = {"train_task-a": "fold0/lerenet", "train_task-b": "fold0/baseline", "train_task-c": "fold0/prototype"}
+    out = draw_task_stream(stream, labels, tmp_path / "ts.png", "title")
+    with Image.open(out) as im:
+        assert im.format == "PNG" and im.size[0] == 1400
+    assert out.stat().st_size < 300_000
+    assert [p.name for p in tmp_path.iterdir()] == ["ts.png"]
+    with pytest.raises(ValueError, match="empty task stream"):
+        draw_task_stream([], {}, tmp_path / "none.png", "t")
+
+
+def test_dask_case_is_registered_but_not_in_the_default_run():
+    from pipeline.bench.runner import CASES, DEFAULT_CASES
+
+    assert "dask" in CASES and "dask" not in DEFAULT_CASES and set(DEFAULT_CASES) < set(CASES)
+
+
+def test_dask_case_rows_pair_the_modes_of_each_round():
+    from pipeline.bench.dask_case import _rows
+
+    def run(grid, start, stop):
+        return {"grid_s": grid, "runner_start_s": start, "runner_stop_s": stop, "process_s": grid + 5, "cpu_s": 1.0}
+
+    rows = {r["label"]: r for r in _rows("g", {"sequential": [run(10, 0, 0), run(12, 0, 0)],
+                                              "dask": [run(5, 1, 2), run(4, 1, 2)]})}
+    assert rows["g: sequential / dask grid wall time (speed-up)"]["median"] == 2.5  # (2.0, 3.0)
+    assert rows["g: dask - sequential, runner start + grid + stop"]["median"] == -3.5  # (8 - 10, 7 - 12)
+    assert rows["g, dask: runner start + grid + stop"]["max"] == 8

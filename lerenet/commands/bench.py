@@ -15,7 +15,7 @@ from lerenet.help import PANEL_BENCH
 def bench_cmd(
     quick: bool = typer.Option(False, "--quick", help="smoke run: 1 repeat, small workloads"),
     only: list[str] = typer.Option(None, "--only", help="run only this case (repeatable): train, inference, "
-                                   "ingest, overhead, serving"),
+                                   "ingest, overhead, serving, dask"),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
     repeats: int = typer.Option(None, "--repeats", min=1, help="timed repeats of train/inference/serving "
                                  "(default: preset)"),
@@ -25,13 +25,15 @@ def bench_cmd(
                                 "(default: params train.num_workers)"),
     threads: int = typer.Option(None, "--threads", min=1, help="torch CPU threads of the in-process cases "
                                 "(default: all cores)"),
+    grid_episodes: int = typer.Option(None, "--grid-episodes", min=1, help="training episodes per cell of the "
+                                      "dask case's CPU grid (default: params train.episodes)"),
     out: Path = typer.Option(None, "--out", help="results JSON (default <project>/bench/results.json)"),
     workdir: Path = typer.Option(None, "--workdir", help="scratch folder (default: a temporary one, removed)"),
     keep: bool = typer.Option(False, "--keep", help="keep the scratch folder (logs of the pipeline runs)"),
     params_file: Path = ParamsOption,
 ) -> None:
     """Measure training/inference speed, pipeline overhead, ingest throughput, served queries/s (a stored class
-    vs supports in every request) and peak memory.
+    vs supports in every request), the Dask grid and peak memory.
 
     Each figure is the median over repeats after a warm-up, with min and max; ratios come from runs
     made side by side. Exit status 1 if a case failed (the others still run and are written).
@@ -48,7 +50,8 @@ def bench_cmd(
     if bad:
         fail(f"--only {bad[0]!r}: unknown case; choose from {', '.join(CASES)}", code=2)
     preset = "quick" if quick else "full"
-    settings = with_overrides(PRESETS[preset], repeats=repeats, warmup=warmup, workers=workers)
+    settings = with_overrides(PRESETS[preset], repeats=repeats, warmup=warmup, workers=workers,
+                              dask_episodes=grid_episodes)
     try:
         results = run_bench(params, cases=only or None, preset=preset, settings=settings, device=device, out=out,
                             workdir=workdir, keep=keep, threads=threads, echo=lambda m: typer.echo(m, err=True))

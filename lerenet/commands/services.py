@@ -12,18 +12,19 @@ from lerenet.commands._common import ParamsOption, fail, params_or_exit
 from lerenet.help import PANEL_SERVICES, App
 from pipeline import services as svc
 
-services_app = App(help="Local team services: SeaweedFS (S3), MLflow server, Prefect server on 127.0.0.1.\n\n"
+services_app = App(help="Local team services: SeaweedFS (S3), MLflow server, Prefect server on 127.0.0.1 "
+                        "(optionally a Dask scheduler + workers: --dask).\n\n"
                         "Example:\n  lerenet services up && eval \"$(lerenet services env)\"",
                    no_args_is_help=True)
 app.add_typer(services_app, name="services", rich_help_panel=PANEL_SERVICES)
 
-OnlyOption = typer.Option(None, "--only", help="service to act on (repeatable): seaweedfs | mlflow | prefect")
+OnlyOption = typer.Option(None, "--only", help="service to act on (repeatable): seaweedfs | mlflow | prefect | dask")
 
 
 def _table(rows: list[svc.ServiceStatus]) -> None:
-    typer.echo(f"{'service':<14}{'state':<11}{'pid':>8}  {'procs':>5}  {'rss MiB':>8}  {'start s':>7}  url")
+    typer.echo(f"{'service':<16}{'state':<11}{'pid':>8}  {'procs':>5}  {'rss MiB':>8}  {'start s':>7}  url")
     for r in rows:
-        typer.echo(f"{r.name:<14}{r.state:<11}{r.pid or '-':>8}  {r.processes or '-':>5}  "
+        typer.echo(f"{r.name:<16}{r.state:<11}{r.pid or '-':>8}  {r.processes or '-':>5}  "
                    f"{r.rss_mb if r.rss_mb is not None else '-':>8}  "
                    f"{r.startup_s if r.startup_s is not None else '-':>7}  {r.url or '-'}"
                    + (f"  ({r.note})" if r.note else ""))
@@ -31,15 +32,18 @@ def _table(rows: list[svc.ServiceStatus]) -> None:
 
 @services_app.command("up")
 def up_cmd(only: list[str] = OnlyOption, params: Path = ParamsOption,
-           timeout: float = typer.Option(None, help="seconds to wait for each health check (default services.start_timeout)")) -> None:
+           timeout: float = typer.Option(None, help="seconds to wait for each health check (default services.start_timeout)"),
+           dask: bool = typer.Option(False, "--dask", help="also start a local Dask scheduler + "
+                                     "services.dask_workers workers (ports: services.dask_*)")) -> None:
     """Start the services (bound to services.host, explicit ports) and wait until each is healthy.
 
     Example:
       lerenet services up --only seaweedfs --only mlflow
+      lerenet services up --only dask    # just the Dask scheduler + workers; then eval "$(lerenet services env)"
     """
     p = params_or_exit(params)
     try:
-        rows = svc.up(p, only or None, timeout=timeout)
+        rows = svc.up(p, only or None, timeout=timeout, dask=dask)
     except svc.ServiceError as exc:
         fail(str(exc))
     for r in rows:

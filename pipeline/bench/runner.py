@@ -9,6 +9,7 @@ Cases (one module each; see their docstrings for exactly what is timed):
 | ``ingest`` | :mod:`pipeline.bench.data_case` | ingest / validate images/s on ``data.source`` |
 | ``overhead`` | :mod:`pipeline.bench.overhead_case` | plain Python vs ``dvc repro`` vs Prefect flow, ratios |
 | ``serving`` | :mod:`pipeline.bench.serve_case` | served queries/s: class by name (cached) vs supports per row |
+| ``dask`` | :mod:`pipeline.bench.dask_case` | training grid sequential vs Dask workers, runner overhead, task stream |
 
 Every case also reports its peak memory (:class:`pipeline.bench.harness.PeakMemory`). A case
 that fails is recorded with its error and the others still run; :func:`run_bench` returns the
@@ -34,7 +35,7 @@ from typing import Any
 
 import torch
 
-from pipeline.bench import data_case, harness, infer_case, overhead_case, serve_case, train_case
+from pipeline.bench import dask_case, data_case, harness, infer_case, overhead_case, serve_case, train_case
 from pipeline.config import Params
 from pipeline.layout import Layout
 
@@ -52,6 +53,8 @@ class Settings:
     of the image-based training configuration (``None`` = ``params.train.num_workers``).
     ``serve_*``: the ``serving`` case (requests of ``serve_queries`` rows; ``serve_http`` also over
     ``mlflow models serve``).
+    ``dask_*`` (case ``dask``): local Dask worker processes, training episodes of the CPU grid (``None`` =
+    ``params.train.episodes``), rounds of the CPU grid and of the tiny grid.
     """
 
     train_warmup: int = 1
@@ -78,13 +81,17 @@ class Settings:
     serve_warmup: int = 1
     serve_repeats: int = 4
     serve_http: bool = True
+    dask_workers: int = 2
+    dask_episodes: int | None = None
+    dask_grid_repeats: int = 1
+    dask_tiny_repeats: int = 2
 
 
 PRESETS: dict[str, Settings] = {
     "full": Settings(),
     "quick": Settings(train_warmup=1, train_repeats=1, train_steps=2, infer_warmup=1, infer_repeats=1, infer_queries=4,
                       infer_batches=(1, 4), data_warmup=0, data_repeats=1, overhead_warmup=0, overhead_repeats=1,
-                      serve_queries=4, serve_repeats=1),
+                      serve_queries=4, serve_repeats=1, dask_episodes=80, dask_tiny_repeats=1),
 }
 
 CASES: dict[str, Callable[[Any], dict[str, Any]]] = {
@@ -93,7 +100,14 @@ CASES: dict[str, Callable[[Any], dict[str, Any]]] = {
     "ingest": data_case.run,
     "overhead": overhead_case.run,
     "serving": serve_case.run,
+    "dask": dask_case.run,
 }
+
+
+DEFAULT_CASES: tuple[str, ...] = ("train", "inference", "ingest", "overhead")
+"""What a run without ``cases`` measures (``make bench``, about 10 minutes). ``dask`` trains the whole CPU
+grid twice (about 10 minutes on a quiet 2-core machine, over an hour under heavy load):
+``lerenet bench --only dask`` / ``make bench BENCH_ARGS="--only dask"``."""
 
 
 @dataclass
@@ -164,7 +178,7 @@ def run_bench(params: Params, *, cases: Sequence[str] | None = None, preset: str
 
     Args:
         params: validated project params (``data.source`` is the benchmark data; ``folds`` the fold table).
-        cases: names from :data:`CASES` (default: all, in table order).
+        cases: names from :data:`CASES` (default: :data:`DEFAULT_CASES`, in table order).
         preset: ``"full"`` or ``"quick"`` (:data:`PRESETS`); ignored when ``settings`` is given.
         settings: explicit sizes (tests pass tiny ones).
         device: ``"auto"`` | ``"cpu"`` | ``"cuda"`` (:func:`pipeline.device.resolve_device`).
@@ -187,7 +201,7 @@ def run_bench(params: Params, *, cases: Sequence[str] | None = None, preset: str
     from pipeline import device as dev
     from pipeline.images import atomic_write_text
 
-    names = list(cases) if cases else list(CASES)
+    names = list(cases) if cases else list(DEFAULT_CASES)
     unknown = [c for c in names if c not in CASES]
     if unknown:
         raise ValueError(f"unknown benchmark case(s) {unknown}; choose from {list(CASES)}")

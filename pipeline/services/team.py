@@ -36,6 +36,7 @@ from pathlib import Path
 
 from pipeline.atomic import atomic_write_text
 from pipeline.config import Params
+import pipeline.services.dask_cluster as dask_cluster
 from pipeline.services.processes import (Pending, ServiceError, ServiceStatus, await_healthy, http_ok, launch,
                                          log_path, read_record, registered_names, running_process,
                                          state_dir, stop_process, tree_rss_mb)
@@ -212,8 +213,11 @@ def _select(only: Iterable[str] | None) -> list[str]:
 
 
 def up(params: Params, only: Iterable[str] | None = None, *, env: Mapping[str, str] | None = None,
-       timeout: float | None = None) -> list[ServiceStatus]:
+       timeout: float | None = None, dask: bool = False) -> list[ServiceStatus]:
     """Start the services (``only`` a subset; their requirements are added) and wait until healthy.
+
+    The local Dask cluster (:mod:`pipeline.services.dask_cluster`) starts too when ``dask`` is true or
+    ``only`` names ``dask`` (``only=["dask"]``: just the cluster); last, after the other services.
 
     Already running services are left alone (no duplicates); stale pid files are
     removed. SeaweedFS starts first (MLflow needs it); MLflow and Prefect then
@@ -224,7 +228,9 @@ def up(params: Params, only: Iterable[str] | None = None, *, env: Mapping[str, s
         ServiceError: a port is taken, a program is missing, or a service does not
             become healthy within ``timeout`` seconds (message has the log tail).
     """
-    names = _select(only)
+    only_set = set(only or ())
+    with_dask = dask or "dask" in only_set
+    names = [] if only_set == {"dask"} else _select(only_set - {"dask"})
     creds = ensure_credentials(params, env)
     timeout = params.services.start_timeout if timeout is None else timeout
     for sub in ("logs", "pids", "seaweedfs", "mlflow", "prefect"):
@@ -252,31 +258,36 @@ def up(params: Params, only: Iterable[str] | None = None, *, env: Mapping[str, s
                         specs[n].after_start()
                     except StorageError as exc:
                         raise ServiceError(f"{n}: post-start step failed: {exc}") from exc
+        if with_dask:
+            out += dask_cluster.up(params, timeout)
     except BaseException:
         for n in reversed(started):
             stop_process(params, n)
         raise
-    return sorted(out, key=lambda r: SERVICE_ORDER.index(r.name))
+    return sorted(out, key=lambda r: SERVICE_ORDER.index(r.name) if r.name in SERVICE_ORDER else len(SERVICE_ORDER))
 
 
 def down(params: Params, only: Iterable[str] | None = None, *, timeout: float | None = None) -> list[tuple[str, str]]:
     """Stop services in the safe order; returns ``[(name, result)]`` (see :func:`stop_process`).
 
     With ``only=None`` every registered process is stopped: extra ones (e.g. served
-    Prefect deployments) first, then Prefect, MLflow, SeaweedFS. Stopping
+    Prefect deployments) first, then the Dask workers and scheduler, then Prefect, MLflow, SeaweedFS;
+    ``only=["dask"]`` stops just the Dask cluster. Stopping
     ``prefect`` also stops the extra processes (they talk to it), and stopping
     ``seaweedfs`` also stops ``mlflow`` (it stores artifacts there).
     """
-    names = set(SERVICE_ORDER) if not only else set(only)
-    unknown = names - set(SERVICE_ORDER) - set(registered_names(params))
+    names = set(SERVICE_ORDER) | {"dask"} if not only else set(only)
+    unknown = names - set(SERVICE_ORDER) - {"dask"} - set(registered_names(params))
     if unknown:
         raise ServiceError(f"unknown service(s) {sorted(unknown)}; choose from {list(SERVICE_ORDER)}")
     if "seaweedfs" in names:
         names.add("mlflow")
-    extras = [n for n in registered_names(params) if n not in SERVICE_ORDER]
+    extras = [n for n in registered_names(params) if n not in SERVICE_ORDER and not dask_cluster.is_dask_name(n)]
     order = [n for n in extras if not only or "prefect" in names or n in names]
-    order += [n for n in reversed(SERVICE_ORDER) if n in names]
     results = [(n, stop_process(params, n, timeout)) for n in order]
+    if "dask" in names and (only or any(dask_cluster.is_dask_name(n) for n in registered_names(params))):
+        results += dask_cluster.down(params, timeout)
+    results += [(n, stop_process(params, n, timeout)) for n in reversed(SERVICE_ORDER) if n in names]
     if "seaweedfs" in names and running_process(params, "seaweedfs") is None:
         _remove_weed_sockets(params)
     return results
@@ -292,7 +303,8 @@ def _remove_weed_sockets(params: Params) -> None:
 
 
 def status(params: Params) -> list[ServiceStatus]:
-    """State of the three services and of any extra registered process (stale pid files removed)."""
+    """State of the three services, of any extra registered process and of the Dask cluster (when a
+    Dask pid file exists); stale pid files are removed."""
     creds_path = state_dir(params) / CREDENTIALS_FILE
     urls = {"seaweedfs": s3_endpoint(params), "mlflow": mlflow_tracking_uri(params), "prefect": prefect_api_url(params)}
     health: dict[str, Callable[[], bool]] = {
@@ -305,7 +317,8 @@ def status(params: Params) -> list[ServiceStatus]:
         except ServiceError:
             pass
     out = []
-    for n in [*SERVICE_ORDER, *[x for x in registered_names(params) if x not in SERVICE_ORDER]]:
+    extras = [x for x in registered_names(params) if x not in SERVICE_ORDER and not dask_cluster.is_dask_name(x)]
+    for n in [*SERVICE_ORDER, *extras]:
         rec = read_record(params, n)
         proc = running_process(params, n)
         if proc is None:
@@ -317,13 +330,17 @@ def status(params: Params) -> list[ServiceStatus]:
         ok = health[n]() if n in health else True
         out.append(ServiceStatus(n, "running" if ok else "unhealthy", proc.pid, (rec or {}).get("url") or urls.get(n),
                                  round(rss, 1), nproc, (rec or {}).get("startup_s"), str(log_path(params, n))))
+    if any(dask_cluster.is_dask_name(x) for x in registered_names(params)):
+        out += dask_cluster.status(params)
     return out
 
 
 def client_env(params: Params, env: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Environment variables that point clients (pipeline, MLflow, DVC via boto, Prefect) at the services."""
+    """Environment variables that point clients (pipeline, MLflow, DVC via boto, Prefect) at the services;
+    ``LERENET_DASK_ADDRESS`` too while the local Dask scheduler (``up --dask``) runs."""
     creds = ensure_credentials(params, env)
-    return {
+    dask = running_process(params, dask_cluster.SCHEDULER) is not None
+    return {**({"LERENET_DASK_ADDRESS": dask_cluster.scheduler_address(params)} if dask else {}),
         "MLFLOW_TRACKING_URI": mlflow_tracking_uri(params),
         "PREFECT_API_URL": prefect_api_url(params),
         "LERENET_S3_ENDPOINT_URL": s3_endpoint(params),
