@@ -81,6 +81,7 @@ def test_compare_profile_adds_sofs_and_jaffnet_to_the_default_three():
     assert compare.model.model_dump(exclude={"names"}) == default.model.model_dump(exclude={"names"})
 
 
+@pytest.mark.slow
 def test_sofs_and_jaffnet_train_through_the_pipeline(trained):
     from pipeline.inference.model_file import load_model
 
@@ -99,6 +100,7 @@ def test_sofs_and_jaffnet_train_through_the_pipeline(trained):
         assert run["model"] == name and run["run_id"]
 
 
+@pytest.mark.slow
 def test_jaffnet_trains_on_images_with_its_deep_supervised_loss(trained):
     """JAFFNet's encode is its own encoder pass (pixels, not the store's features): the loop encodes the
     images and sums the hybrid loss over every side output; the step-1 loss recorded is that sum."""
@@ -120,7 +122,7 @@ def test_jaffnet_trains_on_images_with_its_deep_supervised_loss(trained):
     b = {k: torch.stack([it[k] for it in items]) for k in items[0]}
     s = Session(params, net, torch.device("cpu"), None, None, None, [], None, None, None, ())
     torch.manual_seed(0)
-    loss = s.loss(b)
+    loss = s.loss(b).detach()
     torch.manual_seed(0)
     sides = net.side_logits(net.encode(b["support_images"].flatten(0, 1)).unflatten(0, (2, 1)), b["support_masks"],
                             net.encode(b["query_images"]), (64, 64))
@@ -129,6 +131,7 @@ def test_jaffnet_trains_on_images_with_its_deep_supervised_loss(trained):
     assert float(loss) > float(hybrid_loss(sides[0], b["query_masks"]))  # more than the finest side alone
 
 
+@pytest.mark.slow
 def test_fold_metrics_have_sofs_and_jaffnet_in_the_lerenet_schema(trained):
     from pipeline.evaluation.results import FoldMetrics
 
@@ -151,6 +154,7 @@ def test_fold_metrics_have_sofs_and_jaffnet_in_the_lerenet_schema(trained):
     assert json.loads(FoldMetrics.read(Layout.of(params).fold_metrics(0)).dumps()) == on_disk
 
 
+@pytest.mark.slow
 def test_report_lists_them_and_the_registry_gate_reads_lerenet_only(trained):
     from pipeline.config import PRODUCTION_MODEL
     from pipeline.registry import RegistryError, collect_cv_cells
