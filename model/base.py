@@ -45,6 +45,13 @@ class FewShotSegmenter(nn.Module):
         """``Cb``: channels of ``encode``'s output."""
         return int(self.backbone.out_channels)
 
+    @property
+    def caches_features(self) -> bool:
+        """Whether ``encode`` returns the backbone's features (``True`` here), so that a frozen
+        backbone's output can be read from the pipeline's feature store instead of being computed.
+        A model whose ``encode`` is something else (JAFFNet's own encoder pass) returns ``False``."""
+        return True
+
     def train(self, mode: bool = True) -> FewShotSegmenter:
         """Set train/eval mode; a frozen backbone always stays in eval mode."""
         super().train(mode)

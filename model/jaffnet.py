@@ -75,6 +75,11 @@ class JAFFNet(FewShotSegmenter):
         """``Cb`` of ``encode``'s output: 3 (pixels) for ``"pyramid"``, the backbone's for ``"features"``."""
         return 3 if self.encoder == "pyramid" else int(self.backbone.out_channels)
 
+    @property
+    def caches_features(self) -> bool:
+        """``"features"`` only: ``"pyramid"`` encodes the images itself, the feature store does not apply."""
+        return self.encoder == "features"
+
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """``"pyramid"``: the validated images themselves ``(N, 3, H, W)``; ``"features"``: backbone features.
 

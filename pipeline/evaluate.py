@@ -87,7 +87,9 @@ def _fold_inputs(params: Params, fold: int, names: Sequence[str], data_dir: Path
     missing = [p for p in (layout.model_file(fold, n) for n in names) if not p.is_file()]
     if missing:
         raise EvaluationError(f"model file(s) missing: {[str(p) for p in missing]}; train them first "
-                              f"(`lerenet train --fold {fold} --model NAME` or `dvc repro train`)")
+                              f"(`lerenet train --fold {fold} --model NAME` or `dvc repro train`; under DVC the "
+                              "train matrix reads the top-level model.names, not a profile's: "
+                              "`dvc exp run -S 'model.names=[...]'`)")
     return test_classes, table, normal_ids, episodes
 
 
@@ -132,9 +134,11 @@ def evaluate(params: Params, fold: int, model_names: Sequence[str] | None = None
         predictor = Predictor.load(layout.model_file(fold, name), device=device)
         backbone = getattr(predictor.net, "config", {}).get("backbone", params.model.backbone)
         key = (backbone, predictor.image_size)
-        if key not in store_cache:
+        # the store fits a frozen backbone whose encode output is the backbone's features (not JAFFNet's pixels)
+        fits = getattr(predictor.net, "freeze_backbone", False) and getattr(predictor.net, "caches_features", True)
+        if fits and key not in store_cache:
             store_cache[key] = open_store_for(params, predictor, data_dir)
-        store = store_cache[key] if getattr(predictor.net, "freeze_backbone", False) else None
+        store = store_cache.get(key) if fits else None
         if store is not None and key in shared_src:
             src = shared_src[key]
             src.predictor = predictor

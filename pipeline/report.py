@@ -121,6 +121,33 @@ def support_table(folds: Mapping[int, FoldMetrics], fold_ids: list[int]) -> list
     return lines + [""]
 
 
+#: the support-free reference model (issue 12): a few-shot model that does not beat it ignores its support
+REFERENCE_MODEL = "jaffnet"
+
+
+def reference_table(folds: Mapping[int, FoldMetrics], fold_ids: list[int]) -> list[str]:
+    """Markdown lines comparing every other model with the support-free :data:`REFERENCE_MODEL` on the
+    paper protocol: per (model, K) the difference of paper mIoU per fold and over the folds' mean, and
+    whether the model beats the reference on every fold. Empty when the reference was not evaluated."""
+    if not any(REFERENCE_MODEL in fm.models for fm in folds.values()):
+        return []
+    lines = [f"### Against the support-free reference ({REFERENCE_MODEL}, paper protocol; mIoU difference in points)",
+             "", "| model | K | " + " | ".join(f"fold {f}" for f in fold_ids) + " | mean | beats it on every fold |",
+             "|" + " --- |" * (4 + len(fold_ids))]
+    for model in (m for m in _models(folds) if m != REFERENCE_MODEL):
+        for k in _shots(folds, model):
+            diffs = []
+            for f in fold_ids:
+                a, r = _score(folds, f, model, k, "paper"), _score(folds, f, REFERENCE_MODEL, k, "paper")
+                diffs.append(None if a is None or r is None else a.miou - r.miou)
+            known = [d for d in diffs if d is not None]
+            full = len(known) == len(fold_ids)
+            verdict = ("yes" if all(d > 0 for d in known) else "**no**") if full else "n/a"
+            lines.append(f"| {model} | {k} | " + " | ".join(_signed(d) for d in diffs) + " | "
+                         + (_signed(sum(known) / len(known)) if full else "n/a") + f" | {verdict} |")
+    return lines + [""]
+
+
 def results_table(folds: Mapping[int, FoldMetrics], fold_ids: list[int] | None = None) -> str:
     """Render the markdown tables for ``{fold: FoldMetrics}``; ``fold_ids`` = columns (default: the keys)."""
     fold_ids = sorted(folds) if fold_ids is None else fold_ids
@@ -146,6 +173,7 @@ def results_table(folds: Mapping[int, FoldMetrics], fold_ids: list[int] | None =
                     lines.append(f"| {model} | {k} | {p} | " + " | ".join(cells) + f" | {mean} |")
         lines.append("")
     lines += support_table(folds, fold_ids)
+    lines += reference_table(folds, fold_ids)
     lines += ["### False alarms on defect-free images (% mean predicted defect area / % images with any predicted defect)",
               "", "| model | K | " + " | ".join(f"fold {f}" for f in fold_ids) + " |",
               "|" + " --- |" * (2 + len(fold_ids))]

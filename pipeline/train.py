@@ -211,6 +211,7 @@ def train(params: Params, fold: int | None, model_name: str, out_dir: Path | Non
     if device.type == "cuda":
         net = net.to(memory_format=torch.channels_last)
     cached = params.model.freeze_backbone if use_cache is None else (use_cache and params.model.freeze_backbone)
+    cached = cached and getattr(net, "caches_features", True)  # JAFFNet's own encoder pass: images, not the store
     store = None
     if cached:
         store = FeatureStore.open(feature_store or build_feature_store(params, progress=progress))

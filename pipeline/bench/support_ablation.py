@@ -1,4 +1,5 @@
-"""Support-learning ablation (issue 11): one configuration of LERENet, trained per fold, scored side by side.
+"""Support-learning ablation (issue 11): one configuration of a model (LERENet unless ``--model``), trained
+per fold, scored side by side.
 
 For each fold the configuration (``params.yaml`` + ``-S key=value`` overrides, as ``dvc exp run -S``)
 is trained without MLflow into ``bench/support/<name>/fold<f>/`` and scored on
@@ -14,6 +15,7 @@ is written from it. Usage::
 
     python -m pipeline.bench.support_ablation NAME [--folds 0,1,2] [-S model.prior_skip=true ...]
     python -m pipeline.bench.support_ablation proto --untrained prototype   # a parameter-free model
+    python -m pipeline.bench.support_ablation sofs --model sofs             # another trained model (issue 12)
 """
 
 from __future__ import annotations
@@ -83,16 +85,24 @@ def _selection_scores(params: Params, fold: int, net: torch.nn.Module, store: An
                       src: FeatureSource) -> dict[str, float | None]:
     """mIoU on selection-class episodes (K=1, K=5) and, at K=1, the false alarms on the selection
     classes' defect-free images (supports of the K=1 selection episodes; unseen in training)."""
+    from pipeline.training.batches import ImageEpisodes
     from pipeline.training.loop import validate
 
     train_pools, val_pools = training_pools(params, fold)
+    rows = {r["id"]: r for r in load_validated(params.data.dir, kind="defect").to_dict("records")} \
+        if store is None else {}
+
+    def score(eps: list[Any]) -> float:  # cached features, or the images (a model the store does not fit)
+        data = None if store is not None else ImageEpisodes(params, val_pools, rows, augment=False, episodes=eps)
+        return round(100 * validate(net, eps, store=store, dataset=data), 2)
+
     out: dict[str, float | None] = {}
     for k in (1, 5):
         eps = validation_episodes(val_pools, train_pools, k, params.train.val_episodes, params.train.seed + 1)
-        out[f"k{k}"] = round(100 * validate(net, eps, store=store), 2)
+        out[f"k{k}"] = score(eps)
         swapped = mismatched_validation(eps, val_pools, train_pools, params.split.mismatched_seed)
         if swapped:
-            out[f"mis_k{k}"] = round(100 * validate(net, swapped, store=store), 2)
+            out[f"mis_k{k}"] = score(swapped)
         if k == 1:
             sets: dict[str, list[list[str]]] = {}
             for e in eps:
@@ -137,13 +147,14 @@ def score_fold(params: Params, fold: int, predictor: Predictor) -> dict[str, Any
 
 
 def run(name: str, params: Params, folds: list[int], untrained: str | None, sets: list[str],
-        rescore: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Train (unless ``untrained``, or ``rescore``: the row of an earlier run whose models are still in
-    ``bench/support/<name>/``) and score ``name`` on ``folds``; append the row to ``runs.jsonl``."""
+        rescore: dict[str, Any] | None = None, model: str = "lerenet") -> dict[str, Any]:
+    """Train ``model`` (unless ``untrained``, or ``rescore``: the row of an earlier run whose models are still
+    in ``bench/support/<name>/``) and score ``name`` on ``folds``; append the row to ``runs.jsonl``."""
     from pipeline.checkpoint import build_net
     from pipeline.train import train
 
-    row: dict[str, Any] = {"name": name, "sets": sets, "untrained": untrained, "folds": {}}
+    row: dict[str, Any] = {"name": name, "model": untrained or model, "sets": sets, "untrained": untrained,
+                           "folds": {}}
     if rescore:
         row["rescored"] = True
         row["models_of"] = rescore["models_of"]
@@ -159,7 +170,7 @@ def run(name: str, params: Params, folds: list[int], untrained: str | None, sets
             predictor = Predictor(net, params.train.image_size, {"model": untrained})
             info: dict[str, Any] = {}
         else:
-            r = train(params, f, "lerenet", fold_dir, checkpoint_file=fold_dir / "state.pt",
+            r = train(params, f, model, fold_dir, checkpoint_file=fold_dir / "state.pt",
                       curve_file=fold_dir / "curve.csv", track=False, progress=False)
             predictor = Predictor.load(r.model_path)
             info = {"best_step": r.best_step, "steps": r.steps, "best_val": round(100 * r.best_val_miou, 2),
@@ -201,6 +212,7 @@ def main() -> None:
     ap.add_argument("--folds", default="0,1,2")
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--untrained", default=None, help="score a parameter-free model (prototype) or lerenet at init")
+    ap.add_argument("--model", default="lerenet", help="the model to train: lerenet | baseline | sofs | jaffnet")
     ap.add_argument("-S", dest="sets", action="append", default=[])
     ap.add_argument("--rescore", action="store_true",
                     help="score the models an earlier run of NAME left in bench/support/NAME/ again (same -S keys)")
@@ -216,7 +228,8 @@ def main() -> None:
         earlier = {**next(r for r in reversed(rows) if r["name"] == source), "models_of": source}
         a.sets = earlier["sets"] + (a.sets if a.models_of else [])
     params = _override(Path(a.params), a.sets)
-    row = run(a.name, params, [int(f) for f in a.folds.split(",")], a.untrained, a.sets, earlier)
+    row = run(a.name, params, [int(f) for f in a.folds.split(",")], a.untrained, a.sets, earlier,
+              earlier.get("model", "lerenet") if earlier else a.model)
     print(json.dumps(row["mean"]), json.dumps({f: {k: v for k, v in d.items() if k != "per_class"}
                                                  for f, d in row["folds"].items()}))
 

@@ -157,9 +157,10 @@ class FeatureSource:
 
 
 def open_store_for(params: Params, predictor: Predictor, data_dir: Path) -> Any:
-    """The fold-independent feature store if it fits the model (frozen, same backbone and ``S``), else None."""
+    """The fold-independent feature store if it fits the model (frozen, same backbone and ``S``, ``encode`` =
+    the backbone's features: ``caches_features``), else None."""
     net = predictor.net
-    if not getattr(net, "freeze_backbone", False):
+    if not getattr(net, "freeze_backbone", False) or not getattr(net, "caches_features", True):
         return None
     from pipeline.features import FeatureStore, feature_store_path
 

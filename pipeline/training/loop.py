@@ -1,7 +1,8 @@
 """The optimisation loop of :func:`pipeline.train.train`: optimiser, schedule, validation, steps.
 
 * Loss (``train.loss``): binary cross-entropy with logits between the query logits and its mask
-  (paper Eq. 6), or SOFS's mixed normal Dice + ``train.bce_weight`` x BCE (``model.losses``).
+  (paper Eq. 6), or SOFS's mixed normal Dice + ``train.bce_weight`` x BCE (``model.losses``); a
+  deep-supervised model (JAFFNet) gets its own hybrid loss on every side output (:meth:`Session.loss`).
 * Optimiser (authors' code): SGD, momentum ``train.momentum`` (0.9), weight decay
   ``train.weight_decay`` (1e-4); poly schedule ``lr_s = lr * (1 - s / steps) ** poly_power``;
   a fine-tuned backbone gets ``lr * backbone_lr_mult``.
@@ -24,7 +25,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from model.losses import segmentation_loss
+from model.losses import deep_supervision_loss, segmentation_loss
 
 from pipeline import device as dev
 from pipeline.config import Params
@@ -135,6 +136,18 @@ class Session:
                        device=self.device)
         return miou - lam * mis, miou, mis
 
+    def features(self, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(support_feats, support_masks, query_feats)`` of a batch on the device: the cached features,
+        or ``net.encode`` of the images (as ``FewShotSegmenter.forward`` does)."""
+        d = self.device
+        masks = dev.to_device(b["support_masks"], d)
+        if "support_feats" in b:
+            return dev.to_device(b["support_feats"], d), masks, dev.to_device(b["query_feats"], d)
+        sup = dev.to_device(b["support_images"], d)
+        bk = tuple(sup.shape[:2])
+        return (self.net.encode(sup.flatten(0, 1)).unflatten(0, bk), masks,
+                self.net.encode(dev.to_device(b["query_images"], d)))
+
     def forward(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
         """Query logits of a batch: ``forward_features`` on cached features, else the full ``net(...)``."""
         d = self.device
@@ -146,13 +159,26 @@ class Session:
             return self.net(dev.to_device(b["support_images"], d), dev.to_device(b["support_masks"], d),
                             dev.to_device(b["query_images"], d))
 
+    def loss(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The training loss of a batch.
+
+        A model with deep supervision (``side_logits``: JAFFNet) is trained with its paper's loss,
+        :func:`model.losses.deep_supervision_loss` (BCE + IoU + SSIM summed over every side output;
+        ``train.loss`` does not apply); every other model with ``train.loss`` (BCE, or mixed normal
+        Dice + ``train.bce_weight`` x BCE) on its query logits.
+        """
+        target = dev.to_device(b["query_masks"], self.device)
+        if hasattr(self.net, "side_logits"):
+            with dev.autocast(self.device):
+                sides = self.net.side_logits(*self.features(b), tuple(target.shape[-2:]))
+            return deep_supervision_loss([x.float() for x in sides], target)
+        t = self.params.train
+        return segmentation_loss(self.forward(b).float(), target, t.loss, t.bce_weight)
+
 
 def _step(s: Session, b: dict[str, torch.Tensor]) -> tuple[float, float]:
-    """One optimiser step (``train.loss``: BCE or mixed normal Dice + BCE; backward, SGD, schedule);
-    returns ``(loss, lr used)``."""
-    logits = s.forward(b)
-    t = s.params.train
-    loss = segmentation_loss(logits.float(), dev.to_device(b["query_masks"], s.device), t.loss, t.bce_weight)
+    """One optimiser step (:meth:`Session.loss`; backward, SGD, schedule); returns ``(loss, lr used)``."""
+    loss = s.loss(b)
     s.opt.zero_grad(set_to_none=True)
     s.scaler.scale(loss).backward()
     s.scaler.step(s.opt)
