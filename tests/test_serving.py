@@ -19,8 +19,6 @@ import base64
 import io
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +30,8 @@ import pytest
 from PIL import Image
 
 import pipeline.predict as P
+from pipeline.bench.serve_case import free_port as _free_port
+from pipeline.bench.serve_case import stop_group as _stop
 from pipeline.inference.predictor import Predictor
 from pipeline.serving.class_sets import STORE_ENV
 from pipeline.serving.limits import MAX_QUERIES_PER_REQUEST
@@ -44,26 +44,6 @@ if not REAL_DATA.is_dir():  # pragma: no cover
 START_TIMEOUT = 180.0
 #: the served model's byte limit for this module (the logged default, 32 MiB, overridden when serving)
 SERVED_LIMIT = 1024 * 1024
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM the server's process group (it was started in its own session), SIGKILL if it lingers."""
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-    except ProcessLookupError:
-        pass
 
 
 @pytest.fixture(scope="module")

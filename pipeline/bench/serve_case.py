@@ -175,13 +175,16 @@ def _in_process(checkpoint: Path, store: Path, frames: tuple[Any, Any], warmup: 
     return times, {"cache_hits": c.hits, "cache_misses": c.misses}
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (the OS's pick)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _stop(proc: subprocess.Popen) -> None:
+def stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM ``proc``'s process group (started with ``start_new_session``), SIGKILL after 30 s; a no-op
+    once it has exited."""
     if proc.poll() is not None:
         return
     try:
@@ -214,7 +217,7 @@ def _http(work: Path, checkpoint: Path, store: Path, bodies: tuple[bytes, bytes]
         raise ServeBenchError(f"logging the benchmark model failed:\n{log.stderr[-3000:]}")
     model_uri = log.stdout.split()[-1]
     log_s = time.perf_counter() - t0
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     with (work / "server.log").open("wb") as out:
         proc = subprocess.Popen([str(bin_dir / "mlflow"), "models", "serve", "-m", model_uri, "--host", "127.0.0.1",
@@ -242,7 +245,7 @@ def _http(work: Path, checkpoint: Path, store: Path, bodies: tuple[bytes, bytes]
 
             times = _time_pair(lambda: post(bodies[0]), lambda: post(bodies[1]), warmup, repeats, _tree_cpu(proc.pid))
     finally:
-        _stop(proc)
+        stop_group(proc)
     return times, {"model_uri": model_uri, "log_seconds": round(log_s, 1), "server_start_seconds": round(start_s, 1),
                       "request_bytes_by_class": len(bodies[0]), "request_bytes_supports_per_row": len(bodies[1])}
 
