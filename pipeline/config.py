@@ -17,12 +17,7 @@ Environment overrides (applied after the profile overlay):
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import functools
-import ipaddress
-import os
-import re
+import contextlib, copy, functools, ipaddress, os, re  # noqa: E401
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
@@ -197,6 +192,7 @@ class TrainParams(_Section):
     bce_weight: float = Field(0.01, ge=0)
     negative_share: float = Field(0.0, ge=0, lt=1)  # share of episodes whose query has none of the support's defect
     selection_classes: int = Field(0, ge=0)        # whole training classes held out for model selection (0: images)
+    selection_material: bool = False               # hold out every training class of one material instead
     validate_at_start: bool = False                # score the untrained network too (step 0 is selectable)
     support_penalty: float = Field(0.0, ge=0.0, le=1.0)  # selection score = val mIoU - this x val mIoU with
                                                    # supports of another selection class (0: plain mIoU)

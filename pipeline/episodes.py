@@ -56,6 +56,10 @@ def selection_classes(params: Params, fold: int | None) -> list[str]:
     one per material in turn (so the held-out classes differ in material where possible). Never a
     test class of ``fold``. Empty when ``train.selection_classes`` is 0.
 
+    With ``train.selection_material`` (and ``selection_classes > 0``), every training class of one
+    *material* is held out instead (:func:`selection_material`): selection then scores what training
+    does for a surface the network never trained on, as a plant's new material will be.
+
     With fewer than ``2 * selection_classes`` training classes (a small project), holding whole
     classes out would leave too little to train on: a warning says so and selection falls back to
     held-out images of the training classes (empty result).
@@ -64,6 +68,12 @@ def selection_classes(params: Params, fold: int | None) -> list[str]:
     classes = sorted(params.train_classes(fold))
     if n == 0:
         return []
+    if params.train.selection_material:
+        held = selection_material(classes, params.split.seed, fold)
+        if held:
+            return held
+        log.warning("fold %s: no material of the training classes has 2+ classes with 2+ classes of other "
+                    "materials left to train on; holding out %d classes instead (train.selection_material)", fold, n)
     if len(classes) < 2 * n:
         log.warning("fold %s has %d training classes: too few to hold out train.selection_classes=%d whole classes "
                     "for model selection; selecting on held-out images of the training classes instead", fold,
@@ -77,6 +87,29 @@ def selection_classes(params: Params, fold: int | None) -> list[str]:
         fresh = [c for c in order if c not in picked and material(c) not in used]
         picked.append((fresh or [c for c in order if c not in picked])[0])
     return sorted(picked)
+
+
+def selection_material(classes: Sequence[str], seed: int, fold: int | None) -> list[str]:
+    """Every class of one material (:func:`material`) of ``classes``: leave-one-material-out selection.
+
+    A material qualifies when it has at least 2 classes here (so that selection can also swap supports
+    between held-out classes and is not one class's noise) and its removal leaves at least 2 classes of
+    other materials to train on. The qualifying materials are shuffled with ``seed`` and fold ``f`` takes
+    the ``f``-th (modulo their number), so that over a benchmark's folds the materials take turns;
+    ``fold=None`` (the production model) takes one by the seed. Returns the sorted held-out classes, or
+    ``[]`` when none qualifies (e.g. a single-material project: nothing to hold out that training has not
+    seen).
+    """
+    by_mat: dict[str, list[str]] = {}
+    for c in sorted(classes):
+        by_mat.setdefault(material(c), []).append(c)
+    mats = [m for m in sorted(by_mat) if len(by_mat[m]) >= 2 and len(classes) - len(by_mat[m]) >= 2]
+    if not mats:
+        return []
+    rng = np.random.default_rng([int(seed), 7919])
+    order = [mats[int(i)] for i in rng.permutation(len(mats))]
+    pick = order[int(rng.integers(len(order))) if fold is None else int(fold) % len(order)]
+    return by_mat[pick]
 
 
 def class_pools(rows: pd.DataFrame, ids: Iterable[str] | None = None) -> Pools:

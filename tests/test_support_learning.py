@@ -243,6 +243,40 @@ def test_selection_classes_are_training_classes_and_deterministic(project):
     assert material("MT_Crack") == "MT"
 
 
+def test_leave_one_material_out_selection_takes_turns_over_folds():
+    from pipeline.episodes import selection_material
+
+    fold_train = {0: ["Leather_Cut", "Leather_Glue", "Leather_Poke", "MT_Break", "MT_Crack", "MT_Fray",
+                      "Steel_Pa", "Steel_Sc"],
+                  1: ["Leather_Color", "Leather_Glue", "Leather_Poke", "MT_Blowhole", "MT_Break", "MT_Fray",
+                      "MT_Uneven", "Steel_In"]}
+    held = {f: selection_material(c, 0, f) for f, c in fold_train.items()}
+    for f, h in held.items():
+        mats = {c.split("_")[0] for c in h}
+        assert len(mats) == 1 and len(h) >= 2                      # one whole material, 2+ classes
+        mat = mats.pop()
+        assert h == sorted(c for c in fold_train[f] if c.startswith(mat + "_"))
+        assert selection_material(fold_train[f], 0, f) == h          # deterministic
+    # Steel_In alone is never a selection set (one class: no support swap, one class's noise)
+    assert held[1] != ["Steel_In"]
+    # consecutive folds over the same qualifying materials take different ones
+    three = ["A_1", "A_2", "B_1", "B_2", "C_1", "C_2"]
+    assert len({tuple(selection_material(three, 0, f)) for f in range(3)}) == 3
+    # nothing qualifies: one material, or a material whose removal leaves < 2 classes to train on
+    assert selection_material(["MT_A", "MT_B", "MT_C"], 0, 0) == []
+    assert selection_material(["MT_A", "MT_B", "Steel_A"], 0, 0) == []
+
+
+def test_selection_material_switch_holds_out_a_material_or_falls_back(project):
+    from pipeline.episodes import selection_classes, training_pools
+
+    # the small project has 3 classes of 3 materials: no material qualifies -> class hold-out, warned
+    params = load(project, train={"selection_classes": 1, "selection_material": True})
+    assert selection_classes(params, None) == selection_classes(load(project, train={"selection_classes": 1}), None)
+    train, val = training_pools(params, None)
+    assert len(val) == 1 and len(train) == 2
+
+
 def test_negative_batches_have_empty_targets(project):
     from pipeline.episodes import normal_pools, training_pools
     from pipeline.features import FeatureStore, feature_store_path
