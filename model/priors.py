@@ -18,6 +18,11 @@ the SOFS priors (Zhang et al., arXiv 2407.21351, Sec. 3.2), per backbone level:
   (-1) descriptors of this episode and applied to the query descriptors; ``> 0`` = defect.
   The test-time fit the foundation issue measured (a per-episode logistic regression on the
   same frozen descriptors) in its cheapest exact form: one ``(C+1) x (C+1)`` solve per episode.
+* ``logistic``: the per-episode *logistic* regression the foundation issue measured (class-balanced,
+  L2 penalty ``LOGISTIC_L2`` on the weights, fitted by ``LOGISTIC_STEPS`` Newton steps from the ridge
+  solution, float64), reported as ``2 sigmoid(z) - 1`` in ``(-1, 1)``, ``> 0`` = defect. Unlike the ridge
+  probe it does not pull well-separated cells towards ``+-1``, so the support's easy cells stop
+  dictating the boundary.
 * ``proto``: the prototype model's map on the frozen features (PANet, Wang et al. ICCV 2019):
   ``cos(q, p_fg) - cos(q, p_bg)`` with ``p_fg`` / ``p_bg`` the masked average pooling of the
   support over its defect area fractions / their complement (all shots), in ``[-2, 2]``.
@@ -40,17 +45,21 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-PRIOR_KINDS = ("fg", "abnormal", "nn", "linear", "proto", "self")
+PRIOR_KINDS = ("fg", "abnormal", "nn", "linear", "proto", "self", "logistic")
 #: kinds a prior skip can start from, and the factor that puts each in the ``nn`` map's units
 #: (``skip_scale`` x factor = initial logit per unit of the map): the linear probe scores about
 #: ``[-1, 1]`` where the cosine differences move about twice as little
-SKIP_FACTORS = {"nn": 1.0, "linear": 0.5, "proto": 1.0, "self": 0.5}
+SKIP_FACTORS = {"nn": 1.0, "linear": 0.5, "proto": 1.0, "self": 0.5, "logistic": 0.5}
 FG_SHARE = 0.5
 RIDGE = 0.001  # ridge of the linear probe, relative to the unit total weight of the support cells
 _NONE = -2.0  # below any cosine: "no such support cell"
 #: |linear+proto score| a query cell needs to join the self-support refit (``self``), in skip-score units
 #: (logit / skip scale); 0.1 chosen on the selection classes over 0 / 0.05 (docs/experiments.md, e19)
 SELF_MARGIN = 0.1
+#: L2 penalty of the logistic probe, relative to the unit total weight of the support cells; 1e-4 chosen on the
+#: leave-one-material-out selection classes over 1e-2 / 1e-3 / 1e-5 (docs/experiments.md, fourth session)
+LOGISTIC_L2 = 1e-4
+LOGISTIC_STEPS = 8
 
 
 def _cells(query: torch.Tensor, support: torch.Tensor, masks: torch.Tensor
@@ -76,6 +85,35 @@ def _max_cosines(q: torch.Tensor, s: torch.Tensor, fg: torch.Tensor, bg: torch.T
     return fg_max, bg_max
 
 
+def _design(s: torch.Tensor, fg: torch.Tensor, bg: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x (B, C+1, N), wt (B, N), y (B, N), n_fg (B, 1))`` float64: support cells with a bias row, class
+    weights (each class sums to 1/2), targets ``+1`` defect / ``-1`` background / 0 neither, defect-cell count."""
+    s = torch.nan_to_num(s, 0.0, 0.0, 0.0)  # a diverged fine-tuned backbone: the map is undefined, the step runs
+    x = torch.cat([s, s.new_ones(s.shape[0], 1, s.shape[2])], dim=1).double()
+    fgw, bgw = fg.squeeze(1).double(), bg.squeeze(1).double()
+    n_fg, n_bg = fgw.sum(1, keepdim=True), bgw.sum(1, keepdim=True)
+    return x, 0.5 * fgw / n_fg.clamp_min(1) + 0.5 * bgw / n_bg.clamp_min(1), fgw - bgw, n_fg
+
+
+def _apply(w: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``(B, Lq)`` float64: ``[q; 1] . w`` for weights ``w (B, C+1, 1)`` and query cells ``q (B, C, Lq)``."""
+    q = torch.nan_to_num(q, 0.0, 0.0, 0.0)
+    qx = torch.cat([q, q.new_ones(q.shape[0], 1, q.shape[2])], dim=1).double()
+    return (w.transpose(1, 2) @ qx).squeeze(1)
+
+
+def _ridge_weights(x: torch.Tensor, wt: torch.Tensor, y: torch.Tensor, ridge: float) -> torch.Tensor:
+    """``(B, C+1, 1)``: ``w = (X^T W X + ridge I)^-1 X^T W y`` (primal or dual form, whichever is smaller)."""
+    a = x * wt.sqrt()[:, None, :]                                               # X W^1/2
+    rhs = (wt.sqrt() * y)[:, :, None]                                           # W^1/2 y, (B, N, 1)
+    if a.shape[1] <= a.shape[2]:   # primal: (A A^T + r I) w = A W^1/2 y, a (C+1) x (C+1) system
+        gram = a @ a.transpose(1, 2) + ridge * torch.eye(a.shape[1], dtype=a.dtype, device=a.device)
+        return torch.cholesky_solve(a @ rhs, torch.linalg.cholesky(gram))
+    gram = a.transpose(1, 2) @ a + ridge * torch.eye(a.shape[2], dtype=a.dtype, device=a.device)
+    return a @ torch.cholesky_solve(rhs, torch.linalg.cholesky(gram))  # dual: few cells, wide features
+
+
 def _linear_probe(q: torch.Tensor, s: torch.Tensor, fg: torch.Tensor, bg: torch.Tensor,
                   ridge: float | None = None) -> torch.Tensor:
     """``(B, Lq)``: query scores of a ridge-regression classifier fitted on this episode's support.
@@ -85,27 +123,32 @@ def _linear_probe(q: torch.Tensor, s: torch.Tensor, fg: torch.Tensor, bg: torch.
     column, and ``ridge * I``: ``w = (X^T W X + ridge I)^-1 X^T W y``, score ``= [q; 1] . w``.
     A support without defect cells scores ``-1`` everywhere (nothing to find). float64 solve.
     """
-    ridge = RIDGE if ridge is None else ridge
-    # non-finite features (a diverged fine-tuned backbone) would make the solve fail: zero them, the
-    # map is then as undefined as the features but the step still runs
-    s, q = torch.nan_to_num(s, 0.0, 0.0, 0.0), torch.nan_to_num(q, 0.0, 0.0, 0.0)
-    x = torch.cat([s, s.new_ones(s.shape[0], 1, s.shape[2])], dim=1).double()  # (B, C+1, N)
-    fgw, bgw = fg.squeeze(1).double(), bg.squeeze(1).double()                  # (B, N)
-    n_fg, n_bg = fgw.sum(1, keepdim=True), bgw.sum(1, keepdim=True)
-    wt = 0.5 * fgw / n_fg.clamp_min(1) + 0.5 * bgw / n_bg.clamp_min(1)
-    y = fgw - bgw
-    a = x * wt.sqrt()[:, None, :]                                               # X W^1/2
-    rhs = (wt.sqrt() * y)[:, :, None]                                           # W^1/2 y, (B, N, 1)
-    if a.shape[1] <= a.shape[2]:   # primal: (A A^T + r I) w = A W^1/2 y, a (C+1) x (C+1) system
-        gram = a @ a.transpose(1, 2) + ridge * torch.eye(a.shape[1], dtype=a.dtype, device=a.device)
-        w = torch.cholesky_solve(a @ rhs, torch.linalg.cholesky(gram))        # (B, C+1, 1)
-    else:                          # dual (wide features, few cells): w = A (A^T A + r I)^-1 W^1/2 y
-        gram = a.transpose(1, 2) @ a + ridge * torch.eye(a.shape[2], dtype=a.dtype, device=a.device)
-        w = a @ torch.cholesky_solve(rhs, torch.linalg.cholesky(gram))
-    qx = torch.cat([q, q.new_ones(q.shape[0], 1, q.shape[2])], dim=1).double()
-    score = (w.transpose(1, 2) @ qx).squeeze(1)                                # (B, Lq)
-    score = torch.where(n_fg > 0, score, score.new_tensor(-1.0))
-    return score.float()
+    x, wt, y, n_fg = _design(s, fg, bg)
+    score = _apply(_ridge_weights(x, wt, y, RIDGE if ridge is None else ridge), q)
+    return torch.where(n_fg > 0, score, score.new_tensor(-1.0)).float()
+
+
+def _logistic_probe(q: torch.Tensor, s: torch.Tensor, fg: torch.Tensor, bg: torch.Tensor) -> torch.Tensor:
+    """``(B, Lq)`` in ``(-1, 1)``: ``2 sigmoid(z) - 1`` of a class-balanced logistic regression on the support.
+
+    Minimises ``sum_i wt_i BCE(z_i, y_i) + LOGISTIC_L2 / 2 |w_1..C|^2`` (bias unpenalised) over the
+    support's defect (``y = 1``) and background (``y = 0``) cells, class weights as :func:`_linear_probe`;
+    ``LOGISTIC_STEPS`` Newton steps ``w -= H^-1 g`` from the ridge solution (the loss is convex, the
+    ``(C+1) x (C+1)`` Hessian is cheap). A support without defect cells scores ``-1`` everywhere.
+    """
+    x, wt, y, n_fg = _design(s, fg, bg)
+    t = (y > 0).double()
+    c = x.shape[1]
+    pen = LOGISTIC_L2 * torch.eye(c, dtype=x.dtype, device=x.device)
+    pen[-1, -1] = 1e-8                                                          # the bias: no penalty
+    w = _ridge_weights(x, wt, y, RIDGE)
+    for _ in range(LOGISTIC_STEPS):
+        p = torch.sigmoid((w.transpose(1, 2) @ x).squeeze(1))                 # (B, N)
+        g = x @ (wt * (p - t))[:, :, None] + pen @ w                            # (B, C+1, 1)
+        h = (x * (wt * p * (1 - p))[:, None, :]) @ x.transpose(1, 2) + pen
+        w = w - torch.linalg.solve(h, g)
+    score = 2 * torch.sigmoid(_apply(w, q)) - 1
+    return torch.where(n_fg > 0, score, score.new_tensor(-1.0)).float()
 
 
 def _prototype_map(qn: torch.Tensor, support: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -158,6 +201,8 @@ def _frozen_priors(query: torch.Tensor, support: torch.Tensor, masks: torch.Tens
             maps = {"fg": fg_max, "abnormal": 1.0 - bg_max, "nn": fg_max - bg_max}
         if "linear" in want:
             maps["linear"] = _linear_probe(qn, sn, fg, bg)
+        if "logistic" in want:
+            maps["logistic"] = _logistic_probe(qn, sn, fg, bg)
         if "proto" in want:
             maps["proto"] = _prototype_map(qn, s, masks)
         per_level.append((qn, sn, fg, bg, maps))

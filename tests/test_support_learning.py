@@ -82,6 +82,35 @@ def test_linear_probe_is_class_balanced_ridge_regression_on_the_support():
     assert torch.all(frozen_priors(q, s, torch.zeros_like(m), (6,), ("linear",)) == -1.0)
 
 
+def test_logistic_probe_is_class_balanced_logistic_regression_on_the_support(monkeypatch):
+    """The ``logistic`` prior equals ``2 sigmoid(z) - 1`` of scikit-learn's weighted, L2-penalised logistic
+    regression (free intercept) on the support cells, with the class weights of the linear probe."""
+    from sklearn.linear_model import LogisticRegression
+
+    import model.priors as priors
+
+    monkeypatch.setattr(priors, "LOGISTIC_L2", 0.05)
+    monkeypatch.setattr(priors, "LOGISTIC_STEPS", 25)
+    g = torch.Generator().manual_seed(5)
+    s = torch.randn(1, 2, 6, 4, 4, generator=g)
+    m = torch.zeros(1, 2, 1, 4, 4)
+    m[..., 1:3, 1:3] = 1.0
+    m[0, 1, 0, 0, 0] = 0.2                          # below FG_SHARE x peak: neither class
+    q = torch.randn(1, 6, 4, 4, generator=g)
+    got = frozen_priors(q, s, m, (6,), ("logistic",)).flatten()
+    x = F.normalize(s[0].permute(0, 2, 3, 1).reshape(-1, 6), dim=1).double().numpy()
+    cell = m[0].flatten().numpy()
+    fg, bg = cell >= 0.5, cell <= 0
+    keep = fg | bg
+    wt = np.where(fg, 0.5 / fg.sum(), 0.5 / bg.sum())
+    # sklearn minimises |w|^2 / 2 + C sum_i s_i loss_i; ours sum_i wt_i loss_i + L2 |w|^2 / 2: C = 1 / L2
+    ref = LogisticRegression(C=1 / 0.05, tol=1e-12, max_iter=10_000).fit(x[keep], fg[keep], sample_weight=wt[keep])
+    qn = F.normalize(q[0].permute(1, 2, 0).reshape(-1, 6), dim=1).double().numpy()
+    expect = 2 * ref.predict_proba(qn)[:, 1] - 1
+    assert np.allclose(got.numpy(), expect, atol=1e-4)
+    assert torch.all(frozen_priors(q, s, torch.zeros_like(m), (6,), ("logistic",)) == -1.0)
+
+
 @pytest.mark.parametrize("priors", [[], ["nn", "linear"]])   # computed for the skip alone, or reused
 def test_prior_skip_from_the_linear_probe(priors):
     net = build_model("lerenet", channels=16, pretrained=False, priors=priors, prior_skip=True,
