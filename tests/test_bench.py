@@ -241,3 +241,27 @@ def test_dask_case_rows_pair_the_modes_of_each_round():
     assert rows["g: sequential / dask grid wall time (speed-up)"]["median"] == 2.5  # (2.0, 3.0)
     assert rows["g: dask - sequential, runner start + grid + stop"]["median"] == -3.5  # (8 - 10, 7 - 12)
     assert rows["g, dask: runner start + grid + stop"]["max"] == 8
+
+
+def test_run_logged_appends_output_and_returns_exit_code_and_cpu(tmp_path: Path):
+    import contextlib
+    import sys
+
+    from pipeline.bench.harness import run_logged
+
+    log = tmp_path / "run.log"
+    log.write_text("earlier\n")
+    seen = []
+
+    @contextlib.contextmanager
+    def monitor(pid):
+        seen.append(pid)
+        yield "watched"
+
+    code = "import sys; s = sum(i * i for i in range(2_000_000)); print('out', s > 0); sys.exit(3)"
+    rc, wall, cpu, watched = run_logged([sys.executable, "-c", code], tmp_path, {}, log, monitor)
+    assert rc == 3 and watched == "watched" and len(seen) == 1
+    assert wall > 0 and cpu > 0                       # the child's own CPU time, via os.wait4
+    text = log.read_text()
+    assert text.startswith("earlier\n") and f"$ {sys.executable} -c" in text and "out True" in text
+    assert run_logged([sys.executable, "-c", "pass"], tmp_path, {}, log)[::3] == (0, None)

@@ -43,6 +43,17 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
     return load_model(path)[0].state_dict()
 
 
+def _assert_same_grid(root: Path, seq: dict, dsk: dict) -> None:
+    """The sequential (``root/seq``) and Dask (``root/dask``) flow runs gave the same CV summary, metrics
+    files and weights of every (fold, model)."""
+    assert seq["cv"] == dsk["cv"]
+    assert _metrics(root / "seq") == _metrics(root / "dask")
+    for fold in (0, 1, 2):
+        for m in MODELS:
+            rel = Path("models") / f"fold{fold}" / m / "model.pt"
+            assert _same(_weights(root / "seq" / rel), _weights(root / "dask" / rel)), rel
+
+
 def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -75,12 +86,7 @@ def test_flow_on_dask_local_cluster_equals_sequential_and_standalone_train(
     dask_pf = _project(tmp_path / "dask", small_source, "dask")
     seq = training_pipeline(str(seq_pf), None, None, False, False)
     dsk = training_pipeline(str(dask_pf), None, None, False, False)
-    assert seq["cv"] == dsk["cv"]
-    assert _metrics(tmp_path / "seq") == _metrics(tmp_path / "dask")
-    for fold in (0, 1, 2):
-        for m in MODELS:
-            rel = Path("models") / f"fold{fold}" / m / "model.pt"
-            assert _same(_weights(tmp_path / "seq" / rel), _weights(tmp_path / "dask" / rel)), rel
+    _assert_same_grid(tmp_path, seq, dsk)
     # the flow's fold-0 LERENet == a standalone train() of the same params (fresh state, no resume)
     params = load_params(seq_pf, env={})
     alone = train(params, 0, "lerenet", out_dir=tmp_path / "alone", checkpoint_file=tmp_path / "alone.pt",
@@ -195,13 +201,10 @@ def test_killed_worker_mid_training_is_rescheduled_and_the_result_is_unchanged(
     assert rerun, "no task was rescheduled after the worker was killed"
     assert all("train" in k for k in rerun), rerun
     # complete and correct: same metrics and weights as the sequential run
-    assert seq["cv"] == dsk["cv"]
-    assert _metrics(tmp_path / "seq") == _metrics(tmp_path / "dask")
+    _assert_same_grid(tmp_path, seq, dsk)
     for fold in (0, 1, 2):
         for m in MODELS:
-            rel = Path("models") / f"fold{fold}" / m / "model.pt"
-            assert _same(_weights(tmp_path / "seq" / rel), _weights(tmp_path / "dask" / rel)), rel
-            load_model(tmp_path / "dask" / rel)  # complete model files
+            load_model(tmp_path / "dask" / "models" / f"fold{fold}" / m / "model.pt")  # complete model files
     # nothing half-written: no temporary file of an atomic write anywhere in the outputs
     for p in killer.planted:
         assert not p.exists(), f"orphan {p} of the killed attempt was not removed"

@@ -27,14 +27,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from pipeline.bench import workspace
-from pipeline.bench.harness import ratio_stats, summarize
+from pipeline.bench.harness import ratio_stats, run_logged, summarize
 from pipeline.bench.overhead_case import run_env
 from pipeline.config import DEFAULT_PARAMS
 from pipeline.layout import Layout
@@ -89,23 +88,11 @@ def run_grid(pf: Path, mode: str, workers: int, log: Path) -> dict[str, Any]:
     env["PYTHONPATH"] = os.pathsep.join([str(CODE_ROOT), *filter(None, [env.get("PYTHONPATH")])])
     env.pop("LERENET_TORCH_THREADS", None)  # each process picks its own (sequential: every core)
     env.pop("LERENET_DASK_ADDRESS", None)
-    with log.open("a") as fh:
-        fh.write(f"\n$ {' '.join(cmd)}\n")
-        fh.flush()
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=CODE_ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
-        try:
-            _, status, usage = os.wait4(proc.pid, 0)
-        except BaseException:
-            proc.kill()
-            proc.wait()
-            raise
-        wall = time.perf_counter() - t0
-    code = os.waitstatus_to_exitcode(status)
+    code, wall, cpu, _ = run_logged(cmd, CODE_ROOT, env, log)
     if code != 0 or not out.is_file():
         raise GridRunError(f"grid run `{' '.join(cmd)}` exited with status {code}; see {log}")
     res = json.loads(out.read_text())
-    res.update(process_s=round(wall, 3), cpu_s=round(usage.ru_utime + usage.ru_stime, 3))
+    res.update(process_s=round(wall, 3), cpu_s=round(cpu, 3))
     return res
 
 

@@ -13,14 +13,17 @@ every few milliseconds while a case runs (the process-wide high-water mark
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import platform
 import resource
 import statistics
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -224,3 +227,31 @@ def machine_info(device: Any = "cpu") -> dict[str, Any]:
         "cuda_available": torch.cuda.is_available(),
         "gpu": gpu, "python": platform.python_version(), "os": f"{platform.system()} {platform.release()}"
     }
+
+
+def run_logged(cmd: Sequence[str], cwd: Path, env: dict[str, str], log: Path,
+               monitor: Callable[[int], contextlib.AbstractContextManager[Any]] | None = None
+               ) -> tuple[int, float, float, Any]:
+    """Run ``cmd`` as a child process, its stdout and stderr appended to ``log`` (after a ``$ cmd`` line).
+
+    Waits with ``os.wait4`` so that CPU time covers the process and the descendants it waited for.
+    ``monitor(pid)``, when given, is entered around the wait (e.g. a memory sampler) and returned.
+    A ``KeyboardInterrupt`` or other exception while waiting kills the child before re-raising.
+
+    Returns:
+        ``(exit code, wall seconds, CPU seconds (user + system), the entered monitor or None)``.
+    """
+    with log.open("a") as fh:
+        fh.write(f"\n$ {' '.join(cmd)}\n")
+        fh.flush()
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(list(cmd), cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT)
+        try:
+            with (monitor(proc.pid) if monitor else contextlib.nullcontext()) as watched:
+                _, status, usage = os.wait4(proc.pid, 0)
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        wall = time.perf_counter() - t0
+    return os.waitstatus_to_exitcode(status), wall, usage.ru_utime + usage.ru_stime, watched

@@ -30,12 +30,11 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
 from pipeline.bench import workspace
-from pipeline.bench.harness import ratio_stats, summarize
+from pipeline.bench.harness import ratio_stats, run_logged, summarize
 from pipeline.config import DEFAULT_PARAMS
 from pipeline.layout import Layout
 
@@ -165,25 +164,12 @@ def run_once(cmd: list[str], root: Path, log: Path) -> tuple[float, float, float
     Raises:
         OverheadError: non-zero exit status or no ``reports/registry.json`` at the end (names the log).
     """
-    with log.open("a") as fh:
-        fh.write(f"\n$ {' '.join(cmd)}\n")
-        fh.flush()
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=root, env=run_env(root), stdout=fh, stderr=subprocess.STDOUT)
-        try:
-            with TreeMemory(proc.pid) as mem:
-                _, status, usage = os.wait4(proc.pid, 0)
-        except BaseException:
-            proc.kill()
-            proc.wait()
-            raise
-        wall = time.perf_counter() - t0
-        proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise OverheadError(f"`{' '.join(cmd)}` exited with status {proc.returncode}; see {log}")
+    code, wall, cpu, mem = run_logged(cmd, root, run_env(root), log, TreeMemory)
+    if code != 0:
+        raise OverheadError(f"`{' '.join(cmd)}` exited with status {code}; see {log}")
     if not Layout(root, root / "data").registry_record.is_file():
         raise OverheadError(f"`{' '.join(cmd)}` ended without writing reports/registry.json; see {log}")
-    return wall, usage.ru_utime + usage.ru_stime, mem.largest_mib, mem.total_mib
+    return wall, cpu, mem.largest_mib, mem.total_mib
 
 
 def run(ctx: Any) -> dict[str, Any]:
