@@ -133,8 +133,8 @@ def _logistic_probe(q: torch.Tensor, s: torch.Tensor, fg: torch.Tensor, bg: torc
 
     Minimises ``sum_i wt_i BCE(z_i, y_i) + LOGISTIC_L2 / 2 |w_1..C|^2`` (bias unpenalised) over the
     support's defect (``y = 1``) and background (``y = 0``) cells, class weights as :func:`_linear_probe`;
-    ``LOGISTIC_STEPS`` Newton steps ``w -= H^-1 g`` from the ridge solution (the loss is convex, the
-    ``(C+1) x (C+1)`` Hessian is cheap). A support without defect cells scores ``-1`` everywhere.
+    at most ``LOGISTIC_STEPS`` Newton steps ``w -= H^-1 g`` from the ridge solution, fewer once no weight
+    of any episode moves by 1e-7 (the loss is convex; the Hessian product is float32, the solve float64). A support without defect cells scores ``-1`` everywhere.
     """
     x, wt, y, n_fg = _design(s, fg, bg)
     t = (y > 0).double()
@@ -142,11 +142,15 @@ def _logistic_probe(q: torch.Tensor, s: torch.Tensor, fg: torch.Tensor, bg: torc
     pen = LOGISTIC_L2 * torch.eye(c, dtype=x.dtype, device=x.device)
     pen[-1, -1] = 1e-8                                                          # the bias: no penalty
     w = _ridge_weights(x, wt, y, RIDGE)
+    x32 = x.float()                   # the Hessian's (C+1) x N x (C+1) product in float32 (the cost), solved in float64
     for _ in range(LOGISTIC_STEPS):
         p = torch.sigmoid((w.transpose(1, 2) @ x).squeeze(1))                 # (B, N)
         g = x @ (wt * (p - t))[:, :, None] + pen @ w                            # (B, C+1, 1)
-        h = (x * (wt * p * (1 - p))[:, None, :]) @ x.transpose(1, 2) + pen
-        w = w - torch.linalg.solve(h, g)
+        h = ((x32 * (wt * p * (1 - p)).float()[:, None, :]) @ x32.transpose(1, 2)).double() + pen
+        step = torch.linalg.solve(h, g)
+        w = w - step
+        if float(step.abs().max()) < 1e-7:                                      # every episode converged
+            break
     score = 2 * torch.sigmoid(_apply(w, q)) - 1
     return torch.where(n_fg > 0, score, score.new_tensor(-1.0)).float()
 
