@@ -193,6 +193,7 @@ class TrainParams(_Section):
     negative_share: float = Field(0.0, ge=0, lt=1)  # share of episodes whose query has none of the support's defect
     selection_classes: int = Field(0, ge=0)        # whole training classes held out for model selection (0: images)
     selection_material: bool = False               # hold out every training class of one material instead
+    untrained_models: list[Literal["lerenet", "prototype"]] = []  # scored and gated at their training-free start
     validate_at_start: bool = False                # score the untrained network too (step 0 is selectable)
     support_penalty: float = Field(0.0, ge=0.0, le=1.0)  # selection score = val mIoU - this x val mIoU with
                                                    # supports of another selection class (0: plain mIoU)
@@ -387,7 +388,10 @@ class Params(_Section):
         return v
 
     @model_validator(mode="after")
-    def _resolve_paths(self) -> "Params":
+    def _check_and_resolve_paths(self) -> "Params":
+        if "lerenet" in self.train.untrained_models and not self.model.prior_skip:
+            raise ValueError("train.untrained_models lists lerenet but model.prior_skip is false: an untrained "
+                             "LERENet is then a random network; set model.prior_skip: true or remove lerenet")
         def res(p: Path | None) -> Path | None:
             return None if p is None else (p if p.is_absolute() else (self.root / p).resolve())
 

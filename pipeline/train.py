@@ -222,7 +222,8 @@ def train(params: Params, fold: int | None, model_name: str, out_dir: Path | Non
     val_mis_data = None if cached or not val_mis else ImageEpisodes(params, val_pools, rows, augment=False,
                                                                      episodes=val_mis)
 
-    trainable = model_name != "prototype"
+    # parameter-free (prototype) or kept at its training-free start (train.untrained_models): scored, gated, not trained
+    trainable = model_name != "prototype" and model_name not in t.untrained_models
     steps = total_steps(params) if trainable else 0
     opt = optimizer(net, params) if trainable else None
     sched = scheduler(opt, steps, t.poly_power) if opt is not None else None

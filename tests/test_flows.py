@@ -30,7 +30,8 @@ INCOMING = Path(os.environ.get("LERENET_TEST_INCOMING", "/work/shared/datasets/i
 TINY = {
     "model": {"names": ["lerenet"]},
     "train": {"image_size": 64, "episodes": 4, "batch_size": 2, "feature_views": 1, "val_every": 2,
-              "val_episodes": 2, "checkpoint_every": 2, "device": "cpu"},
+              "val_episodes": 2, "checkpoint_every": 2, "device": "cpu",
+              "untrained_models": []},  # the flows' training, resume and retry paths need a trained LERENet
     "evaluate": {"latency_queries": 1, "overlay_episodes_per_class": 0},
 }
 

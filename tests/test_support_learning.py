@@ -340,6 +340,28 @@ def test_training_with_support_switches_selects_step_zero_when_it_is_best(projec
     assert r.best_val_miou >= float(rows[1].split(",")[4]) - 1e-6
 
 
+def test_untrained_lerenet_is_scored_and_saved_at_its_training_free_start(project, tmp_path):
+    from pipeline.inference.model_file import load_model
+    from pipeline.train import train
+
+    params = load(project, model={"priors": ["logistic"], "prior_skip": True, "skip_source": "logistic",
+                                  "query_path": "off"}, train={"untrained_models": ["lerenet"]})
+    r = train(params, 0, "lerenet", tmp_path / "m", checkpoint_file=tmp_path / "s.pt", curve_file=tmp_path / "c.csv",
+              track=False, progress=False)
+    assert r.steps == 0 and r.best_step == 0 and 0 <= r.best_val_miou <= 1
+    assert (tmp_path / "c.csv").read_text().splitlines()[1].startswith("0,0,")   # the one selection score
+    net, _ = load_model(r.model_path)
+    # untouched: the saved network is exactly the training-free logistic probe (20 x 1/2 x its level mean)
+    sf, sm, qf = _feature_episode()
+    m = resize_mask(sm.flatten(0, 1), (10, 10)).unflatten(0, (2, 3))
+    probe = frozen_priors(qf, sf, m, (40, 112), ("logistic",)).mean(dim=1, keepdim=True)
+    ref = F.interpolate(10.0 * probe, size=(80, 80), mode="bilinear")
+    with torch.no_grad():
+        assert torch.allclose(net.eval().forward_features(sf, sm, qf, (80, 80)), ref, atol=1e-4)
+    with pytest.raises(Exception, match="prior_skip"):
+        load(project, model={"prior_skip": False}, train={"untrained_models": ["lerenet"]})
+
+
 def test_mismatched_validation_swaps_the_support_for_another_class():
     from pipeline.episodes import Episode, mismatched_validation
 
