@@ -59,6 +59,8 @@ SELF_MARGIN = 0.1
 #: L2 penalty of the logistic probe, relative to the unit total weight of the support cells; 1e-4 chosen on the
 #: leave-one-material-out selection classes over 1e-2 / 1e-3 / 1e-5 (docs/experiments.md, fourth session)
 LOGISTIC_L2 = 1e-4
+#: above this many feature channels per level the logistic prior keeps the ridge solution (no Newton steps)
+LOGISTIC_MAX_CHANNELS = 512
 LOGISTIC_STEPS = 8
 
 
@@ -134,14 +136,25 @@ def _logistic_probe(q: torch.Tensor, s: torch.Tensor, fg: torch.Tensor, bg: torc
     Minimises ``sum_i wt_i BCE(z_i, y_i) + LOGISTIC_L2 / 2 |w_1..C|^2`` (bias unpenalised) over the
     support's defect (``y = 1``) and background (``y = 0``) cells, class weights as :func:`_linear_probe`;
     at most ``LOGISTIC_STEPS`` Newton steps ``w -= H^-1 g`` from the ridge solution, fewer once no weight
-    of any episode moves by 1e-7 (the loss is convex; the Hessian product is float32, the solve float64). A support without defect cells scores ``-1`` everywhere.
+    of any episode moves by 1e-7 (the loss is convex; the Hessian product is float32, the solve float64);
+    levels wider than ``LOGISTIC_MAX_CHANNELS`` keep the ridge solution (an O(C^3) solve per step). A support without defect cells scores ``-1`` everywhere.
     """
-    x, wt, y, n_fg = _design(s, fg, bg)
+    with torch.no_grad():             # the fit is a per-episode solver, not a layer: no gradient through its steps
+        w = _logistic_weights(*_design(s, fg, bg))
+    n_fg = fg.flatten(1).sum(1, keepdim=True)
+    score = 2 * torch.sigmoid(_apply(w, q)) - 1
+    return torch.where(n_fg > 0, score, score.new_tensor(-1.0)).float()
+
+
+def _logistic_weights(x: torch.Tensor, wt: torch.Tensor, y: torch.Tensor, _n_fg: torch.Tensor) -> torch.Tensor:
+    """``(B, C+1, 1)``: the Newton iterations of :func:`_logistic_probe` on its design (:func:`_design`)."""
     t = (y > 0).double()
     c = x.shape[1]
     pen = LOGISTIC_L2 * torch.eye(c, dtype=x.dtype, device=x.device)
     pen[-1, -1] = 1e-8                                                          # the bias: no penalty
     w = _ridge_weights(x, wt, y, RIDGE)
+    if c > LOGISTIC_MAX_CHANNELS:     # wide features (ResNet-50: 3,072 channels): an O(C^3) Newton system per step
+        return w                      # would dwarf the network; keep the ridge solution, the same boundary family
     x32 = x.float()                   # the Hessian's (C+1) x N x (C+1) product in float32 (the cost), solved in float64
     for _ in range(LOGISTIC_STEPS):
         p = torch.sigmoid((w.transpose(1, 2) @ x).squeeze(1))                 # (B, N)
@@ -149,10 +162,9 @@ def _logistic_probe(q: torch.Tensor, s: torch.Tensor, fg: torch.Tensor, bg: torc
         h = ((x32 * (wt * p * (1 - p)).float()[:, None, :]) @ x32.transpose(1, 2)).double() + pen
         step = torch.linalg.solve(h, g)
         w = w - step
-        if float(step.abs().max()) < 1e-7:                                      # every episode converged
+        if not bool(step.abs().max() >= 1e-7):                                  # converged (or not finite)
             break
-    score = 2 * torch.sigmoid(_apply(w, q)) - 1
-    return torch.where(n_fg > 0, score, score.new_tensor(-1.0)).float()
+    return w
 
 
 def _prototype_map(qn: torch.Tensor, support: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
