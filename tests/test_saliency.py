@@ -165,3 +165,19 @@ def test_tiny_real_run_writes_finite_figures(small, tmp_path):
     assert (s["image_size"], s["epochs"], s["freeze_backbone"], s["split_seed"]) == (64, 1, False, 0)
     assert on_disk["seconds"]["total"] > 0
     assert not list(out.parent.glob(".*.tmp*"))  # written atomically, no temporary left
+
+
+def test_training_time_budget_stops_after_the_step_that_passes_it(small):
+    from pipeline.bench.saliency import clean_views, train
+    from pipeline.checkpoint import build_net
+    from pipeline.config import load_params
+
+    params = load_params(overrides={"train": {"batch_size": 2, "image_size": 32}, "model": {"freeze_backbone": False}},
+                         env={})
+    rows = load_rows(source=small)
+    views = clean_views(rows, rows["id"][:6].tolist(), small, 32, 127)
+    assert views[0][0].shape == (32, 32, 3) and views[0][1].dtype == bool and views[0][1].any()
+    net = build_net(params, "jaffnet")
+    h = train(net, views, params, epochs=2, max_seconds=0.0, log=lambda msg: None)
+    assert (h["steps"], h["planned_steps"], h["stopped_early"]) == (1, 6, True)
+    assert len(h["epoch_loss"]) == 1 and math.isfinite(h["epoch_loss"][0]) and not net.training

@@ -1,32 +1,25 @@
 """JAFFNet in its own setting: supervised saliency detection trained and tested within classes (issue 12).
 
-Usage (after ``dvc repro validate``, which writes ``data/validated.parquet``)::
+Usage (needs ``data/validated.parquet`` from ``dvc repro validate``, or ``--source FOLDER``)::
 
-    python -m pipeline.bench.saliency [--classes Steel_In MT_Crack ...] [--epochs N] [--image-size S]
-                                      [--out bench/saliency/results.json] [--source FOLDER] [--help]
+    python -m pipeline.bench.saliency [--classes C ...] [--epochs N] [--image-size S] [--out FILE] [--help]
 
-What it does, all on the CPU:
+1. **Split** (:func:`within_class_split`): the defect images of each class (default :data:`DEFAULT_CLASSES`,
+   the SD-saliency-900 and magnetic-tile classes) split 80/20 into train/test, seeded per class by
+   ``split.seed``; rows from the validated manifest, or a Surface Defects-4i folder (``--source``).
+2. **Training** (:func:`train`): one ``jaffnet`` (:func:`pipeline.checkpoint.build_net`; encoder fine-tuned
+   unless ``--frozen``) on the train images of all classes, image -> mask, with the training loop's JAFFNet
+   loss :func:`model.losses.deep_supervision_loss` (BCE + IoU + SSIM over the side outputs) and optimiser
+   (:func:`pipeline.training.loop.optimizer`, poly schedule); the support is an empty K = 1 episode (JAFFNet
+   ignores it). Inputs: the clean ``S x S`` view, augmented by :mod:`pipeline.augment`. Torch threads:
+   ``$OMP_NUM_THREADS``.
+3. **Test** (:func:`evaluate`): ``sigmoid(logits)`` upsampled bilinearly to each test image's original size,
+   scored against its original mask (:mod:`pipeline.bench.saliency_metrics`: MAE, max F with beta^2 = 0.3
+   over thresholds 0..255, IoU at 0.5) per class, per source data set (:data:`GROUPS`) and overall.
+4. **Speed** (:func:`forward_speed`): images/s of one full forward at ``S x S``, batch 1, ``--speed-threads``
+   torch threads (default 2), median of timed repeats after warm-up.
 
-1. **Split** (:func:`within_class_split`): the defect images of each class (default
-   :data:`DEFAULT_CLASSES`: the three SD-saliency-900 steel classes and the five magnetic-tile
-   classes) are split 80/20 into train and test, seeded per class by ``split.seed`` of params.yaml.
-   Images come from the validated manifest (empty masks already excluded) or, with ``--source``,
-   straight from a Surface Defects-4i-layout folder (:func:`pipeline.evaluation.folder.folder_table`).
-2. **Training** (:func:`train`): one ``jaffnet`` (:func:`pipeline.checkpoint.build_net`, encoder
-   fine-tuned unless ``--frozen``) on the train images of all classes together, image -> mask, with
-   the loss the training loop gives JAFFNet: :func:`model.losses.deep_supervision_loss` (BCE + IoU +
-   SSIM summed over the side outputs). The support is an empty K = 1 episode (zeros), which JAFFNet
-   never reads. Optimiser and poly schedule are the training loop's (:func:`pipeline.training.loop.optimizer`).
-   Inputs: the clean ``S x S`` view (:func:`pipeline.inference.preprocess.clean_pair`), augmented per
-   epoch with the project's augmentation (:mod:`pipeline.augment`). Torch threads: ``$OMP_NUM_THREADS``.
-3. **Test** (:func:`evaluate`): saliency ``sigmoid(logits)`` upsampled bilinearly to each test image's
-   original size, scored against its original binary mask (:mod:`pipeline.bench.saliency_metrics`:
-   MAE, max F with beta^2 = 0.3 over thresholds 0..255, IoU at 0.5) per class, per source data set
-   (:data:`GROUPS`) and overall.
-4. **Speed** (:func:`forward_speed`): images/s of one full forward at ``S x S``, batch 1, with
-   ``--speed-threads`` torch threads (default 2), median of timed repeats after warm-up.
-
-Writes every figure, the settings and the seconds spent as JSON (atomically) to ``--out``.
+Every figure, the settings and the seconds spent go to ``--out`` as JSON, written atomically.
 """
 
 from __future__ import annotations
@@ -47,7 +40,7 @@ import pandas as pd
 import torch
 
 from pipeline.atomic import atomic_write_text
-from pipeline.bench.harness import load_average, machine_info, summarize, time_calls
+from pipeline.bench.harness import cpu_seconds, load_average, machine_info, summarize, time_calls
 from pipeline.bench.saliency_metrics import BETA2, LEVELS, SaliencyAccumulator
 
 DEFAULT_CLASSES = ("Steel_In", "Steel_Pa", "Steel_Sc", "MT_Blowhole", "MT_Break", "MT_Crack", "MT_Fray", "MT_Uneven")
@@ -159,16 +152,19 @@ def empty_support(net: torch.nn.Module, batch: int, size: int) -> tuple[torch.Te
 
 # ----------------------------------------------------------------------------- train / test / speed
 def train(net: torch.nn.Module, views: Sequence[tuple[np.ndarray, np.ndarray]], params: Any, epochs: int,
-          *, augment: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
+          *, augment: bool = True, max_seconds: float | None = None, log: Callable[[str], None] = print
+          ) -> dict[str, Any]:
     """Supervised training of ``net`` on ``views`` with JAFFNet's deep-supervised hybrid loss.
 
     ``ceil(n / train.batch_size)`` SGD steps per epoch (:func:`pipeline.training.loop.optimizer`,
     ``train.lr``, poly decay over all steps), images shuffled per epoch with the RNG
     ``[train.seed, epoch]``; with ``augment`` each image gets the project's augmentation seeded by
-    ``(train.seed, epoch, index)``. Leaves ``net`` in eval mode.
+    ``(train.seed, epoch, index)``. ``max_seconds``: wall-time budget; training stops after the step
+    that passes it (the schedule is not shortened; ``stopped_early`` says so). Leaves ``net`` in eval mode.
 
     Returns:
-        ``{"steps", "epochs", "epoch_loss": [mean loss per epoch], "seconds_per_epoch": [...]}``.
+        ``{"steps", "planned_steps", "epochs", "stopped_early", "epoch_loss": [mean loss per (started)
+        epoch], "seconds_per_epoch": [...]}``.
 
     Raises:
         ValueError: no views or ``epochs < 1``.
@@ -188,9 +184,13 @@ def train(net: torch.nn.Module, views: Sequence[tuple[np.ndarray, np.ndarray]], 
     opt = optimizer(net, params)
     sched = scheduler(opt, per_epoch * epochs, t.poly_power)
     pipe = build_augment(size)
-    history: dict[str, Any] = {"steps": 0, "epochs": epochs, "epoch_loss": [], "seconds_per_epoch": []}
+    history: dict[str, Any] = {"steps": 0, "planned_steps": per_epoch * epochs, "epochs": epochs,
+                               "stopped_early": False, "epoch_loss": [], "seconds_per_epoch": []}
     net.train()
+    began = time.perf_counter()
     for epoch in range(epochs):
+        if history["stopped_early"]:
+            break
         start, losses = time.perf_counter(), []
         order = np.random.default_rng([int(t.seed), epoch]).permutation(len(views))
         for first in range(0, len(order), t.batch_size):
@@ -208,10 +208,13 @@ def train(net: torch.nn.Module, views: Sequence[tuple[np.ndarray, np.ndarray]], 
             sched.step()
             history["steps"] += 1
             losses.append(float(loss.detach()))
+            if max_seconds is not None and time.perf_counter() - began > max_seconds:
+                history["stopped_early"] = True
+                break
         history["epoch_loss"].append(round(float(np.mean(losses)), 5))
         history["seconds_per_epoch"].append(round(time.perf_counter() - start, 1))
-        log(f"epoch {epoch + 1}/{epochs}: loss {history['epoch_loss'][-1]:.4f}, "
-            f"{history['seconds_per_epoch'][-1]:.0f} s, {len(views)} images")
+        log(f"epoch {epoch + 1}/{epochs}: loss {history['epoch_loss'][-1]:.4f}, {history['seconds_per_epoch'][-1]:.0f}"
+            f" s, step {history['steps']}/{history['planned_steps']}{' (time budget hit)' * history['stopped_early']}")
     net.eval()
     return history
 
@@ -248,19 +251,13 @@ def evaluate(net: torch.nn.Module, rows: pd.DataFrame, split: dict[str, dict[str
 
 def forward_speed(net: torch.nn.Module, image: torch.Tensor, threads: int = 2, warmup: int = 5,
                   repeats: int = 30) -> dict[str, Any]:
-    """Images/s of ``net(support, masks, image)`` (batch 1, full forward, ``inference_mode``).
+    """Images/s of ``net(support, masks, image)`` on an ``image (3, S, S)`` in ``[0, 1]``: batch 1, full
+    forward, ``inference_mode``, ``threads`` torch threads (restored afterwards).
 
-    Args:
-        image: ``(3, S, S)`` float in ``[0, 1]``.
-        threads: torch intra-op threads during the measurement (restored afterwards).
-
-    Returns:
-        ``{"images_per_s": 1 / median wall time, "images_per_s_best": 1 / fastest, "ms_per_image":
-        {"median", "min", "max", "n", "unit"} (wall), "cpu_ms_per_image": the same in process CPU time
-        (all threads), "threads", "input_size", "batch": 1, "warmup", "repeats"}``.
-
-    Raises:
-        ValueError: ``threads < 1`` or as :func:`pipeline.bench.harness.time_calls`.
+    Returns ``{"images_per_s": 1 / median wall time, "images_per_s_best": 1 / fastest, "ms_per_image":
+    {"median", "min", "max", "n", "unit"} (wall), "cpu_ms_per_image": the same in process CPU time (all
+    threads), "threads", "input_size", "batch": 1, "warmup", "repeats"}``. Raises ``ValueError`` for
+    ``threads < 1`` and as :func:`pipeline.bench.harness.time_calls`.
     """
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
@@ -303,29 +300,21 @@ def _class_row(acc: SaliencyAccumulator, c: str, train_images: int) -> dict[str,
 
 
 def run(params: Any, rows: pd.DataFrame, classes: Sequence[str], epochs: int, out: Path, *,
-        data_dir: Path | None = None, augment: bool = True, speed_threads: int = 2, speed_warmup: int = 5,
-        speed_repeats: int = 30, test_fraction: float = TEST_FRACTION, log: Callable[[str], None] = print
-        ) -> dict[str, Any]:
+        data_dir: Path | None = None, augment: bool = True, max_train_minutes: float | None = None,
+        speed_threads: int = 2, speed_warmup: int = 5, speed_repeats: int = 30,
+        test_fraction: float = TEST_FRACTION, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Split, train, test and time JAFFNet (module docstring) and write the JSON to ``out``.
 
-    Args:
-        params: validated params; used: ``split.seed``, ``train.*`` (image size, batch size, lr,
-            momentum, weight decay, poly power, backbone lr multiplier, seed), ``model.*`` (backbone,
-            ``freeze_backbone``, ``channels``), ``data.mask_threshold``.
-        rows: :func:`load_rows` output. data_dir: folder relative paths in ``rows`` start from
-            (default ``params.data.dir``).
-
-    Returns:
-        The dictionary written to ``out``.
-
-    Raises:
-        ValueError, FloatingPointError: from :func:`within_class_split` and :func:`train`.
+    ``params``: validated params (``split.seed``, ``train.*``, ``model.*``, ``data.mask_threshold``);
+    ``rows``: :func:`load_rows` output, relative paths from ``data_dir`` (default ``params.data.dir``).
+    Returns the dictionary written. Raises ``ValueError`` / ``FloatingPointError`` as
+    :func:`within_class_split` and :func:`train`.
     """
     from pipeline import device as dev
     from pipeline.checkpoint import build_net
     from pipeline.inference.preprocess import to_tensor_pair
 
-    t0, start_load = time.perf_counter(), load_average()
+    t0, c0, start_load = time.perf_counter(), cpu_seconds(), load_average()
     data_dir = Path(data_dir or params.data.dir)
     size, thr = int(params.train.image_size), int(params.data.mask_threshold)
     split = within_class_split(rows, classes, params.split.seed, test_fraction)
@@ -336,7 +325,8 @@ def run(params: Any, rows: pd.DataFrame, classes: Sequence[str], epochs: int, ou
         f"{size}x{size}, {torch.get_num_threads()} torch threads")
     dev.seed_everything(params.train.seed)
     net = build_net(params, "jaffnet")
-    history = train(net, views, params, epochs, augment=augment, log=log)
+    history = train(net, views, params, epochs, augment=augment, log=log,
+                    max_seconds=None if max_train_minutes is None else 60.0 * max_train_minutes)
     t_train = time.perf_counter()
     acc = evaluate(net, rows, split, data_dir, size, thr)
     t_test = time.perf_counter()
@@ -354,11 +344,10 @@ def run(params: Any, rows: pd.DataFrame, classes: Sequence[str], epochs: int, ou
         "speed": speed,
         "training": history,
         "settings": {"model": "jaffnet", "backbone": params.model.backbone, "channels": params.model.channels,
-                     "freeze_backbone": bool(net.freeze_backbone), "image_size": size, "epochs": epochs,
-                     "batch_size": params.train.batch_size, "optimizer": "SGD (pipeline.training.loop.optimizer)",
-                     "lr": params.train.lr, "momentum": params.train.momentum,
-                     "weight_decay": params.train.weight_decay, "backbone_lr_mult": params.train.backbone_lr_mult,
-                     "poly_power": params.train.poly_power, "augment": augment, "train_seed": params.train.seed,
+                     "freeze_backbone": bool(net.freeze_backbone), "epochs": epochs,
+                     "max_train_minutes": max_train_minutes, "optimizer": "SGD (pipeline.training.loop.optimizer)",
+                     **{k: getattr(params.train, k) for k in ("image_size", "batch_size", "lr", "momentum",
+                        "weight_decay", "backbone_lr_mult", "poly_power", "seed")}, "augment": augment,
                      "split_seed": params.split.seed, "test_fraction": test_fraction, "mask_threshold": thr,
                      "loss": "model.losses.deep_supervision_loss (BCE + IoU + SSIM per side output, summed)",
                      "beta2": BETA2, "thresholds": LEVELS, "iou_threshold": 0.5,
@@ -367,7 +356,7 @@ def run(params: Any, rows: pd.DataFrame, classes: Sequence[str], epochs: int, ou
         "test_ids": {c: split[c]["test"] for c in classes},
         "seconds": {"load": round(t_load - t0, 1), "train": round(t_train - t_load, 1),
                     "test": round(t_test - t_train, 1), "speed": round(t_speed - t_test, 1),
-                    "total": round(t_speed - t0, 1)},
+                    "total": round(t_speed - t0, 1), "cpu_total": round(cpu_seconds() - c0, 1)},
         "machine": {**machine_info("cpu"), "load_average_start": start_load, "load_average_end": load_average()},
     }
     atomic_write_text(out, json.dumps(result, indent=2) + "\n")
@@ -387,6 +376,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--lr", type=float, default=None, help="default train.lr")
     ap.add_argument("--frozen", action="store_true", help="freeze the encoder (default: fine-tuned, as the paper)")
     ap.add_argument("--no-augment", action="store_true")
+    ap.add_argument("--max-train-minutes", type=float, default=None, help="stop training after this wall time")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--params", type=Path, default=None, help="params file (default params.yaml)")
     ap.add_argument("--data-dir", type=Path, default=None, help="folder of validated.parquet (default data.dir)")
@@ -395,8 +385,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--speed-warmup", type=int, default=5)
     ap.add_argument("--speed-repeats", type=int, default=30)
     a = ap.parse_args(argv)
-    if a.epochs < 1 or (a.image_size is not None and a.image_size < 32) or a.speed_threads < 1 or a.speed_repeats < 1:
-        ap.error("need --epochs >= 1, --image-size >= 32, --speed-threads >= 1, --speed-repeats >= 1")
+    if (a.epochs < 1 or (a.image_size is not None and a.image_size < 32) or a.speed_threads < 1
+            or a.speed_repeats < 1 or (a.max_train_minutes is not None and a.max_train_minutes < 0)):
+        ap.error("need --epochs >= 1, --image-size >= 32, --speed-threads >= 1, --speed-repeats >= 1, "
+                 "--max-train-minutes >= 0")
     train_over = {k: v for k, v in {"image_size": a.image_size, "batch_size": a.batch_size, "lr": a.lr}.items()
                   if v is not None}
     params = load_params(a.params, overrides={"train": train_over, "model": {"freeze_backbone": bool(a.frozen)}})
@@ -406,7 +398,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     rows = load_rows(data_dir, a.source, params.data.mask_threshold)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     return run(params, rows, a.classes, a.epochs, a.out, data_dir=data_dir, augment=not a.no_augment,
-               speed_threads=a.speed_threads, speed_warmup=a.speed_warmup, speed_repeats=a.speed_repeats, log=log)
+               max_train_minutes=a.max_train_minutes, speed_threads=a.speed_threads, speed_warmup=a.speed_warmup,
+               speed_repeats=a.speed_repeats, log=log)
 
 
 if __name__ == "__main__":
