@@ -181,3 +181,12 @@ def test_training_time_budget_stops_after_the_step_that_passes_it(small):
     h = train(net, views, params, epochs=2, max_seconds=0.0, log=lambda msg: None)
     assert (h["steps"], h["planned_steps"], h["stopped_early"]) == (1, 6, True)
     assert len(h["epoch_loss"]) == 1 and math.isfinite(h["epoch_loss"][0]) and not net.training
+
+
+def test_speed_only_times_the_forward_without_training(small, tmp_path):
+    out = tmp_path / "speed.json"
+    r = main(["--source", str(small), "--classes", "Steel_In", "--image-size", "48", "--speed-only",
+              "--speed-warmup", "1", "--speed-repeats", "3", "--out", str(out)])
+    assert "per_class" not in r and r["training"] is None and "speed only" in r["setting"]
+    assert (r["speed"]["input_size"], r["speed"]["threads"], r["speed"]["repeats"]) == (48, 2, 3)
+    assert r["speed"]["images_per_s"] > 0 and json.loads(out.read_text())["speed"] == r["speed"]

@@ -301,9 +301,11 @@ def _class_row(acc: SaliencyAccumulator, c: str, train_images: int) -> dict[str,
 
 def run(params: Any, rows: pd.DataFrame, classes: Sequence[str], epochs: int, out: Path, *,
         data_dir: Path | None = None, augment: bool = True, max_train_minutes: float | None = None,
-        speed_threads: int = 2, speed_warmup: int = 5, speed_repeats: int = 30,
+        speed_threads: int = 2, speed_warmup: int = 5, speed_repeats: int = 30, speed_only: bool = False,
         test_fraction: float = TEST_FRACTION, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Split, train, test and time JAFFNet (module docstring) and write the JSON to ``out``.
+    """Split, train, test and time JAFFNet (module docstring) and write the JSON to ``out``; with
+    ``speed_only`` only step 4, on the untrained network (same architecture: its speed does not depend
+    on the weights), e.g. to re-time at a quiet moment of a shared machine.
 
     ``params``: validated params (``split.seed``, ``train.*``, ``model.*``, ``data.mask_threshold``);
     ``rows``: :func:`load_rows` output, relative paths from ``data_dir`` (default ``params.data.dir``).
@@ -319,28 +321,30 @@ def run(params: Any, rows: pd.DataFrame, classes: Sequence[str], epochs: int, ou
     size, thr = int(params.train.image_size), int(params.data.mask_threshold)
     split = within_class_split(rows, classes, params.split.seed, test_fraction)
     train_ids = [i for c in classes for i in split[c]["train"]]
-    views = clean_views(rows, train_ids, data_dir, size, thr)
+    views = clean_views(rows, train_ids[:1] if speed_only else train_ids, data_dir, size, thr)
     t_load = time.perf_counter()
     log(f"{len(train_ids)} train / {sum(len(s['test']) for s in split.values())} test images, {len(classes)} classes, "
-        f"{size}x{size}, {torch.get_num_threads()} torch threads")
+        f"{size}x{size}, {torch.get_num_threads()} torch threads{', speed only' * speed_only}")
     dev.seed_everything(params.train.seed)
     net = build_net(params, "jaffnet")
-    history = train(net, views, params, epochs, augment=augment, log=log,
-                    max_seconds=None if max_train_minutes is None else 60.0 * max_train_minutes)
+    history = None if speed_only else train(net, views, params, epochs, augment=augment, log=log, max_seconds=None
+                                            if max_train_minutes is None else 60.0 * max_train_minutes)
     t_train = time.perf_counter()
-    acc = evaluate(net, rows, split, data_dir, size, thr)
+    acc = None if speed_only else evaluate(net, rows, split, data_dir, size, thr)
     t_test = time.perf_counter()
     speed = forward_speed(net, to_tensor_pair(*views[0])[0], speed_threads, speed_warmup, speed_repeats)
     t_speed = time.perf_counter()
     groups: dict[str, list[str]] = {}
     for c in classes:
         groups.setdefault(group_of(c), []).append(c)
-    result = {
+    result: dict[str, Any] = {
         "setting": "JAFFNet supervised within classes: per-class seeded train/test split, one model trained on the "
-                   "train images of all classes, scored on the held-out images of the same classes",
-        "per_class": {c: _class_row(acc, c, len(split[c]["train"])) for c in classes},
-        "groups": {g: {**_rounded(acc.summary(cs)), "classes": cs} for g, cs in groups.items()},
-        "overall": {**_rounded(acc.summary(list(classes))), "classes": list(classes)},
+                   "train images of all classes, scored on the held-out images of the same classes"
+                   + (" (speed only: not trained, not scored)" if speed_only else ""),
+        **({} if acc is None else {
+            "per_class": {c: _class_row(acc, c, len(split[c]["train"])) for c in classes},
+            "groups": {g: {**_rounded(acc.summary(cs)), "classes": cs} for g, cs in groups.items()},
+            "overall": {**_rounded(acc.summary(list(classes))), "classes": list(classes)}}),
         "speed": speed,
         "training": history,
         "settings": {"model": "jaffnet", "backbone": params.model.backbone, "channels": params.model.channels,
@@ -384,6 +388,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--speed-threads", type=int, default=2)
     ap.add_argument("--speed-warmup", type=int, default=5)
     ap.add_argument("--speed-repeats", type=int, default=30)
+    ap.add_argument("--speed-only", action="store_true", help="only time the forward (untrained network)")
     a = ap.parse_args(argv)
     if (a.epochs < 1 or (a.image_size is not None and a.image_size < 32) or a.speed_threads < 1
             or a.speed_repeats < 1 or (a.max_train_minutes is not None and a.max_train_minutes < 0)):
@@ -399,7 +404,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     return run(params, rows, a.classes, a.epochs, a.out, data_dir=data_dir, augment=not a.no_augment,
                max_train_minutes=a.max_train_minutes, speed_threads=a.speed_threads, speed_warmup=a.speed_warmup,
-               speed_repeats=a.speed_repeats, log=log)
+               speed_repeats=a.speed_repeats, speed_only=a.speed_only, log=log)
 
 
 if __name__ == "__main__":
