@@ -140,13 +140,13 @@ def _logistic_probe(q: torch.Tensor, s: torch.Tensor, fg: torch.Tensor, bg: torc
     levels wider than ``LOGISTIC_MAX_CHANNELS`` keep the ridge solution (an O(C^3) solve per step). A support without defect cells scores ``-1`` everywhere.
     """
     with torch.no_grad():             # the fit is a per-episode solver, not a layer: no gradient through its steps
-        w = _logistic_weights(*_design(s, fg, bg))
-    n_fg = fg.flatten(1).sum(1, keepdim=True)
+        x, wt, y, n_fg = _design(s, fg, bg)
+        w = _logistic_weights(x, wt, y)
     score = 2 * torch.sigmoid(_apply(w, q)) - 1
     return torch.where(n_fg > 0, score, score.new_tensor(-1.0)).float()
 
 
-def _logistic_weights(x: torch.Tensor, wt: torch.Tensor, y: torch.Tensor, _n_fg: torch.Tensor) -> torch.Tensor:
+def _logistic_weights(x: torch.Tensor, wt: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``(B, C+1, 1)``: the Newton iterations of :func:`_logistic_probe` on its design (:func:`_design`)."""
     t = (y > 0).double()
     c = x.shape[1]

@@ -53,6 +53,22 @@ def test_priors_per_level_and_errors():
         build_model("lerenet", channels=16, pretrained=False, priors=["shape"])
 
 
+def _probe_episode(seed: int):
+    """One 2-shot episode on a 4x4 grid with 6 channels for the probe tests: ``(support, masks, query)``
+    tensors, the normalised support and query cells as float64 arrays, and the support's defect /
+    background cell flags (one half-defect cell below FG_SHARE x peak is neither)."""
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(1, 2, 6, 4, 4, generator=g)
+    m = torch.zeros(1, 2, 1, 4, 4)
+    m[..., 1:3, 1:3] = 1.0
+    m[0, 1, 0, 0, 0] = 0.2
+    q = torch.randn(1, 6, 4, 4, generator=g)
+    x = F.normalize(s[0].permute(0, 2, 3, 1).reshape(-1, 6), dim=1).double().numpy()
+    qn = F.normalize(q[0].permute(1, 2, 0).reshape(-1, 6), dim=1).double().numpy()
+    cell = m[0].flatten().numpy()
+    return s, m, q, x, qn, cell >= 0.5, cell <= 0
+
+
 def test_linear_probe_is_class_balanced_ridge_regression_on_the_support():
     """The ``linear`` prior equals scikit-learn's weighted ridge regression fitted on the episode's
     support cells (+1 defect, -1 background, each class weighted 1/2, half-defect cells ignored)."""
@@ -60,22 +76,13 @@ def test_linear_probe_is_class_balanced_ridge_regression_on_the_support():
 
     import model.priors as priors
 
-    g = torch.Generator().manual_seed(3)
-    s = torch.randn(1, 2, 6, 4, 4, generator=g)
-    m = torch.zeros(1, 2, 1, 4, 4)
-    m[..., 1:3, 1:3] = 1.0
-    m[0, 1, 0, 0, 0] = 0.2                          # below FG_SHARE x peak: neither class
-    q = torch.randn(1, 6, 4, 4, generator=g)
+    s, m, q, x, qn, fg, bg = _probe_episode(3)
     got = frozen_priors(q, s, m, (6,), ("linear",)).flatten()
-    x = F.normalize(s[0].permute(0, 2, 3, 1).reshape(-1, 6), dim=1).double().numpy()
-    cell = m[0].flatten().numpy()
-    fg, bg = cell >= 0.5, cell <= 0
     wt = np.where(fg, 0.5 / fg.sum(), np.where(bg, 0.5 / bg.sum(), 0.0))
     # our bias is a ridge-penalised column of ones; sklearn leaves its intercept free, so give it the
     # column explicitly and no intercept
     xb = np.hstack([x, np.ones((len(x), 1))])
     ref = Ridge(alpha=priors.RIDGE, fit_intercept=False).fit(xb, np.where(fg, 1.0, -1.0), sample_weight=wt)
-    qn = F.normalize(q[0].permute(1, 2, 0).reshape(-1, 6), dim=1).double().numpy()
     expect = ref.predict(np.hstack([qn, np.ones((len(qn), 1))]))
     assert np.allclose(got.numpy(), expect, atol=1e-4)
     # a support without defect cells finds nothing
@@ -91,21 +98,12 @@ def test_logistic_probe_is_class_balanced_logistic_regression_on_the_support(mon
 
     monkeypatch.setattr(priors, "LOGISTIC_L2", 0.05)
     monkeypatch.setattr(priors, "LOGISTIC_STEPS", 25)
-    g = torch.Generator().manual_seed(5)
-    s = torch.randn(1, 2, 6, 4, 4, generator=g)
-    m = torch.zeros(1, 2, 1, 4, 4)
-    m[..., 1:3, 1:3] = 1.0
-    m[0, 1, 0, 0, 0] = 0.2                          # below FG_SHARE x peak: neither class
-    q = torch.randn(1, 6, 4, 4, generator=g)
+    s, m, q, x, qn, fg, bg = _probe_episode(5)
     got = frozen_priors(q, s, m, (6,), ("logistic",)).flatten()
-    x = F.normalize(s[0].permute(0, 2, 3, 1).reshape(-1, 6), dim=1).double().numpy()
-    cell = m[0].flatten().numpy()
-    fg, bg = cell >= 0.5, cell <= 0
     keep = fg | bg
     wt = np.where(fg, 0.5 / fg.sum(), 0.5 / bg.sum())
     # sklearn minimises |w|^2 / 2 + C sum_i s_i loss_i; ours sum_i wt_i loss_i + L2 |w|^2 / 2: C = 1 / L2
     ref = LogisticRegression(C=1 / 0.05, tol=1e-12, max_iter=10_000).fit(x[keep], fg[keep], sample_weight=wt[keep])
-    qn = F.normalize(q[0].permute(1, 2, 0).reshape(-1, 6), dim=1).double().numpy()
     expect = 2 * ref.predict_proba(qn)[:, 1] - 1
     assert np.allclose(got.numpy(), expect, atol=1e-4)
     assert torch.all(frozen_priors(q, s, torch.zeros_like(m), (6,), ("logistic",)) == -1.0)
