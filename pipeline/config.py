@@ -24,36 +24,13 @@ from typing import Annotated, Any, Literal, get_args
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipeline.class_names import CLASS_NAME_PATTERN, ClassName, check_class_name  # noqa: F401  (re-exported)
+
 DEFAULT_PARAMS = Path(__file__).resolve().parent.parent / "params.yaml"
 
 
 class ConfigError(ValueError):
     """``params.yaml`` is missing, unreadable or invalid; the message names file and key."""
-
-
-#: A defect class name: a folder name under ``<root>/`` and a key in episodes, MLflow tags and REST requests.
-#: ASCII letters, digits, ``_``, ``-``, ``.``, ``+``; starts with a letter or digit; at most 100 characters.
-#: So it can never be a path (a slash, a backslash, ``..``), a hidden folder, or need quoting in a shell.
-CLASS_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,99}$"
-_CLASS_NAME_RE = re.compile(CLASS_NAME_PATTERN)
-
-
-def check_class_name(name: object) -> str:
-    """Return ``name`` if it is a safe defect class name (:data:`CLASS_NAME_PATTERN`), else raise.
-
-    Raises:
-        ValueError: naming the bad name and the allowed characters (e.g. ``'../../x'``,
-            ``'a/b'``, ``'Leather Fold'``, ``''``).
-    """
-    if not isinstance(name, str) or not _CLASS_NAME_RE.fullmatch(name) or ".." in name:
-        raise ValueError(
-            f"class name {name!r} is not a safe folder name: use ASCII letters, digits, '_', '-', '.', '+' "
-            "(starting with a letter or digit, no '..', at most 100 characters)")
-    return name
-
-
-#: A validated class name (errors are located at the entry, e.g. ``folds.1.4``).
-ClassName = Annotated[str, AfterValidator(check_class_name)]
 
 
 class _Section(BaseModel):
@@ -198,6 +175,20 @@ class TrainParams(_Section):
     support_penalty: float = Field(0.0, ge=0.0, le=1.0)  # selection score = val mIoU - this x val mIoU with
                                                    # supports of another selection class (0: plain mIoU)
     presence_budget: float | None = Field(None, ge=0.0, allow_inf_nan=False)  # mIoU points (pipeline/training/gate.py)
+    per_model: dict[ModelName, dict[str, Any]] = {}  # one model's train settings over these (Params.for_model)
+
+    @field_validator("per_model")
+    @classmethod
+    def _per_model_valid(cls, v: dict[str, dict[str, Any]], info: Any) -> dict[str, dict[str, Any]]:
+        for name, over in v.items():
+            if "per_model" in over:
+                raise ValueError(f"{name}: per_model cannot be nested")
+            try:
+                TrainParams.model_validate({**info.data, **over, "per_model": {}})
+            except ValidationError as exc:
+                bad = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+                raise ValueError(f"{name}: {bad}") from None
+        return v
 
 
 class EvaluateParams(_Section):
@@ -416,6 +407,12 @@ class Params(_Section):
             raise KeyError(f"fold {fold} is not in params.yaml folds {sorted(self.folds)}")
         return list(self.folds[fold])
 
+    def for_model(self, name: str) -> "Params":
+        """The params ``name`` trains with: ``train.per_model[name]`` over ``train``, and ``per_model`` emptied (so
+        one model's entry does not change another's params hash). Overrides were validated with the file."""
+        over = self.train.per_model.get(name) or {}  # type: ignore[call-overload]
+        return self.model_copy(update={"train": self.train.model_copy(update={**over, "per_model": {}})})
+
     def train_classes(self, fold: int | None) -> list[str]:
         """Base (training) classes of ``fold``: all other folds; ``None`` = all classes."""
         if fold is None:
@@ -434,6 +431,11 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+_ENV_OVERRIDES = {"LERENET_SOURCE": ("data", "source"), "LERENET_INCOMING": ("data", "incoming"),
+                  "MLFLOW_TRACKING_URI": ("mlflow", "tracking_uri"), "LERENET_DASK_ADDRESS": ("distributed", "address"),
+                  "LERENET_LOCK_TIMEOUT": ("distributed", "lock_timeout")}
+
+
 def resolve_raw(raw: dict[str, Any], env: dict[str, str] | None = None) -> dict[str, Any]:
     """Apply the selected profile overlay and environment overrides to raw YAML.
 
@@ -447,17 +449,10 @@ def resolve_raw(raw: dict[str, Any], env: dict[str, str] | None = None) -> dict[
         raise ConfigError(f"profile {profile!r} is not defined under 'profiles:' (known: {sorted(profiles)})")
     raw = _deep_merge(raw, profiles.get(profile) or {})
     raw["profile"] = profile
-    data = raw.setdefault("data", {})
-    if env.get("LERENET_SOURCE"):
-        data["source"] = env["LERENET_SOURCE"]
-    if env.get("LERENET_INCOMING"):
-        data["incoming"] = env["LERENET_INCOMING"]
-    if env.get("MLFLOW_TRACKING_URI"):
-        raw.setdefault("mlflow", {})["tracking_uri"] = env["MLFLOW_TRACKING_URI"]
-    if env.get("LERENET_DASK_ADDRESS"):
-        raw.setdefault("distributed", {})["address"] = env["LERENET_DASK_ADDRESS"]
-    if env.get("LERENET_LOCK_TIMEOUT"):
-        raw.setdefault("distributed", {})["lock_timeout"] = env["LERENET_LOCK_TIMEOUT"]
+    raw.setdefault("data", {})
+    for var, (section, key) in _ENV_OVERRIDES.items():
+        if env.get(var):
+            raw.setdefault(section, {})[key] = env[var]
     return raw
 
 

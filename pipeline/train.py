@@ -61,7 +61,7 @@ from pipeline.images import load_validated
 from pipeline.layout import Layout, fold_tag
 from pipeline.training.batches import CachedEpisodes, ImageEpisodes, check_store, image_loader, total_steps
 from pipeline.training.gate import presence_gate
-from pipeline.training.loop import (Session, TrainingStopped, optimizer, run_steps, scheduler, start_validation,
+from pipeline.training.loop import (Session, TrainingDiverged, TrainingStopped, optimizer, run_steps, scheduler, start_validation,
                                     validate)
 from pipeline.training.rng import build_seeded, make_generator, training_seed, use_generator
 from pipeline.training.state import Progress, code_version, resume, state_key
@@ -164,7 +164,7 @@ def train(params: Params, fold: int | None, model_name: str, out_dir: Path | Non
         params: validated params (``train``, ``model``, ``data``, ``mlflow`` sections).
         fold: cross-validation fold (a key of ``params.folds``) or ``None`` for the production
             model trained on every class.
-        model_name: one of :data:`pipeline.config.MODEL_NAMES` (``lerenet``, ``baseline``, ``prototype``).
+        model_name: one of :data:`pipeline.config.MODEL_NAMES`; its ``train.per_model`` entry applies.
         out_dir: where ``model.pt`` and ``run.json`` go (default :meth:`Layout.model_dir`).
         feature_store: store folder (default: :func:`pipeline.features.build_feature_store`, which
             reuses an up-to-date store and builds it otherwise).
@@ -185,10 +185,12 @@ def train(params: Params, fold: int | None, model_name: str, out_dir: Path | Non
         FeatureStoreError: the store is stale for these params.
         DataArtifactError: validated data or the fold's split is missing (run the data stages).
         TrainingStopped: ``stop_after`` reached.
+        TrainingDiverged: the loss became NaN or infinite (no model file is written).
     """
     from pipeline.training.tracking import Tracker
 
     _check_args(params, fold, model_name)
+    params = params.for_model(model_name)  # train.per_model[model_name] over train (e.g. SOFS's own lr)
     t0 = time.perf_counter()
     t = params.train
     device = dev.resolve_device(t.device)
@@ -261,4 +263,4 @@ def result_dict(result: TrainResult) -> dict[str, Any]:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}
 
 
-__all__ = ["TrainResult", "TrainingStopped", "result_dict", "train", "validate"]
+__all__ = ["TrainResult", "TrainingDiverged", "TrainingStopped", "result_dict", "train", "validate"]

@@ -88,6 +88,19 @@ def test_config_rejects_non_finite_float(tmp_path, section, key, value):
         load_params(_write(tmp_path, raw), env={})
 
 
+@pytest.mark.parametrize("entry,message", [
+    ({"sofs": {"lr": -1}}, r"train\.per_model: .*sofs: lr: Input should be greater than 0"),
+    ({"sofs": {"lrr": 0.1}}, r"train\.per_model: .*sofs: lrr: Extra inputs are not permitted"),
+    ({"sofs": {"per_model": {}}}, r"train\.per_model: .*sofs: per_model cannot be nested"),
+    ({"unet": {"lr": 0.1}}, r"train\.per_model\.unet\.\[key\]: Input should be 'lerenet'"),
+])
+def test_config_rejects_bad_per_model_train_settings(tmp_path, entry, message):
+    raw = _base()
+    raw["train"]["per_model"] = entry
+    with pytest.raises(ConfigError, match=message):
+        load_params(_write(tmp_path, raw), env={})
+
+
 def test_config_rejects_non_finite_float_written_as_yaml(tmp_path):
     """The YAML spellings a user types (`.inf`, `.nan`) reach the model as floats and are rejected."""
     for spelling in (".inf", ".nan", "-.Inf", ".NaN"):

@@ -300,6 +300,30 @@ def test_fine_tuned_backbone_trains_on_images(project, tmp_path):
     assert changed  # the backbone was fine-tuned
 
 
+def test_per_model_settings_reach_only_that_model(project, tmp_path):
+    """``train.per_model.baseline.lr`` trains the Baseline at its own lr; LERENet keeps the shared one."""
+    from pipeline.train import train
+
+    params = load(project, train={"episodes": 4, "per_model": {"baseline": {"lr": 0.002}}})
+    lrs = {}
+    for name in ("baseline", "lerenet"):
+        res = train(params, 0, name, out_dir=tmp_path / name, checkpoint_file=tmp_path / f"{name}.pt",
+                    curve_file=tmp_path / f"{name}.csv", track=False, progress=False)
+        lrs[name] = float(next(csv.DictReader(open(res.curve_path)))["lr"])
+    assert lrs == {"baseline": pytest.approx(0.002), "lerenet": pytest.approx(0.01)}
+    assert params.for_model("lerenet").train.per_model == {}  # one model's entry is not in another's params hash
+
+
+def test_diverging_training_stops_with_a_clear_error_and_no_model_file(project, tmp_path):
+    from pipeline.train import TrainingDiverged, train
+
+    params = load(project, train={"lr": 1e30, "episodes": 8, "val_every": 100, "checkpoint_every": 100})
+    with pytest.raises(TrainingDiverged, match=r"loss is (nan|inf) at step \d+ .*train.per_model.<model>.lr"):
+        train(params, 0, "baseline", out_dir=tmp_path / "b", checkpoint_file=tmp_path / "b.pt",
+              curve_file=tmp_path / "b.csv", track=False, progress=False)
+    assert not (tmp_path / "b" / "model.pt").exists() and not (tmp_path / "b.pt").exists()
+
+
 def test_bad_inputs_fail_clearly(project):
     from pipeline.train import train
 

@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -38,6 +39,10 @@ from pipeline.training.state import Progress, save_progress
 
 class TrainingStopped(RuntimeError):
     """Raised by ``train(..., stop_after=N)`` after step N: simulates a killed run (tests, demos)."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN or infinite (e.g. a learning rate too high for the model)."""
 
 
 def poly_factor(step: int, steps: int, power: float) -> float:
@@ -222,6 +227,7 @@ def run_steps(s: Session, batches: Callable[[int], dict[str, torch.Tensor]], p: 
 
     Raises:
         TrainingStopped: ``s.stop_after`` reached before the last step (state checkpointed before).
+        TrainingDiverged: a non-finite loss (nothing is checkpointed after it).
     """
     t = s.params.train
     s.net.train()
@@ -230,6 +236,11 @@ def run_steps(s: Session, batches: Callable[[int], dict[str, torch.Tensor]], p: 
     for step in range(p.step, steps):
         loss_v, lr = _step(s, batches(step))
         done = step + 1
+        if not math.isfinite(loss_v):
+            bar.close()
+            raise TrainingDiverged(f"{s.desc}: the loss is {loss_v} at step {done} (lr {lr:g}); the weights are lost, "
+                                   "no model file is written. Lower train.lr, or only this model's with "
+                                   "train.per_model.<model>.lr, and train again (other settings start from step 0).")
         tick_eps += t.batch_size
         elapsed = time.perf_counter() - tick
         eps = tick_eps / elapsed if elapsed > 0 else 0.0
