@@ -23,6 +23,12 @@ the SOFS priors (Zhang et al., arXiv 2407.21351, Sec. 3.2), per backbone level:
   solution, float64), reported as ``2 sigmoid(z) - 1`` in ``(-1, 1)``, ``> 0`` = defect. Unlike the ridge
   probe it does not pull well-separated cells towards ``+-1``, so the support's easy cells stop
   dictating the boundary.
+* ``hypercolumn``: the logistic probe fitted once per episode on the *hypercolumn* of every level
+  (Hariharan et al., CVPR 2015: each cell's L2-normalised level descriptors concatenated, scaled by
+  ``1/sqrt(levels)`` so the cell stays unit-norm), L2 penalty ``HYPERCOLUMN_L2 / K`` (a K-shot support
+  holds K times the evidence, so the penalty shrinks as the shots grow); the same map at every level.
+  One classifier sees how shallow texture and deeper shape agree in a cell, which the per-level probes,
+  averaged, cannot.
 * ``proto``: the prototype model's map on the frozen features (PANet, Wang et al. ICCV 2019):
   ``cos(q, p_fg) - cos(q, p_bg)`` with ``p_fg`` / ``p_bg`` the masked average pooling of the
   support over its defect area fractions / their complement (all shots), in ``[-2, 2]``.
@@ -45,11 +51,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-PRIOR_KINDS = ("fg", "abnormal", "nn", "linear", "proto", "self", "logistic")
+PRIOR_KINDS = ("fg", "abnormal", "nn", "linear", "proto", "self", "logistic", "hypercolumn")
 #: kinds a prior skip can start from, and the factor that puts each in the ``nn`` map's units
 #: (``skip_scale`` x factor = initial logit per unit of the map): the linear probe scores about
 #: ``[-1, 1]`` where the cosine differences move about twice as little
-SKIP_FACTORS = {"nn": 1.0, "linear": 0.5, "proto": 1.0, "self": 0.5, "logistic": 0.5}
+SKIP_FACTORS = {"nn": 1.0, "linear": 0.5, "proto": 1.0, "self": 0.5, "logistic": 0.5, "hypercolumn": 0.5}
 FG_SHARE = 0.5
 RIDGE = 0.001  # ridge of the linear probe, relative to the unit total weight of the support cells
 _NONE = -2.0  # below any cosine: "no such support cell"
@@ -62,6 +68,9 @@ LOGISTIC_L2 = 1e-4
 #: above this many feature channels per level the logistic prior keeps the ridge solution (no Newton steps)
 LOGISTIC_MAX_CHANNELS = 512
 LOGISTIC_STEPS = 8
+#: L2 penalty of the hypercolumn probe at K=1 (``/ K`` at K shots); 5e-4 chosen on the leave-one-material-out
+#: selection classes over 1e-3 / 1e-4 / 1e-5 fixed and 1e-3 / K (docs/experiments.md, fifth session)
+HYPERCOLUMN_L2 = 5e-4
 
 
 def _cells(query: torch.Tensor, support: torch.Tensor, masks: torch.Tensor
@@ -130,27 +139,29 @@ def _linear_probe(q: torch.Tensor, s: torch.Tensor, fg: torch.Tensor, bg: torch.
     return torch.where(n_fg > 0, score, score.new_tensor(-1.0)).float()
 
 
-def _logistic_probe(q: torch.Tensor, s: torch.Tensor, fg: torch.Tensor, bg: torch.Tensor) -> torch.Tensor:
+def _logistic_probe(q: torch.Tensor, s: torch.Tensor, fg: torch.Tensor, bg: torch.Tensor,
+                    l2: float | None = None) -> torch.Tensor:
     """``(B, Lq)`` in ``(-1, 1)``: ``2 sigmoid(z) - 1`` of a class-balanced logistic regression on the support.
 
     Minimises ``sum_i wt_i BCE(z_i, y_i) + LOGISTIC_L2 / 2 |w_1..C|^2`` (bias unpenalised) over the
-    support's defect (``y = 1``) and background (``y = 0``) cells, class weights as :func:`_linear_probe`;
+    support's defect (``y = 1``) and background (``y = 0``) cells, class weights as :func:`_linear_probe`
+    (``l2`` replaces ``LOGISTIC_L2`` when given);
     at most ``LOGISTIC_STEPS`` Newton steps ``w -= H^-1 g`` from the ridge solution, fewer once no weight
     of any episode moves by 1e-7 (the loss is convex; the Hessian product is float32, the solve float64);
     levels wider than ``LOGISTIC_MAX_CHANNELS`` keep the ridge solution (an O(C^3) solve per step). A support without defect cells scores ``-1`` everywhere.
     """
     with torch.no_grad():             # the fit is a per-episode solver, not a layer: no gradient through its steps
         x, wt, y, n_fg = _design(s, fg, bg)
-        w = _logistic_weights(x, wt, y)
+        w = _logistic_weights(x, wt, y, LOGISTIC_L2 if l2 is None else l2)
     score = 2 * torch.sigmoid(_apply(w, q)) - 1
     return torch.where(n_fg > 0, score, score.new_tensor(-1.0)).float()
 
 
-def _logistic_weights(x: torch.Tensor, wt: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``(B, C+1, 1)``: the Newton iterations of :func:`_logistic_probe` on its design (:func:`_design`)."""
+def _logistic_weights(x: torch.Tensor, wt: torch.Tensor, y: torch.Tensor, l2: float) -> torch.Tensor:
+    """``(B, C+1, 1)``: the Newton iterations of :func:`_logistic_probe` on its design (:func:`_design`), penalty ``l2``."""
     t = (y > 0).double()
     c = x.shape[1]
-    pen = LOGISTIC_L2 * torch.eye(c, dtype=x.dtype, device=x.device)
+    pen = l2 * torch.eye(c, dtype=x.dtype, device=x.device)
     pen[-1, -1] = 1e-8                                                          # the bias: no penalty
     w = _ridge_weights(x, wt, y, RIDGE)
     if c > LOGISTIC_MAX_CHANNELS:     # wide features (ResNet-50: 3,072 channels): an O(C^3) Newton system per step
@@ -222,6 +233,12 @@ def _frozen_priors(query: torch.Tensor, support: torch.Tensor, masks: torch.Tens
         if "proto" in want:
             maps["proto"] = _prototype_map(qn, s, masks)
         per_level.append((qn, sn, fg, bg, maps))
+    if "hypercolumn" in want:
+        scale = len(levels) ** -0.5
+        qh, sh = (torch.cat([lv[i] for lv in per_level], dim=1) * scale for i in (0, 1))
+        joint = _logistic_probe(qh, sh, per_level[0][2], per_level[0][3], HYPERCOLUMN_L2 / support.shape[1])
+        for *_, maps in per_level:
+            maps["hypercolumn"] = joint
     if "self" in kinds:
         base = torch.stack([(SKIP_FACTORS["linear"] * m["linear"] + SKIP_FACTORS["proto"] * m["proto"]) / 2
                             for *_, m in per_level]).mean(dim=0)                 # (B, Lq) linear+proto skip score

@@ -90,7 +90,7 @@ Variant = Literal["mpr", "mpe", "mpe*", "mpr+mpe", "mpr+mpe*"]
 
 
 # = model.priors.SKIP_FACTORS (a test keeps them equal; not imported: only training depends on model/)
-SKIP_SOURCES = ("nn", "linear", "proto", "self", "logistic")
+SKIP_SOURCES = ("nn", "linear", "proto", "self", "logistic", "hypercolumn")
 
 
 class ModelParams(_Section):
@@ -104,7 +104,8 @@ class ModelParams(_Section):
     channels: int = Field(256, ge=8)
     dilated: bool = False  # ResNet-50 only: dilated layer3/layer4, output stride 8
     # LERENet only (model.LERENet): frozen-feature guidance, prior skip, raw-query path (docs/model.md)
-    priors: list[Literal["fg", "abnormal", "nn", "linear", "proto", "self", "logistic"]] = Field(default_factory=list)
+    priors: list[Literal["fg", "abnormal", "nn", "linear", "proto", "self", "logistic", "hypercolumn"]] = Field(
+        default_factory=list)
     prior_skip: bool = False
     skip_source: str = "nn"  # nn | linear | proto, or several joined by "+" (model.priors.nearest_neighbour_score)
 

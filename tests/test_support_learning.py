@@ -109,6 +109,30 @@ def test_logistic_probe_is_class_balanced_logistic_regression_on_the_support(mon
     assert torch.all(frozen_priors(q, s, torch.zeros_like(m), (6,), ("logistic",)) == -1.0)
 
 
+def test_hypercolumn_probe_is_one_logistic_regression_on_all_levels_with_penalty_over_shots(monkeypatch):
+    """``hypercolumn``: scikit-learn's logistic regression on each cell's level-normalised descriptors
+    concatenated (/ sqrt(levels)), penalty ``HYPERCOLUMN_L2 / K``; the same map at every level."""
+    from sklearn.linear_model import LogisticRegression
+
+    import model.priors as priors
+
+    monkeypatch.setattr(priors, "HYPERCOLUMN_L2", 0.1)
+    monkeypatch.setattr(priors, "LOGISTIC_STEPS", 25)
+    s, m, q, _, _, fg, bg = _probe_episode(7)
+    got = frozen_priors(q, s, m, (2, 4), ("hypercolumn",))
+    assert got.shape == (1, 2, 4, 4) and torch.equal(got[:, 0], got[:, 1])
+    cells = lambda t, c: F.normalize(t, dim=c)  # noqa: E731
+    x = torch.cat([cells(s[0, :, :2], 1), cells(s[0, :, 2:], 1)], 1).permute(0, 2, 3, 1).reshape(-1, 6) / 2 ** 0.5
+    qh = torch.cat([cells(q[0, :2], 0), cells(q[0, 2:], 0)], 0).permute(1, 2, 0).reshape(-1, 6) / 2 ** 0.5
+    keep = fg | bg
+    wt = np.where(fg, 0.5 / fg.sum(), 0.5 / bg.sum())
+    ref = LogisticRegression(C=2 / 0.1, tol=1e-12, max_iter=10_000).fit(  # K = 2 shots: penalty 0.1 / 2
+        x.double().numpy()[keep], fg[keep], sample_weight=wt[keep])
+    assert np.allclose(got[0, 0].flatten().numpy(), 2 * ref.predict_proba(qh.double().numpy())[:, 1] - 1, atol=1e-4)
+    per_level = frozen_priors(q, s, m, (2, 4), ("logistic",))
+    assert not torch.allclose(per_level[:, 0], per_level[:, 1])  # the per-level probes differ; one joint map here
+
+
 @pytest.mark.parametrize("priors", [[], ["nn", "linear"]])   # computed for the skip alone, or reused
 def test_prior_skip_from_the_linear_probe(priors):
     net = build_model("lerenet", channels=16, pretrained=False, priors=priors, prior_skip=True,
