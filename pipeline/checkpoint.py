@@ -130,4 +130,4 @@ def build_net(params: Any, model_name: str, pretrained: bool = True) -> torch.nn
     return build_model(model_name, backbone=params.model.backbone, freeze_backbone=params.model.freeze_backbone,
                        pretrained=pretrained, variant=params.model.variant, channels=params.model.channels,
                        dilated=params.model.dilated, backbone_state_dict=state,
-                       **(params.model.lerenet_options() if model_name == "lerenet" else {}))
+                       **params.model.options(model_name))

@@ -81,6 +81,25 @@ def test_compare_profile_adds_sofs_and_jaffnet_to_the_default_three():
     assert compare.model.model_dump(exclude={"names"}) == default.model.model_dump(exclude={"names"})
 
 
+def test_sofs_mechanism_switches_and_its_own_train_settings_reach_it():
+    """``model.sofs_mask_resize`` / ``model.sofs_priors`` build the ablated SOFS (and are kept in the model
+    file's config); ``train.per_model.sofs`` gives SOFS its own lr without touching the other models."""
+    from pipeline.checkpoint import build_net
+
+    default = load_params(DEFAULT_PARAMS, env={})
+    full = build_net(default, "sofs", pretrained=False)
+    assert (full.mask_resize, full.use_priors) == ("area", True) and "priors" not in full.config
+    ablated = load_params(DEFAULT_PARAMS, env={}, overrides={"model": {"sofs_mask_resize": "nearest",
+                                                                       "sofs_priors": False}})
+    net = build_net(ablated, "sofs", pretrained=False)
+    assert (net.mask_resize, net.use_priors) == ("nearest", False)
+    assert net.config["mask_resize"] == "nearest" and net.config["priors"] is False
+    assert sum(p.numel() for p in net.parameters()) < sum(p.numel() for p in full.parameters())  # no prior inputs
+    assert build_net(ablated, "lerenet", pretrained=False).config == build_net(default, "lerenet", pretrained=False).config
+    sofs, lerenet = default.for_model("sofs").train, default.for_model("lerenet").train
+    assert sofs.lr < lerenet.lr == default.train.lr and sofs.negative_share == 0.3
+
+
 @pytest.mark.slow
 def test_sofs_and_jaffnet_train_through_the_pipeline(trained):
     from pipeline.inference.model_file import load_model
