@@ -186,6 +186,7 @@ class TrainParams(_Section):
     support_penalty: float = Field(0.0, ge=0.0, le=1.0)  # selection score = val mIoU - this x val mIoU with
                                                    # supports of another selection class (0: plain mIoU)
     presence_budget: float | None = Field(None, ge=0.0, allow_inf_nan=False)  # mIoU points (pipeline/training/gate.py)
+    presence_fp: float | None = Field(None, ge=0.0, le=1.0)  # max share of training-side defect-free images flagged
     per_model: dict[ModelName, dict[str, Any]] = {}  # one model's train settings over these (Params.for_model)
 
     @field_validator("per_model")

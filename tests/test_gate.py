@@ -4,6 +4,7 @@ selection classes, and that train() stores it and every Predictor path applies i
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -123,3 +124,40 @@ def test_predictor_segment_applies_the_gate_of_its_model_file(gated):
     assert not (pred.segment(img[:1], msk[:1], img[1]) > 0).any()
     pred.meta["presence_threshold"] = top - 1.0
     assert np.array_equal(pred.predict_logits(support, img[1:])[0], raw)
+
+
+@pytest.mark.parametrize("target, tau, share", [(0.4, math.nextafter(2.0, math.inf), 0.4), (0.8, -math.inf, 0.8),
+                                                (0.0, math.nextafter(4.0, math.inf), 0.0), (0.59, math.nextafter(2.0, math.inf), 0.4)])
+def test_fp_threshold_by_hand(target, tau, share):
+    """5 defect-free queries, 4 of them flagged ungated (max logit > 0): the smallest tau keeping <= target."""
+    from pipeline.training.gate import fp_threshold
+
+    assert fp_threshold([-1.0, 0.5, 2.0, 3.0, 4.0], target) == (tau, pytest.approx(share))
+
+
+def test_false_alarm_target_gates_the_training_sides_defect_free_images(tmp_path_factory):
+    """``train.presence_fp: 0``: no defect-free training-side image (fold 0: MT_Uneven's 3 ``Nd`` images) keeps a
+    predicted pixel at the stored threshold; without the target the same model flags some of them."""
+    from pipeline.checkpoint import load_model
+    from pipeline.episodes import training_pools
+    from pipeline.evaluation.data import open_store_for
+    from pipeline.inference.predictor import Predictor
+    from pipeline.train import train
+    from pipeline.training.gate import normal_episodes, query_scores
+
+    pf = shared_project(tmp_path_factory)
+    metas = {}
+    for target in (None, 0.0):
+        params = load(pf, train={"presence_fp": target})
+        out = tmp_path_factory.mktemp("fp")
+        res = train(params, 0, "prototype", out_dir=out / "m", checkpoint_file=out / "s.pt", curve_file=out / "c.csv",
+                    track=False, progress=False)
+        metas[target] = load_model(res.model_path)[1]
+    eps = normal_episodes(params, training_pools(params, 0))
+    assert len(eps) == 3 and {e.class_name for e in eps} == {"MT_Uneven"} and all(e.negative for e in eps)
+    pred = Predictor.load(res.model_path)
+    scores = [s.score for s in query_scores(pred.net, eps, store=open_store_for(params, pred, params.data.dir))]
+    assert max(scores) > 0, "the ungated prototype must flag a defect-free image for this check to mean anything"
+    assert metas[None]["presence_threshold"] is None and metas[None]["presence_fp_train"] is None
+    tau = metas[0.0]["presence_threshold"]
+    assert tau > max(scores) and metas[0.0]["presence_fp_train"] == 0.0 and metas[0.0]["presence_fp"] == 0.0

@@ -16,20 +16,31 @@ folds have none among their selection classes) and states its price in the unit 
 "the gate may cost at most ``budget`` mIoU points on classes the model was not trained on". Every
 query's own score is a candidate, so the rule is exact on the selection episodes. ``budget: null``
 (the default) keeps the model ungated.
+
+False-alarm target (``train.presence_fp``, optional): the threshold is raised, if needed, until at most that
+share of the training side's **defect-free** images would get a predicted defect pixel (:func:`fp_threshold`
+on :func:`normal_episodes`: every ``Nd`` image of the fold's training classes, selection classes included, as
+the query of a K=1 episode whose support is a seeded defect image of the same class). It states the price
+in the unit a line operator reads, "at most this share of good parts flagged", measured on training-side
+images only; the budget rule alone does not see defect-free images, and its threshold, calibrated on one
+material, does not carry over to another (docs/experiments.md, fourth session).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from pipeline import device as dev
 from pipeline.config import Params
-from pipeline.episodes import Episode, Pools, validation_episodes
+from pipeline.episodes import Episode, Pools, normal_pools, validation_episodes
+from pipeline.images import load_validated
 from pipeline.features import FeatureStore
 from pipeline.inference.gate import ABSENT_LOGIT, apply_gate
 from pipeline.training.batches import ImageEpisodes, gather
@@ -121,25 +132,70 @@ def calibrate(scores: Sequence[QueryScore], budget: float | None) -> float | Non
     return best
 
 
+def normal_episodes(params: Params, pools: tuple[Pools, Pools]) -> list[Episode]:
+    """K=1 episodes of the training side's defect-free images: each ``Nd`` image of a training class (selection
+    classes included) is the query once, with a defect image of its class as support (drawn with seed
+    ``train.seed``); ``[]`` when the training classes have no defect-free image."""
+    classes = {**pools[0], **pools[1]}
+    rng = np.random.default_rng(params.train.seed)
+    return [Episode(c, (str(classes[c][rng.integers(len(classes[c]))]),), q, negative=True)
+            for c, ids in sorted(normal_pools(params, classes).items()) if classes.get(c) for q in ids]
+
+
+def fp_threshold(scores: Sequence[float], target: float) -> tuple[float, float]:
+    """``(tau, share)``: the smallest ``tau`` at which at most ``target`` of the defect-free queries would keep a
+    predicted defect (``score >= tau`` and ``score > 0``: ungated, a query with max logit > 0 has defect pixels),
+    and the share kept at it. ``-inf`` when the target is met ungated.
+
+    Args:
+        scores: presence scores (max grid logit) of defect-free queries, non-empty.
+        target: allowed share in ``[0, 1]``.
+    """
+    pos = sorted((x for x in scores if x > 0), reverse=True)
+    allowed = math.floor(target * len(scores) + 1e-9)
+    if len(pos) <= allowed:
+        return -math.inf, len(pos) / len(scores)
+    tau = math.nextafter(pos[allowed], math.inf)            # the (allowed + 1)-th highest is gated off, and all below
+    return tau, sum(x >= tau for x in pos) / len(scores)
+
+
 def presence_gate(params: Params, net: torch.nn.Module, pools: tuple[Pools, Pools], rows: dict[str, Any],
                   store: FeatureStore | None, device: torch.device) -> dict[str, float | None]:
-    """``{"presence_threshold": tau, "presence_budget": budget}`` for a model file: :func:`calibrate`
-    on ``train.val_episodes`` K=1 episodes of the selection classes (:func:`pipeline.episodes.validation_episodes`,
-    seed ``train.seed``); ``tau`` is None when ``train.presence_budget`` is null.
+    """The gate of a model file: ``{"presence_threshold": tau, "presence_budget": budget, "presence_fp": target,
+    "presence_fp_train": share}``. ``tau`` = :func:`calibrate` on ``train.val_episodes`` K=1 episodes of the
+    selection classes (:func:`pipeline.episodes.validation_episodes`, seed ``train.seed``), raised to
+    :func:`fp_threshold` on :func:`normal_episodes` when ``train.presence_fp`` is set; ``share`` = the training
+    side's defect-free images still flagged at ``tau`` (None without a target or without such images). ``tau`` is
+    None when both settings are null.
 
     Args:
         pools: ``(train_pools, val_pools)`` of the fold (:func:`pipeline.episodes.training_pools`).
         rows: validated defect rows by id (for the image path when ``store`` is None).
     """
-    budget = params.train.presence_budget
-    if budget is None:
-        return {"presence_threshold": None, "presence_budget": None}
-    train_pools, val_pools = pools
     t = params.train
-    eps = validation_episodes(val_pools, train_pools, 1, t.val_episodes, t.seed)
-    data = None if store is not None else ImageEpisodes(params, val_pools, rows, augment=False, episodes=eps)
-    tau = calibrate(query_scores(net, eps, store=store, dataset=data, device=device), budget)
-    return {"presence_threshold": tau, "presence_budget": budget}
+    out: dict[str, float | None] = {"presence_threshold": None, "presence_budget": t.presence_budget,
+                                    "presence_fp": t.presence_fp, "presence_fp_train": None}
+    if t.presence_budget is None and t.presence_fp is None:
+        return out
+    train_pools, val_pools = pools
+    taus = []
+    if t.presence_budget is not None:
+        eps = validation_episodes(val_pools, train_pools, 1, t.val_episodes, t.seed)
+        data = None if store is not None else ImageEpisodes(params, val_pools, rows, augment=False, episodes=eps)
+        taus.append(calibrate(query_scores(net, eps, store=store, dataset=data, device=device), t.presence_budget))
+    normals = normal_episodes(params, pools) if t.presence_fp is not None else []
+    if normals:
+        if store is None:
+            rows = {**rows, **{r["id"]: r for r in load_validated(params.data.dir, kind="normal").to_dict("records")}}
+        data = None if store is not None else ImageEpisodes(params, {}, rows, augment=False, episodes=normals)
+        scores = [s.score for s in query_scores(net, normals, store=store, dataset=data, device=device)]
+        tau_fp, _ = fp_threshold(scores, t.presence_fp)
+        taus.append(tau_fp if math.isfinite(tau_fp) else None)
+        tau = max((x for x in taus if x is not None), default=None)
+        out["presence_fp_train"] = round(sum(x > 0 and (tau is None or x >= tau) for x in scores) / len(scores), 4)
+    out["presence_threshold"] = max((x for x in taus if x is not None), default=None)
+    return out
 
 
-__all__ = ["ABSENT_LOGIT", "QueryScore", "apply_gate", "calibrate", "gated_miou", "presence_gate", "query_scores"]
+__all__ = ["ABSENT_LOGIT", "QueryScore", "apply_gate", "calibrate", "fp_threshold", "gated_miou", "normal_episodes",
+           "presence_gate", "query_scores"]
