@@ -102,6 +102,16 @@ def test_inference_train_and_ingest_cases_write_valid_json(small_params, tmp_pat
     assert not list((tmp_path / "work").glob("*/data*/.ingest.tmp-*"))
 
 
+def test_loss_case_times_the_separable_ssim_against_the_former_window(small_params, tmp_path: Path):
+    s = Settings(infer_warmup=0, infer_repeats=2, image_size=48)
+    data = run_bench(small_params, cases=["loss"], settings=s, device="cpu", out=tmp_path / "r.json",
+                     workdir=tmp_path / "w", echo=lambda _m: None)["cases"]["loss"]
+    _check_rows(data)
+    rows = {r["label"]: r for r in data["rows"]}
+    assert rows["speed-up: 11x11 window / separable (per repeat)"]["n"] == 2
+    assert data["info"]["max_abs_difference"] < 1e-4  # the same SSIM map, whichever way it is computed
+
+
 def test_failed_case_is_recorded_and_named_while_json_is_still_written(small_params, tmp_path: Path):
     out = tmp_path / "r.json"
     bad = Settings(infer_class="NoSuchClass", infer_warmup=0, infer_repeats=1)

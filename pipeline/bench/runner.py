@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from pipeline.bench import dask_case, data_case, harness, infer_case, overhead_case, serve_case, train_case
+from pipeline.bench import dask_case, data_case, harness, infer_case, loss_case, overhead_case, serve_case, train_case
 from pipeline.config import Params
 from pipeline.layout import Layout
 
@@ -101,10 +101,11 @@ CASES: dict[str, Callable[[Any], dict[str, Any]]] = {
     "overhead": overhead_case.run,
     "serving": serve_case.run,
     "dask": dask_case.run,
+    "loss": loss_case.run,
 }
 
 
-DEFAULT_CASES: tuple[str, ...] = ("train", "inference", "ingest", "overhead")
+DEFAULT_CASES: tuple[str, ...] = ("train", "inference", "ingest", "overhead", "loss")
 """What a run without ``cases`` measures (``make bench``, about 10 minutes). ``dask`` trains the whole CPU
 grid twice (about 10 minutes on a quiet 2-core machine, over an hour under heavy load):
 ``lerenet bench --only dask`` / ``make bench BENCH_ARGS="--only dask"``."""
