@@ -147,7 +147,8 @@ def _logistic_probe(q: torch.Tensor, s: torch.Tensor, fg: torch.Tensor, bg: torc
     support's defect (``y = 1``) and background (``y = 0``) cells, class weights as :func:`_linear_probe`
     (``l2`` replaces ``LOGISTIC_L2`` when given);
     at most ``LOGISTIC_STEPS`` Newton steps ``w -= H^-1 g`` from the ridge solution, fewer once no weight
-    of any episode moves by 1e-7 (the loss is convex; the Hessian product is float32, the solve float64);
+    of any episode moves by 1e-7 (the loss is convex; the Hessian product is float32, the Cholesky solve
+    float64; an episode whose Hessian is not numerically positive definite keeps its weights);
     levels wider than ``LOGISTIC_MAX_CHANNELS`` keep the ridge solution (an O(C^3) solve per step). A support without defect cells scores ``-1`` everywhere.
     """
     with torch.no_grad():             # the fit is a per-episode solver, not a layer: no gradient through its steps
@@ -171,7 +172,11 @@ def _logistic_weights(x: torch.Tensor, wt: torch.Tensor, y: torch.Tensor, l2: fl
         p = torch.sigmoid((w.transpose(1, 2) @ x).squeeze(1))                 # (B, N)
         g = x @ (wt * (p - t))[:, :, None] + pen @ w                            # (B, C+1, 1)
         h = ((x32 * (wt * p * (1 - p)).float()[:, None, :]) @ x32.transpose(1, 2)).double() + pen
-        step = torch.linalg.solve(h, g)
+        # Cholesky (h is symmetric positive definite), not torch.linalg.solve: torch 2.13's batched float64 LU
+        # fails on CPU with 2 threads at ~150 unknowns (oneMKL "DLASWP parameter 6" errors, then a hang)
+        chol, info = torch.linalg.cholesky_ex(h)
+        step = torch.cholesky_solve(g, chol)
+        step = torch.where((info == 0).view(-1, 1, 1), step, torch.zeros_like(step))  # not PD: keep this w
         w = w - step
         if not bool(step.abs().max() >= 1e-7):                                  # converged (or not finite)
             break

@@ -133,6 +133,26 @@ def test_hypercolumn_probe_is_one_logistic_regression_on_all_levels_with_penalty
     assert not torch.allclose(per_level[:, 0], per_level[:, 1])  # the per-level probes differ; one joint map here
 
 
+@pytest.mark.timeout(120)
+def test_hypercolumn_fit_runs_on_two_threads_at_lite0_width():
+    """Lite0's 152-channel hypercolumn (153 unknowns per Newton step) on 2 torch threads, as `make run` uses:
+    torch.linalg.solve's batched float64 LU failed there (oneMKL DLASWP errors, then a hang); the Cholesky
+    solve gives the single-thread result."""
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(16, 1, 152, 25, 25, generator=g)
+    m = (torch.rand(16, 1, 1, 25, 25, generator=g) > 0.9).float()
+    q = torch.randn(16, 152, 25, 25, generator=g)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two = frozen_priors(q, s, m, (40, 112), ("hypercolumn",))
+        torch.set_num_threads(1)
+        one = frozen_priors(q, s, m, (40, 112), ("hypercolumn",))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.isfinite(two).all() and torch.allclose(one, two, atol=1e-5)
+
+
 @pytest.mark.parametrize("priors", [[], ["nn", "linear"]])   # computed for the skip alone, or reused
 def test_prior_skip_from_the_linear_probe(priors):
     net = build_model("lerenet", channels=16, pretrained=False, priors=priors, prior_skip=True,
