@@ -45,13 +45,11 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import os
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -68,7 +66,6 @@ from botocore.exceptions import (
     PartialCredentialsError,
     ReadTimeoutError,
 )
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 if TYPE_CHECKING:  # pragma: no cover
     from pipeline.config import Params
@@ -405,85 +402,3 @@ class S3Store:
         """Delete one object (no error if it does not exist)."""
         with self._errors("delete", bucket, key):
             self.client.delete_object(Bucket=bucket, Key=key)
-
-
-# ---- model card -------------------------------------------------------------
-
-class ModelCard(BaseModel):
-    """The champion's model card: what a consumer needs to trust and use the model.
-
-    ``metrics``: aggregate scores in [0, 1] on the saved test episodes, e.g.
-    ``{"mIoU": 0.41, "FB-IoU": 0.66}`` (mean of per-class foreground IoU, and
-    mean of foreground/background IoU). ``per_class_iou``: foreground IoU of each
-    test class in [0, 1]. ``data_version``: identifier of the data the model was
-    trained and scored on (e.g. the DVC md5 of ``data/raw`` or a git revision).
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
-
-    schema_version: int = 1
-    model_name: str = Field(min_length=1)
-    version: str = Field(min_length=1)
-    alias: str = "champion"
-    run_id: str | None = None
-    model_uri: str | None = None
-    data_version: str = Field(min_length=1)
-    metrics: dict[str, float]
-    per_class_iou: dict[str, float]
-    params: dict[str, Any] = Field(default_factory=dict)
-    created_at: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
-
-    @field_validator("version", mode="before")
-    @classmethod
-    def _version_str(cls, v: Any) -> str:
-        return str(v)
-
-    @field_validator("metrics", "per_class_iou")
-    @classmethod
-    def _finite_unit(cls, v: dict[str, float]) -> dict[str, float]:
-        for k, x in v.items():
-            if not math.isfinite(x):
-                raise ValueError(f"{k}: value {x} is not finite")
-        return v
-
-    @field_validator("per_class_iou")
-    @classmethod
-    def _iou_range(cls, v: dict[str, float]) -> dict[str, float]:
-        if not v:
-            raise ValueError("per_class_iou must name at least one class")
-        bad = {k: x for k, x in v.items() if not 0.0 <= x <= 1.0}
-        if bad:
-            raise ValueError(f"IoU must be in [0, 1]; out of range: {bad}")
-        return v
-
-
-def model_card_keys(model_name: str, version: str, alias: str = "champion", prefix: str = "model-cards") -> tuple[str, str]:
-    """(versioned key, alias key): ``<prefix>/<model>/v<version>.json``, ``<prefix>/<model>/<alias>.json``."""
-    base = f"{prefix.strip('/')}/{model_name}"
-    return f"{base}/v{version}.json", f"{base}/{alias}.json"
-
-
-def publish_model_card(store: S3Store, card: ModelCard | Mapping[str, Any], bucket: str, *,
-                       prefix: str = "model-cards", create_bucket: bool = False) -> list[str]:
-    """Write the model card JSON for consumers; returns the two ``s3://`` URIs written.
-
-    The versioned card (``.../v<version>.json``) is written first and the alias
-    card (``.../champion.json``) last, each atomically, so the alias never points
-    at a card that is not fully published.
-
-    Raises:
-        pydantic.ValidationError: ``card`` is a mapping with a missing/invalid field.
-        BucketMissingError / CredentialsError / EndpointUnreachableError / StorageError.
-    """
-    card = card if isinstance(card, ModelCard) else ModelCard.model_validate(dict(card))
-    body = card.model_dump(mode="json")
-    versioned, alias = model_card_keys(card.model_name, card.version, card.alias, prefix)
-    return [store.put_json(bucket, versioned, body, create_bucket=create_bucket),
-            store.put_json(bucket, alias, body)]
-
-
-def read_model_card(store: S3Store, bucket: str, model_name: str, alias: str = "champion",
-                    prefix: str = "model-cards") -> ModelCard:
-    """Read and validate the card published under ``alias`` (see :func:`publish_model_card`)."""
-    _, key = model_card_keys(model_name, "0", alias, prefix)
-    return ModelCard.model_validate_json(store.get_bytes(bucket, key))

@@ -11,18 +11,16 @@ from pydantic import ValidationError
 
 from _s3_server import assert_no_process, free_ports, services_params
 from pipeline import services as svc
+from pipeline.model_card import ModelCard, publish_model_card, read_model_card
 from pipeline.storage import (
     TMP_PREFIX,
     BucketMissingError,
     CredentialsError,
     EndpointUnreachableError,
-    ModelCard,
     S3Settings,
     S3Store,
     StorageError,
-    publish_model_card,
     read_env_file,
-    read_model_card,
     settings_from_params,
 )
 
