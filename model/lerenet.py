@@ -196,19 +196,25 @@ class LERENet(FewShotSegmenter):
         query_path: the MPR residual (raw query features): ``"on"`` (paper), ``"dropout"``
             or ``"off"`` (:class:`MultiPrototypeReasoning`).
         query_dropout: drop rate of ``query_path="dropout"``.
+        transductive_steps: test-time refinement of the ``hypercolumn`` probe on each query's own cells
+            (RePRI-style, :func:`model.priors.frozen_priors`); 0 = off. A plain attribute, not a weight:
+            inference may change it on a loaded network.
 
     Raises:
         ValueError: unknown variant, graph, prior kind, skip source or query path;
-            ``channels < 8``; ``skip_scale <= 0``.
+            ``channels < 8``; ``skip_scale <= 0``; ``transductive_steps < 0``.
     """
 
     def __init__(self, backbone: Backbone, *, freeze_backbone: bool = True, variant: str = "mpr+mpe*",
                  channels: int = 256, graph: str = "glore", num_nodes: int | None = None,
                  num_state: int | None = None, dropout: float = 0.5, priors: tuple[str, ...] | list[str] = (),
                  prior_skip: bool = False, skip_scale: float = 20.0, skip_source: str = "nn",
-                 query_path: str = "on", query_dropout: float = 0.5) -> None:
+                 query_path: str = "on", query_dropout: float = 0.5, transductive_steps: int = 0) -> None:
         super().__init__(backbone, freeze_backbone=freeze_backbone)
         self.priors = tuple(priors)
+        if transductive_steps < 0:
+            raise ValueError(f"transductive_steps must be >= 0, got {transductive_steps}")
+        self.transductive_steps = int(transductive_steps)
         if self.priors:
             check_kinds(self.priors)
         if skip_scale <= 0:
@@ -271,13 +277,14 @@ class LERENet(FewShotSegmenter):
             parts.append(self.mpe(x_q, x_s, m_s))
         maps = None
         if self.priors:  # on the frozen features, not the learned projection (model/priors.py)
-            maps = frozen_priors(query_feats, support_feats, m_s, self.levels, self.priors)
+            maps = frozen_priors(query_feats, support_feats, m_s, self.levels, self.priors, self.transductive_steps)
             parts.append(maps.to(parts[0].dtype))
         logits = self.ifm(torch.cat(parts, dim=1))
         if self.skip is not None:
             if maps is not None and set(self.skip_kinds) <= set(self.priors):  # reuse the prior maps
                 nn_score = skip_score(maps, self.priors, self.skip_kinds)
             else:
-                nn_score = nearest_neighbour_score(query_feats, support_feats, m_s, self.levels, self.skip_source)
+                nn_score = nearest_neighbour_score(query_feats, support_feats, m_s, self.levels, self.skip_source,
+                                                   self.transductive_steps)
             logits = logits.float() + self.skip[0] * nn_score + self.skip[1]
         return F.interpolate(logits, size=tuple(int(s) for s in out_size), mode="bilinear", align_corners=False)

@@ -71,6 +71,12 @@ LOGISTIC_STEPS = 8
 #: L2 penalty of the hypercolumn probe at K=1 (``/ K`` at K shots); 5e-4 chosen on the leave-one-material-out
 #: selection classes over 1e-3 / 1e-4 / 1e-5 fixed and 1e-3 / K (docs/experiments.md, fifth session)
 HYPERCOLUMN_L2 = 5e-4
+#: transductive refinement of the hypercolumn probe on the query (RePRI, Boudiaf et al. CVPR 2021; the step count
+#: is ``frozen_priors(transductive_steps=)``, ``model.transductive_steps``): Adam step size in weight units, and
+#: the weights of the query entropy and proportion terms
+TRANSDUCTIVE_LR = 0.05
+TRANSDUCTIVE_ENTROPY = 1.0
+TRANSDUCTIVE_KL = 1.0
 
 
 def _cells(query: torch.Tensor, support: torch.Tensor, masks: torch.Tensor
@@ -140,7 +146,7 @@ def _linear_probe(q: torch.Tensor, s: torch.Tensor, fg: torch.Tensor, bg: torch.
 
 
 def _logistic_probe(q: torch.Tensor, s: torch.Tensor, fg: torch.Tensor, bg: torch.Tensor,
-                    l2: float | None = None) -> torch.Tensor:
+                    l2: float | None = None, transductive: int = 0) -> torch.Tensor:
     """``(B, Lq)`` in ``(-1, 1)``: ``2 sigmoid(z) - 1`` of a class-balanced logistic regression on the support.
 
     Minimises ``sum_i wt_i BCE(z_i, y_i) + LOGISTIC_L2 / 2 |w_1..C|^2`` (bias unpenalised) over the
@@ -150,10 +156,14 @@ def _logistic_probe(q: torch.Tensor, s: torch.Tensor, fg: torch.Tensor, bg: torc
     of any episode moves by 1e-7 (the loss is convex; the Hessian product is float32, the Cholesky solve
     float64; an episode whose Hessian is not numerically positive definite keeps its weights);
     levels wider than ``LOGISTIC_MAX_CHANNELS`` keep the ridge solution (an O(C^3) solve per step). A support without defect cells scores ``-1`` everywhere.
+    ``transductive > 0``: that many refinement steps on the query (:func:`_transductive_weights`) follow the fit.
     """
     with torch.no_grad():             # the fit is a per-episode solver, not a layer: no gradient through its steps
         x, wt, y, n_fg = _design(s, fg, bg)
-        w = _logistic_weights(x, wt, y, LOGISTIC_L2 if l2 is None else l2)
+        l2 = LOGISTIC_L2 if l2 is None else l2
+        w = _logistic_weights(x, wt, y, l2)
+        if transductive > 0:
+            w = _transductive_weights(w, x, wt, y, q, l2, transductive)
     score = 2 * torch.sigmoid(_apply(w, q)) - 1
     return torch.where(n_fg > 0, score, score.new_tensor(-1.0)).float()
 
@@ -183,6 +193,44 @@ def _logistic_weights(x: torch.Tensor, wt: torch.Tensor, y: torch.Tensor, l2: fl
     return w
 
 
+def _transductive_weights(w: torch.Tensor, x: torch.Tensor, wt: torch.Tensor, y: torch.Tensor, q: torch.Tensor,
+                          l2: float, steps: int) -> torch.Tensor:
+    """``(B, C+1, 1)``: the probe's weights refined on the unlabelled query cells ``q (B, C, Lq)`` (RePRI).
+
+    Minimises, from the support fit ``w``, the support loss of :func:`_logistic_probe` plus
+    ``TRANSDUCTIVE_ENTROPY`` x the mean binary entropy of the query cells' probabilities ``p`` plus
+    ``TRANSDUCTIVE_KL`` x ``KL(pi || pi_0)`` between the query's predicted defect share ``pi = mean p`` and the
+    share ``pi_0`` the support fit predicts (Boudiaf et al., "Few-Shot Segmentation Without Meta-Learning: A Good
+    Transductive Inference Is All You Need?", CVPR 2021, Eq. 3-5, with the support fit's share as the prior
+    proportion). ``steps`` Adam steps of size ``TRANSDUCTIVE_LR`` with the analytic gradients (float64, no
+    autograd, so it runs inside ``torch.inference_mode``)."""
+    qx = torch.cat([torch.nan_to_num(q, 0.0, 0.0, 0.0), q.new_ones(q.shape[0], 1, q.shape[2])], dim=1).double()
+    t = (y > 0).double()
+    pen = torch.full((x.shape[1], 1), l2, dtype=x.dtype, device=x.device)
+    pen[-1] = 0.0                                                               # the bias: no penalty
+    pi0 = torch.sigmoid((w.transpose(1, 2) @ qx).squeeze(1)).mean(1, keepdim=True).clamp(1e-6, 1 - 1e-6)
+    m, v = torch.zeros_like(w), torch.zeros_like(w)
+    for i in range(1, steps + 1):
+        g = _transductive_grad(w, x, wt, t, qx, pen, pi0)
+        m = 0.9 * m + 0.1 * g
+        v = 0.999 * v + 0.001 * g * g
+        w = w - TRANSDUCTIVE_LR * (m / (1 - 0.9 ** i)) / ((v / (1 - 0.999 ** i)).sqrt() + 1e-8)
+    return w
+
+
+def _transductive_grad(w: torch.Tensor, x: torch.Tensor, wt: torch.Tensor, t: torch.Tensor, qx: torch.Tensor,
+                       pen: torch.Tensor, pi0: torch.Tensor) -> torch.Tensor:
+    """``(B, C+1, 1)``: gradient of :func:`_transductive_weights`' objective at ``w``; ``qx (B, C+1, Lq)`` query
+    cells with the bias row, ``t (B, N)`` support targets in {0, 1}, ``pen (C+1, 1)`` L2 weights, ``pi0 (B, 1)``."""
+    p = torch.sigmoid((w.transpose(1, 2) @ x).squeeze(1))                     # support cells (B, N)
+    zq = (w.transpose(1, 2) @ qx).squeeze(1)                                   # query logits (B, Lq)
+    pq = torch.sigmoid(zq)
+    pi = pq.mean(1, keepdim=True).clamp(1e-6, 1 - 1e-6)
+    dkl = torch.log(pi / pi0) - torch.log((1 - pi) / (1 - pi0))                 # d KL / d pi, (B, 1)
+    dq = pq * (1 - pq) * (TRANSDUCTIVE_ENTROPY * -zq + TRANSDUCTIVE_KL * dkl) / zq.shape[1]  # d / d z_query
+    return x @ (wt * (p - t))[:, :, None] + pen * w + qx @ dq[:, :, None]
+
+
 def _prototype_map(qn: torch.Tensor, support: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """``(B, Lq)``: ``cos(q, p_fg) - cos(q, p_bg)``, prototypes by masked average pooling of the raw
     support features ``(B, K, C, h, w)`` over ``masks`` / ``1 - masks``; 0 where a pool is empty."""
@@ -195,7 +243,7 @@ def _prototype_map(qn: torch.Tensor, support: torch.Tensor, masks: torch.Tensor)
 
 
 def frozen_priors(query: torch.Tensor, support: torch.Tensor, masks: torch.Tensor,
-                  levels: tuple[int, ...], kinds: tuple[str, ...]) -> torch.Tensor:
+                  levels: tuple[int, ...], kinds: tuple[str, ...], transductive_steps: int = 0) -> torch.Tensor:
     """The requested priors at every backbone level.
 
     Args:
@@ -204,6 +252,8 @@ def frozen_priors(query: torch.Tensor, support: torch.Tensor, masks: torch.Tenso
         masks: ``(B, K, 1, h, w)`` defect area fraction per support cell, ``[0, 1]``.
         levels: channels per backbone level, summing to ``Cb`` (``Backbone.level_channels``).
         kinds: a non-empty subset of :data:`PRIOR_KINDS`, in the order wanted.
+        transductive_steps: ``hypercolumn`` only: refinement steps of its probe on the query's own cells
+            (:func:`_transductive_weights`, RePRI); 0 = the support fit alone.
 
     Returns:
         ``(B, len(kinds) * len(levels), h, w)`` float32, channel order level-major
@@ -211,17 +261,20 @@ def frozen_priors(query: torch.Tensor, support: torch.Tensor, masks: torch.Tenso
         gets ``fg = -2`` (nothing is like its defect); without background cells ``abnormal = 3``.
 
     Raises:
-        ValueError: unknown kind, empty ``kinds``, or ``levels`` not summing to ``Cb``.
+        ValueError: unknown kind, empty ``kinds``, ``levels`` not summing to ``Cb``, or negative
+            ``transductive_steps``.
     """
     check_kinds(kinds)
+    if transductive_steps < 0:
+        raise ValueError(f"transductive_steps must be >= 0, got {transductive_steps}")
     if sum(levels) != query.shape[1]:
         raise ValueError(f"levels {levels} do not sum to the {query.shape[1]} feature channels")
     with torch.autocast(query.device.type, enabled=False):  # float32/64 maths even inside a caller's AMP
-        return _frozen_priors(query, support, masks, levels, kinds)
+        return _frozen_priors(query, support, masks, levels, kinds, transductive_steps)
 
 
 def _frozen_priors(query: torch.Tensor, support: torch.Tensor, masks: torch.Tensor,
-                   levels: tuple[int, ...], kinds: tuple[str, ...]) -> torch.Tensor:
+                   levels: tuple[int, ...], kinds: tuple[str, ...], transductive_steps: int) -> torch.Tensor:
     b, _, h, w = query.shape
     want = set(kinds) | ({"linear", "proto"} if "self" in kinds else set())
     per_level = []
@@ -241,7 +294,8 @@ def _frozen_priors(query: torch.Tensor, support: torch.Tensor, masks: torch.Tens
     if "hypercolumn" in want:
         scale = len(levels) ** -0.5
         qh, sh = (torch.cat([lv[i] for lv in per_level], dim=1) * scale for i in (0, 1))
-        joint = _logistic_probe(qh, sh, per_level[0][2], per_level[0][3], HYPERCOLUMN_L2 / support.shape[1])
+        joint = _logistic_probe(qh, sh, per_level[0][2], per_level[0][3], HYPERCOLUMN_L2 / support.shape[1],
+                                transductive_steps)
         for *_, maps in per_level:
             maps["hypercolumn"] = joint
     if "self" in kinds:
@@ -258,7 +312,7 @@ def _frozen_priors(query: torch.Tensor, support: torch.Tensor, masks: torch.Tens
 
 
 def nearest_neighbour_score(query: torch.Tensor, support: torch.Tensor, masks: torch.Tensor,
-                            levels: tuple[int, ...], kind: str = "nn") -> torch.Tensor:
+                            levels: tuple[int, ...], kind: str = "nn", transductive_steps: int = 0) -> torch.Tensor:
     """``(B, 1, h, w)``: the training-free score LERENet's ``prior_skip`` starts from.
 
     ``kind`` is one of :data:`SKIP_FACTORS` (``"nn"``, ``"linear"``, ``"proto"``) or several joined
@@ -271,7 +325,7 @@ def nearest_neighbour_score(query: torch.Tensor, support: torch.Tensor, masks: t
     """
     kinds = tuple(kind.split("+"))
     check_skip_source(kind)
-    maps = frozen_priors(query, support, masks, levels, kinds)                # level-major
+    maps = frozen_priors(query, support, masks, levels, kinds, transductive_steps)  # level-major
     return skip_score(maps, kinds, kinds)
 
 

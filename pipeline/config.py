@@ -128,6 +128,17 @@ class ModelParams(_Section):
             raise ValueError(f"priors must not repeat a kind, got {v}")
         return v
 
+    transductive_steps: int = Field(0, ge=0, le=1000)  # RePRI-style refinement of the hypercolumn probe per query
+
+    @field_validator("transductive_steps")
+    @classmethod
+    def _transductive_needs_hypercolumn(cls, v: int, info: Any) -> int:
+        d = info.data
+        if v and "hypercolumn" not in d.get("priors", []) and "hypercolumn" not in d.get("skip_source", "").split("+"):
+            raise ValueError("refines the hypercolumn probe: add hypercolumn to model.priors (or model.skip_source) "
+                             "or set it to 0")
+        return v
+
     # SOFS only (model.SOFS): its mechanisms as switches for the ablation (issue 12, docs/experiments.md)
     sofs_mask_resize: Literal["area", "nearest"] = "area"  # prototype intensity downsampling, or binary nearest
     sofs_priors: bool = True                                # semantic + abnormal priors in the query merge
@@ -152,6 +163,8 @@ class ModelParams(_Section):
                 opts["skip_source"] = self.skip_source
         if self.query_path != "on":
             opts["query_path"] = self.query_path
+        if self.transductive_steps:
+            opts["transductive_steps"] = self.transductive_steps
         return opts
 
 

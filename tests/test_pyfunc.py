@@ -147,3 +147,47 @@ def _round_trip(tmp_path, ckpt, load_model):
     assert predictor.image_size == 96 and predictor.version == "1"
     sd1, sd2 = ref_net.state_dict(), predictor.net.state_dict()
     assert all(torch.equal(sd1[k], sd2[k]) for k in sd1)
+
+
+def test_pyfunc_transductive_steps_parameter_changes_the_call_only(tmp_path):
+    """``params={"transductive_steps": N}`` refines the hypercolumn probe for that call (RePRI-style test-time
+    adaptation); no parameter = the model file's setting; the setting is restored after the call; bad values and
+    a model without the probe get HTTP 400 (``BAD_REQUEST``)."""
+    from model import build_model
+    from pipeline.checkpoint import save_model
+    from pipeline.inference.predictor import PredictInputError, Predictor
+    from pipeline.serving.pyfunc import log_pyfunc
+
+    torch.manual_seed(0)
+    net = build_model("lerenet", pretrained=True, channels=16, priors=["hypercolumn"], prior_skip=True,
+                      skip_source="hypercolumn", query_path="off")
+    ckpt = tmp_path / "model.pt"
+    save_model(ckpt, net, {"model": "lerenet", "backbone": "efficientnet_lite0", "variant": "mpr+mpe*",
+                           "channels": 16, "freeze_backbone": True, "image_size": 96, "config": net.config})
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlruns.db'}")
+    try:
+        exp = mlflow.create_experiment("tta", artifact_location=(tmp_path / "artifacts").as_uri())
+        with mlflow.start_run(experiment_id=exp):
+            uri = log_pyfunc(ckpt, name="model")
+        loaded = mlflow.pyfunc.load_model(uri)
+    finally:
+        mlflow.set_tracking_uri(previous)
+    assert [p.name for p in loaded.metadata.get_params_schema().params] == ["transductive_steps"]
+    imgs = [_b64_file(REAL_DATA / "MT_Uneven" / "Images" / f"{s}.jpg") for s in SUPPORTS[:1]]
+    msks = [_b64_file(REAL_DATA / "MT_Uneven" / "GT" / f"{s}.png") for s in SUPPORTS[:1]]
+    _pair(QUERY)  # skips without the real data
+    frame = pd.DataFrame({"support_images": [imgs], "support_masks": [msks],
+                          "query_image": [_b64_file(REAL_DATA / "MT_Uneven" / "Images" / f"{QUERY}.jpg")]})
+    plain = loaded.predict(frame)
+    assert plain.equals(loaded.predict(frame, params={"transductive_steps": 0}))   # the model file says 0
+    refined = loaded.predict(frame, params={"transductive_steps": 50})
+    assert refined["max_score"][0] != pytest.approx(plain["max_score"][0], abs=1e-6)
+    assert plain.equals(loaded.predict(frame))                                      # restored after the call
+    with pytest.raises(mlflow.exceptions.MlflowException, match=r"transductive_steps must be an integer in \[0, 1000\]"):
+        loaded.predict(frame, params={"transductive_steps": 5000})
+    proto = Predictor(build_model("prototype", pretrained=False), 96, {"model": "prototype"})
+    assert proto.transductive_steps is None
+    with pytest.raises(PredictInputError, match="has no hypercolumn probe"):
+        with proto.transductive(3):
+            pass

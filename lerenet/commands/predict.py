@@ -93,6 +93,9 @@ def predict(
                               help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/PATH or a model.pt "
                                    "(default: the registry's champion, alias champion of mlflow.registered_model)"),
     threshold: float = typer.Option(0.5, "--threshold", help="defect where probability > threshold, in (0, 1)"),
+    transductive_steps: int = typer.Option(None, "--transductive-steps", min=0, max=1000,
+                                           help="test-time refinement steps of the hypercolumn probe on each query "
+                                                "(0 = off; default: the model file's model.transductive_steps)"),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="queries decoded and run together"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out folder"),
@@ -140,9 +143,10 @@ def predict(
         warnings.simplefilter("always")
         warnings.showwarning = lambda msg, *a, **k: typer.echo(f"warning: {msg}", err=True)  # type: ignore[assignment]
         try:
-            summary = predict_folder(resolved, pairs, [str(q) for q in query], out, threshold=threshold,
-                                     mask_threshold=mask_threshold, batch_size=batch_size,
-                                     overwrite=overwrite, progress=progress, support_class=stored)
+            with resolved.transductive(transductive_steps):
+                summary = predict_folder(resolved, pairs, [str(q) for q in query], out, threshold=threshold,
+                                         mask_threshold=mask_threshold, batch_size=batch_size,
+                                         overwrite=overwrite, progress=progress, support_class=stored)
         except PredictInputError as exc:
             fail(str(exc), 2)
     m = summary["model"]

@@ -21,7 +21,9 @@ of the clean view), so there is no second forward implementation.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,6 +84,7 @@ class Predictor:
     image_size: int
     meta: dict[str, Any] = field(default_factory=dict)
     source: ModelSource = field(default_factory=lambda: ModelSource("in-memory"))
+    _lock: Any = field(default_factory=threading.RLock, repr=False, compare=False)
 
     # ---- construction ---------------------------------------------------------------------------
     @classmethod
@@ -109,6 +112,42 @@ class Predictor:
         return None if tau is None else float(tau)
 
     @property
+    def transductive_steps(self) -> int | None:
+        """Test-time refinement steps of the hypercolumn probe per query (``model.transductive_steps``, 0 = off);
+        ``None``: the network has no hypercolumn probe to refine."""
+        net = self.net
+        if "hypercolumn" not in getattr(net, "priors", ()) + getattr(net, "skip_kinds", ()):
+            return None
+        return int(net.transductive_steps)
+
+    @contextmanager
+    def transductive(self, steps: int | None) -> Iterator[None]:
+        """Predict with ``steps`` refinement steps inside the block (``None``: the model file's setting), then
+        restore it. Blocks of one predictor run one at a time (a lock: concurrent requests of a served model
+        each see their own setting).
+
+        Raises:
+            PredictInputError: ``steps`` is not an integer in [0, 1000], or is > 0 for a network without a
+                hypercolumn probe.
+        """
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, (int, np.integer))
+                                  or not 0 <= steps <= 1000):
+            raise PredictInputError(f"transductive_steps must be an integer in [0, 1000], got {steps!r}")
+        if self.transductive_steps is None:
+            if steps:
+                raise PredictInputError(f"transductive_steps={steps}: model {self.meta.get('model')!r} has no "
+                                        "hypercolumn probe to refine (model.priors); use 0")
+            yield
+            return
+        with self._lock:
+            before = self.net.transductive_steps
+            self.net.transductive_steps = before if steps is None else int(steps)
+            try:
+                yield
+            finally:
+                self.net.transductive_steps = before
+
+    @property
     def version(self) -> str | None:
         """Registered model version, ``None`` when not from the registry."""
         return self.source.version
@@ -118,7 +157,8 @@ class Predictor:
         s = self.source
         return {"uri": s.uri, "registered_name": s.registered_name, "version": s.version, "alias": s.alias,
                 "run_id": s.run_id, "model": self.meta.get("model"), "backbone": self.meta.get("backbone"),
-                "image_size": self.image_size, "presence_threshold": self.presence_threshold}
+                "image_size": self.image_size, "presence_threshold": self.presence_threshold,
+                "transductive_steps": self.transductive_steps}
 
     # ---- preprocessing + backbone ---------------------------------------------------------------
     def image_batch(self, images: Sequence[np.ndarray]) -> torch.Tensor:

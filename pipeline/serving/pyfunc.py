@@ -7,7 +7,9 @@ The byte limit travels in the logged model's ``model_config`` (``{"max_request_b
 ``MlflowException`` with error code ``BAD_REQUEST``, so the scoring server answers HTTP 400 with the
 reason (row, field, what to do) in its ``message``.
 Each row runs :meth:`pipeline.inference.predictor.Predictor.predict_probabilities` -- the same
-inference as ``lerenet predict`` -- and a pixel is a defect where the probability > 0.5.
+inference as ``lerenet predict`` -- and a pixel is a defect where the probability > 0.5. The inference
+parameter ``transductive_steps`` (``params={"transductive_steps": N}``, or ``"params"`` in a scoring request)
+sets the test-time refinement of the hypercolumn probe for that call (``lerenet predict --transductive-steps``).
 
 A row may name a stored class (column ``class``, :mod:`pipeline.serving.class_sets`) instead of
 carrying support images: its support set is read from the class store (model config key
@@ -41,6 +43,8 @@ _PROJECT_ROOT = Path(__file__).resolve().parent.parent.parent
 SHIPPED_PACKAGES = ("inference", "serving")
 #: the key of the logged model's ``model_config`` that holds the byte limit
 MODEL_CONFIG_KEY = "max_request_bytes"
+#: the inference parameter (``params=``) of the test-time refinement steps (``Predictor.transductive``)
+TRANSDUCTIVE_PARAM = "transductive_steps"
 #: queries of one stored class run through the network together, at most this many at a time
 CLASS_BATCH = 16
 _PIP_PACKAGES = ("torch", "numpy", "pandas", "pillow", "scipy", "opencv-python-headless",
@@ -115,26 +119,30 @@ class SegmenterPyfunc(_PythonModel):  # type: ignore[misc,valid-type]
         """
         try:
             check_request_frame(model_input, self.max_request_bytes)  # limits (docs/inference.md), nothing decoded
-            rows: list[tuple | None] = [None] * len(model_input)
-            by_class: dict[str, list[int]] = {}
             parsed = parse_rows(model_input)
-            for i, (name, _, _) in enumerate(parsed):
-                if name is not None:
-                    by_class.setdefault(name, []).append(i)
-            stored = {name: self.classes.get(name, self.predictor)[0] for name in by_class}  # unknown class: fail early
-            for i, (name, supports, q) in enumerate(parsed):
-                if name is None:
-                    support = self.predictor.encode_support(*supports)
-                    rows[i] = _output(self.predictor.predict_probabilities(support, [q])[0])
-            for name, idx in by_class.items():  # a stored class: cached support set, its queries batched
-                support = stored[name]
-                for start in range(0, len(idx), CLASS_BATCH):
-                    chunk = idx[start:start + CLASS_BATCH]
-                    probs = self.predictor.predict_probabilities(support, [parsed[i][2] for i in chunk])
-                    for i, prob in zip(chunk, probs):
-                        rows[i] = _output(prob)
+            with self.predictor.transductive((params or {}).get(TRANSDUCTIVE_PARAM)):
+                return self._predict(parsed)
         except PredictInputError as exc:
             raise bad_request(exc) from exc
+
+    def _predict(self, parsed: list[tuple]) -> pd.DataFrame:
+        rows: list[tuple | None] = [None] * len(parsed)
+        by_class: dict[str, list[int]] = {}
+        for i, (name, _, _) in enumerate(parsed):
+            if name is not None:
+                by_class.setdefault(name, []).append(i)
+        stored = {name: self.classes.get(name, self.predictor)[0] for name in by_class}  # unknown class: fail early
+        for i, (name, supports, q) in enumerate(parsed):
+            if name is None:
+                support = self.predictor.encode_support(*supports)
+                rows[i] = _output(self.predictor.predict_probabilities(support, [q])[0])
+        for name, idx in by_class.items():  # a stored class: cached support set, its queries batched
+            support = stored[name]
+            for start in range(0, len(idx), CLASS_BATCH):
+                chunk = idx[start:start + CLASS_BATCH]
+                probs = self.predictor.predict_probabilities(support, [parsed[i][2] for i in chunk])
+                for i, prob in zip(chunk, probs):
+                    rows[i] = _output(prob)
         return pd.DataFrame(rows, columns=list(OUTPUT_COLUMNS))
 
 
@@ -190,10 +198,11 @@ def shipped_code(dest: Path) -> list[str]:
 def signature():
     """The pyfunc :class:`mlflow.models.ModelSignature`: ``query_image`` required; ``support_images`` and
     ``support_masks``, or ``class``, optional for MLflow (the pyfunc checks that each row has one of
-    them); output columns as in :mod:`pipeline.serving.codec`."""
+    them); output columns as in :mod:`pipeline.serving.codec`; one inference parameter,
+    ``transductive_steps`` (long, default: the model file's ``model.transductive_steps``)."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, DataType, Schema
-    from mlflow.types.schema import Array
+    from mlflow.types.schema import Array, ParamSchema, ParamSpec
 
     inputs = Schema([ColSpec(Array(DataType.string), "support_images", required=False),
                      ColSpec(Array(DataType.string), "support_masks", required=False),
@@ -201,7 +210,8 @@ def signature():
                      ColSpec(DataType.string, CLASS_COLUMN, required=False)])
     outputs = Schema([ColSpec(DataType.string, "mask"), ColSpec(DataType.double, "defect_fraction"),
                       ColSpec(DataType.double, "max_score")])
-    return ModelSignature(inputs=inputs, outputs=outputs)
+    params = ParamSchema([ParamSpec(TRANSDUCTIVE_PARAM, DataType.long, None)])
+    return ModelSignature(inputs=inputs, outputs=outputs, params=params)
 
 
 def log_pyfunc(checkpoint: str | os.PathLike[str], name: str = "model", registered_model_name: str | None = None,
