@@ -74,7 +74,8 @@ HYPERCOLUMN_L2 = 5e-4
 #: transductive refinement of the hypercolumn probe on the query (RePRI, Boudiaf et al. CVPR 2021; the step count
 #: is ``frozen_priors(transductive_steps=)``, ``model.transductive_steps``): Adam step size in weight units, and
 #: the weights of the query entropy and proportion terms
-TRANSDUCTIVE_LR = 0.05
+TRANSDUCTIVE_LR = 0.1      # 0.1 x 20 steps chosen on the held-out-material episodes over 0.05 x 20, 0.02 x 50, 0.05 x 50
+                           # (docs/experiments.md, e27); entropy without the share term collapses K=1
 TRANSDUCTIVE_ENTROPY = 1.0
 TRANSDUCTIVE_KL = 1.0
 
