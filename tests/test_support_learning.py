@@ -388,7 +388,7 @@ def test_untrained_lerenet_is_scored_and_saved_at_its_training_free_start(projec
     from pipeline.inference.model_file import load_model
     from pipeline.train import train
 
-    params = load(project, model={"priors": ["logistic"], "prior_skip": True, "skip_source": "logistic",
+    params = load(project, model={"priors": ["logistic"], "prior_skip": True, "skip_source": "logistic", "transductive_steps": 0,
                                   "query_path": "off"}, train={"untrained_models": ["lerenet"]})
     r = train(params, 0, "lerenet", tmp_path / "m", checkpoint_file=tmp_path / "s.pt", curve_file=tmp_path / "c.csv",
               track=False, progress=False)
@@ -426,7 +426,7 @@ def test_support_penalty_selects_on_miou_minus_mismatched_miou(project, tmp_path
 
     from pipeline.train import train
 
-    params = load(project, model={"priors": ["linear"], "prior_skip": True, "skip_source": "linear"},
+    params = load(project, model={"priors": ["linear"], "prior_skip": True, "skip_source": "linear", "transductive_steps": 0},
                   train={"support_penalty": 1.0, "validate_at_start": True, "val_every": 2})
     r = train(params, 0, "lerenet", tmp_path / "m", checkpoint_file=tmp_path / "s.pt", curve_file=tmp_path / "c.csv",
               track=False, progress=False)
