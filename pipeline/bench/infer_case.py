@@ -13,7 +13,7 @@ map to its query's original size are).
   (:meth:`~pipeline.inference.predictor.Predictor.predict_probabilities`).
 * **cached, N transductive steps** (a network with the hypercolumn probe): the cached pass with the test-time
   refinement on (:meth:`~pipeline.inference.predictor.Predictor.transductive`, ``infer_transductive`` steps),
-  and its cost as a time ratio to the cached pass.
+  and its cost as a time ratio to the cached pass; the two plain passes then run with the refinement off.
 * **not cached**: the same Predictor calls, except that the K supports are encoded again for every
   query of every batch (``encode`` of ``n*K`` support images + ``n`` queries, then
   :meth:`~pipeline.inference.predictor.Predictor.head`), as a service that does not reuse the
@@ -109,18 +109,19 @@ def run(ctx: Any) -> dict[str, Any]:
     n = len(queries)
     rows: list[dict[str, Any]] = []
     steps = s.infer_transductive if predictor.transductive_steps is not None else 0
+    plain = 0 if predictor.transductive_steps is not None else None   # the plain passes: no refinement
 
-    def refined_pass(cached):
-        def run_refined() -> None:
-            with predictor.transductive(steps):
-                cached()
-        return run_refined
+    def with_steps(f, n):
+        def run_with() -> None:
+            with predictor.transductive(n):
+                f()
+        return run_with
 
     for batch in s.infer_batches:
         cached, uncached = make_passes(predictor, supports, masks, queries, batch)
-        passes = {"supports cached": cached, "not cached": uncached}
+        passes = {"supports cached": with_steps(cached, plain), "not cached": with_steps(uncached, plain)}
         if steps:
-            passes[f"supports cached, {steps} transductive steps"] = refined_pass(cached)
+            passes[f"supports cached, {steps} transductive steps"] = with_steps(cached, steps)
         times: dict[str, list[float]] = {tag: [] for tag in passes}
         for _ in range(s.infer_warmup):
             for f in passes.values():
