@@ -67,7 +67,9 @@ def test_transductive_steps_travel_from_params_to_the_model_file_and_are_overrid
 
     params = load_params(DEFAULT_PARAMS, {"model": {"transductive_steps": 7}})
     opts = params.model.lerenet_options()
-    assert opts["transductive_steps"] == 7 and "transductive_steps" not in load_params(DEFAULT_PARAMS).model.lerenet_options()
+    assert opts["transductive_steps"] == 7
+    off = load_params(DEFAULT_PARAMS, {"model": {"transductive_steps": 0}}).model.lerenet_options()
+    assert "transductive_steps" not in off      # 0 builds the network without the keyword (older model files)
     with pytest.raises(ConfigError, match="model.transductive_steps: .*refines the hypercolumn probe"):
         load_params(DEFAULT_PARAMS, {"model": {"transductive_steps": 7, "priors": ["logistic"],
                                                "skip_source": "logistic"}})
