@@ -114,11 +114,15 @@ def _design(s: torch.Tensor, fg: torch.Tensor, bg: torch.Tensor
     return x, 0.5 * fgw / n_fg.clamp_min(1) + 0.5 * bgw / n_bg.clamp_min(1), fgw - bgw, n_fg
 
 
+def _with_bias(q: torch.Tensor) -> torch.Tensor:
+    """``(B, C+1, Lq)`` float64: query cells ``q (B, C, Lq)`` (non-finite values as 0) with a row of ones."""
+    q = torch.nan_to_num(q, 0.0, 0.0, 0.0)
+    return torch.cat([q, q.new_ones(q.shape[0], 1, q.shape[2])], dim=1).double()
+
+
 def _apply(w: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """``(B, Lq)`` float64: ``[q; 1] . w`` for weights ``w (B, C+1, 1)`` and query cells ``q (B, C, Lq)``."""
-    q = torch.nan_to_num(q, 0.0, 0.0, 0.0)
-    qx = torch.cat([q, q.new_ones(q.shape[0], 1, q.shape[2])], dim=1).double()
-    return (w.transpose(1, 2) @ qx).squeeze(1)
+    return (w.transpose(1, 2) @ _with_bias(q)).squeeze(1)
 
 
 def _ridge_weights(x: torch.Tensor, wt: torch.Tensor, y: torch.Tensor, ridge: float) -> torch.Tensor:
@@ -205,7 +209,7 @@ def _transductive_weights(w: torch.Tensor, x: torch.Tensor, wt: torch.Tensor, y:
     Transductive Inference Is All You Need?", CVPR 2021, Eq. 3-5, with the support fit's share as the prior
     proportion). ``steps`` Adam steps of size ``TRANSDUCTIVE_LR`` with the analytic gradients (float64, no
     autograd, so it runs inside ``torch.inference_mode``)."""
-    qx = torch.cat([torch.nan_to_num(q, 0.0, 0.0, 0.0), q.new_ones(q.shape[0], 1, q.shape[2])], dim=1).double()
+    qx = _with_bias(q)
     t = (y > 0).double()
     pen = torch.full((x.shape[1], 1), l2, dtype=x.dtype, device=x.device)
     pen[-1] = 0.0                                                               # the bias: no penalty
