@@ -103,6 +103,11 @@ class SOFS(FewShotSegmenter):
             (ablation: the usual binary nearest-neighbour mask).
         priors: use the priors (``False``: ablation, the query merge sees ``[X_q; p]`` only;
             anomaly-detection mode still uses the abnormal prior).
+        native_area: SOFS non-resizing (Sec. 3.4): a support defect covering at most this share of
+            its image, in ``(0, 1]``, is *small*, and inference then works on native-resolution
+            crops and sliding windows (``pipeline.inference.native``; the authors use 0.01);
+            ``None`` (default): every image is resized whole. Stored with the model; the network's
+            forward is the same either way (its support and query grids may differ).
 
     Raises:
         ValueError: bad option values.
@@ -111,7 +116,7 @@ class SOFS(FewShotSegmenter):
     def __init__(self, backbone: Backbone, *, freeze_backbone: bool = True, channels: int = 64,
                  num_layers: int = 2, heads: int = 4, dropout: float = 0.5, prior_scale: float = 10.0,
                  temperature: float = 0.1, anomaly_threshold: float = 0.5, mask_resize: str = "area",
-                 priors: bool = True) -> None:
+                 priors: bool = True, native_area: float | None = None) -> None:
         super().__init__(backbone, freeze_backbone=freeze_backbone)
         if channels < 8:
             raise ValueError(f"channels must be >= 8, got {channels}")
@@ -123,6 +128,9 @@ class SOFS(FewShotSegmenter):
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if mask_resize not in MASK_RESIZE:
             raise ValueError(f"unknown mask_resize {mask_resize!r}; valid: {', '.join(MASK_RESIZE)}")
+        if native_area is not None and not 0.0 < native_area <= 1.0:
+            raise ValueError(f"native_area must be in (0, 1] or None, got {native_area}")
+        self.native_area = None if native_area is None else float(native_area)
         self.levels = tuple(int(c) for c in backbone.level_channels)
         if sum(self.levels) != backbone.out_channels:
             raise ValueError(f"backbone level_channels {self.levels} do not sum to out_channels {backbone.out_channels}")

@@ -142,6 +142,8 @@ class ModelParams(_Section):
     # SOFS only (model.SOFS): its mechanisms as switches for the ablation (issue 12, docs/experiments.md)
     sofs_mask_resize: Literal["area", "nearest"] = "area"  # prototype intensity downsampling, or binary nearest
     sofs_priors: bool = True                                # semantic + abnormal priors in the query merge
+    sofs_native_area: float | None = Field(None, gt=0, le=1)  # non-resizing: defects <= this share of the image
+                                                            # are cropped / windowed at native resolution (SOFS: 0.01)
 
     def options(self, name: str) -> dict[str, Any]:
         """The model-specific keywords of ``model.build_model`` for model ``name`` (empty: the published model)."""
@@ -149,8 +151,9 @@ class ModelParams(_Section):
             return self.lerenet_options()
         if name != "sofs":
             return {}
-        return {k: v for k, v in (("mask_resize", self.sofs_mask_resize), ("priors", self.sofs_priors))
-                if v != {"mask_resize": "area", "priors": True}[k]}
+        defaults = {"mask_resize": "area", "priors": True, "native_area": None}
+        return {k: v for k, v in (("mask_resize", self.sofs_mask_resize), ("priors", self.sofs_priors),
+                                  ("native_area", self.sofs_native_area)) if v != defaults[k]}
 
     def lerenet_options(self) -> dict[str, Any]:
         """The LERENet-only keywords of ``model.build_model`` (empty where they keep the paper's model)."""

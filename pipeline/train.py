@@ -116,17 +116,18 @@ def _check_args(params: Params, fold: int | None, model_name: str) -> None:
 
 
 def _batches(params: Params, store: FeatureStore | None, pools: Any, rows: dict[str, Any], start: int,
-             device: torch.device) -> Callable[[int], dict[str, torch.Tensor]]:
-    """``batch(step)`` for the loop: cached features (random stored view per image) or a DataLoader."""
+             device: torch.device, native_area: float | None = None) -> Callable[[int], dict[str, torch.Tensor]]:
+    """``batch(step)`` for the loop: cached features (random stored view per image) or a DataLoader (always
+    for SOFS non-resizing, ``native_area``: its native crops are not in the store)."""
     t = params.train
     normals = normal_pools(params, pools) if t.negative_share > 0 else {}
-    if store is not None:
+    if store is not None and native_area is None:
         source = CachedEpisodes(store, pools, t.shots, t.seed, t.augment, t.negative_share, normals)
         return lambda step: source.batch(step * t.batch_size, t.batch_size)
     if normals:
         normal_rows = load_validated(params.data.dir, kind="normal").to_dict("records")
         rows = {**rows, **{r["id"]: r for r in normal_rows}}
-    loader_iter = iter(image_loader(params, pools, rows, start, device, normals))
+    loader_iter = iter(image_loader(params, pools, rows, start, device, normals, native_area))
     return lambda step: next(loader_iter)
 
 
@@ -248,7 +249,8 @@ def train(params: Params, fold: int | None, model_name: str, out_dir: Path | Non
         else:
             if t.validate_at_start and p.step == 0 and not p.curve:
                 start_validation(session, p)
-            run_steps(session, _batches(params, store, train_pools, rows, p.step, device), p, steps)
+            run_steps(session, _batches(params, store, train_pools, rows, p.step, device,
+                                        getattr(net, "native_area", None)), p, steps)
         gate = presence_gate(params, net, (train_pools, val_pools), rows, store, device)
         return _finish(params, fold, model_name, net, p, steps, (out_dir, curve_file), tracker, t0, gate)
     except BaseException as exc:

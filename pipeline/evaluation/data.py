@@ -106,6 +106,25 @@ class FeatureSource:
         self._row: dict[str, int] = {}
         self._feats: torch.Tensor | None = None  # (capacity, Cb, h, w)
         self._masks: torch.Tensor | None = None  # (capacity, 1, S, S)
+        self._supports: dict[tuple[str, ...], Any] = {}  # native support sets (is_native episodes)
+
+    def is_native(self, support_ids: Sequence[str]) -> bool:
+        """Whether an episode with these supports is segmented in native-resolution windows (SOFS non-resizing:
+        the model file has ``native_area`` and a support defect is small; :meth:`Predictor.is_native`)."""
+        if self.predictor.native_area is None:
+            return False
+        return self.predictor.is_native([self.table.gt(i).numpy() for i in support_ids])
+
+    def native_support(self, support_ids: Sequence[str]) -> Any:
+        """:meth:`Predictor.encode_support` of the original-size support images (native crops of small
+        defects); the last 64 sets are kept (the false-alarm images reuse their class's sets)."""
+        key = tuple(support_ids)
+        if key not in self._supports:
+            if len(self._supports) >= 64:
+                self._supports.pop(next(iter(self._supports)))
+            self._supports[key] = self.predictor.encode_support([self.table.image(i) for i in key],
+                                                                [self.table.gt(i).numpy() for i in key])
+        return self._supports[key]
 
     def _append(self, ids: Sequence[str], feats: torch.Tensor, masks: torch.Tensor) -> None:
         n0 = len(self._row)

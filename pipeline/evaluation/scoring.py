@@ -45,6 +45,27 @@ def predicted_masks(logits: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> l
     return [(u > 0).cpu() for u in Predictor.upsample(logits, sizes)]
 
 
+def episode_masks(src: FeatureSource, support_ids: Sequence[Sequence[str]], query_ids: Sequence[str],
+                  sizes: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
+    """B ``(H, W)`` bool predicted masks of a batch of episodes at the queries' original sizes.
+
+    Episodes go through :func:`episode_logits` (cached features) and :func:`predicted_masks`, except those
+    a SOFS non-resizing model segments in native-resolution windows (:meth:`FeatureSource.is_native`):
+    these run :meth:`Predictor.predict_logits` on the original images, one episode at a time.
+    """
+    native = [src.is_native(s) for s in support_ids]
+    out: list[torch.Tensor | None] = [None] * len(query_ids)
+    resized = [j for j, n in enumerate(native) if not n]
+    if resized:
+        logits = episode_logits(src, [support_ids[j] for j in resized], [query_ids[j] for j in resized])
+        for j, m in zip(resized, predicted_masks(logits, [sizes[j] for j in resized])):
+            out[j] = m
+    for j in (j for j, n in enumerate(native) if n):
+        lg = src.predictor.predict_logits(src.native_support(support_ids[j]), [src.table.image(query_ids[j])])[0]
+        out[j] = torch.from_numpy(lg > 0)
+    return out  # type: ignore[return-value]
+
+
 def score_episodes(src: FeatureSource, episodes: pd.DataFrame, batch_size: int = 64,
                    keep: set[int] | None = None, desc: str | None = None
                    ) -> tuple[IoUAccumulator, dict[int, torch.Tensor]]:
@@ -72,9 +93,8 @@ def score_episodes(src: FeatureSource, episodes: pd.DataFrame, batch_size: int =
         for s in range(0, len(qry), batch_size):
             q = qry[s:s + batch_size]
             bar.update(len(q))
-            logits = episode_logits(src, sup[s:s + batch_size], q)
             gts = [src.table.gt(i) for i in q]
-            preds = predicted_masks(logits, [tuple(g.shape) for g in gts])
+            preds = episode_masks(src, sup[s:s + batch_size], q, [tuple(g.shape) for g in gts])
             for j, (p, g) in enumerate(zip(preds, gts)):
                 acc.update(p, g, cls[s + j])
                 if keep is not None and s + j in keep:
@@ -106,8 +126,7 @@ def false_alarms(src: FeatureSource, support_sets: dict[str, list[list[str]]], n
             for s in range(0, len(ids), batch_size):
                 q = ids[s:s + batch_size]
                 sup = [sets[(s + j) % len(sets)] for j in range(len(q))]
-                logits = episode_logits(src, sup, q)
-                for p in predicted_masks(logits, [src.table.size(i) for i in q]):
+                for p in episode_masks(src, sup, q, [src.table.size(i) for i in q]):
                     cf.append(float(p.float().mean()))
                     ca.append(bool(p.any()))
             per_class[c] = FalseAlarms(float(np.mean(cf)), float(np.mean(ca)), len(cf))

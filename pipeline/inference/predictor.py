@@ -16,6 +16,11 @@ logit > 0, i.e. sigmoid > 0.5 (paper Eq. 6 trains a sigmoid/BCE output).
 Evaluation runs the same :meth:`Predictor.head` and :meth:`Predictor.upsample` on features it has
 cached per image (the frozen-backbone feature store holds exactly :meth:`Predictor.encode_images`
 of the clean view), so there is no second forward implementation.
+
+SOFS non-resizing (a model file with ``native_area``, :mod:`pipeline.inference.native`): when a
+support defect is small, :meth:`encode_support` crops it at native resolution and
+:meth:`predict_logits` segments each query window by window at native resolution, stitches the
+window logits and applies the presence gate to the whole image.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.inference import preprocess
+from pipeline.inference import native, preprocess
 from pipeline.inference.gate import apply_gate
 from pipeline.inference.resolve import ModelSource, open_model
 
@@ -57,11 +62,14 @@ class SupportSet:
         feats: ``(1, K, Cb, h, w)`` backbone features (``net.encode``).
         masks: ``(1, K, 1, S, S)`` float in {0, 1} (nearest-resized support masks).
         image_size: ``S``.
+        native: the queries are segmented in native-resolution windows (SOFS non-resizing: a
+            support defect is small, and its image was cropped around it instead of resized).
     """
 
     feats: torch.Tensor
     masks: torch.Tensor
     image_size: int
+    native: bool = False
 
     @property
     def shots(self) -> int:
@@ -148,6 +156,16 @@ class Predictor:
                 self.net.transductive_steps = before
 
     @property
+    def native_area(self) -> float | None:
+        """SOFS non-resizing threshold of the model file (defect share of the image, ``(0, 1]``); ``None``: off."""
+        area = getattr(self.net, "native_area", None)
+        return None if area is None else float(area)
+
+    def is_native(self, masks: Sequence[np.ndarray]) -> bool:
+        """Whether a support set of original-size bool masks is segmented in native windows (any defect small)."""
+        return any(native.is_small(m, self.native_area) for m in masks)
+
+    @property
     def version(self) -> str | None:
         """Registered model version, ``None`` when not from the registry."""
         return self.source.version
@@ -196,12 +214,20 @@ class Predictor:
         for k, (im, m) in enumerate(zip(images, masks)):
             if im.shape[:2] != np.asarray(m).shape:
                 raise PredictInputError(f"support {k}: mask size {np.asarray(m).shape} != image size {im.shape[:2]}")
+        is_native = self.is_native(masks)
+        if is_native:  # SOFS non-resizing: small defects cropped at native resolution, large ones resized whole
+            boxes = [native.crop_box(m, self.image_size) if native.is_small(m, self.native_area) else None
+                     for m in masks]
+            images = [im if b is None else native.cut(im, b) for im, b in zip(images, boxes)]
+            masks = [np.asarray(m) if b is None else native.cut(np.asarray(m), b) for m, b in zip(masks, boxes)]
         feats = self.encode_images(images)
-        return SupportSet(feats=feats[None], masks=self.mask_batch(masks)[None], image_size=self.image_size)
+        return SupportSet(feats=feats[None], masks=self.mask_batch(masks)[None], image_size=self.image_size,
+                          native=is_native)
 
     # ---- head + upsampling ----------------------------------------------------------------------
     @torch.inference_mode()
-    def head(self, support_feats: torch.Tensor, support_masks: torch.Tensor, query_feats: torch.Tensor) -> torch.Tensor:
+    def head(self, support_feats: torch.Tensor, support_masks: torch.Tensor, query_feats: torch.Tensor,
+             gate: bool = True) -> torch.Tensor:
         """Logits on the feature grid from encoded features (the step evaluation runs on cached features).
 
         Args:
@@ -211,11 +237,12 @@ class Predictor:
         Returns:
             ``(B, 1, h, w)`` float32 logits (``net.forward_features`` asked for the feature grid size),
             after the model file's presence gate (:func:`pipeline.training.gate.apply_gate`: a query
-            whose max logit is below :attr:`presence_threshold` gets no pixel > 0).
+            whose max logit is below :attr:`presence_threshold` gets no pixel > 0); ``gate=False``:
+            before it (the native windows of one query are gated together, after stitching).
         """
         logits = self.net.forward_features(support_feats, support_masks, query_feats,
                                            tuple(query_feats.shape[-2:])).float()
-        return apply_gate(logits, self.presence_threshold)
+        return apply_gate(logits, self.presence_threshold) if gate else logits
 
     @staticmethod
     @torch.inference_mode()
@@ -252,11 +279,32 @@ class Predictor:
         """
         if not queries:
             return []
+        if support.native:
+            return self._native_logits(support, queries)
         qf = self.encode_images(queries)
         b = qf.shape[0]
         logits = self.head(support.feats.expand(b, *support.feats.shape[1:]),
                            support.masks.expand(b, *support.masks.shape[1:]), qf)
         return [u.cpu().numpy() for u in self.upsample(logits, [im.shape[:2] for im in queries])]
+
+    def _native_logits(self, support: SupportSet, queries: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """SOFS non-resizing: each query cut into ``S x S`` native windows (:func:`native.windows`), every window
+        segmented with the support, logits upsampled to the window, stitched (overlaps averaged), then gated."""
+        boxes = [native.windows(*im.shape[:2], self.image_size) for im in queries]
+        crops = [native.cut(im, b) for im, bs in zip(queries, boxes) for b in bs]
+        tiles: list[np.ndarray] = []
+        for s in range(0, len(crops), 16):
+            qf = self.encode_images(crops[s:s + 16])
+            b = qf.shape[0]
+            logits = self.head(support.feats.expand(b, *support.feats.shape[1:]),
+                               support.masks.expand(b, *support.masks.shape[1:]), qf, gate=False)
+            tiles += [u.cpu().numpy() for u in self.upsample(logits, [c.shape[:2] for c in crops[s:s + 16]])]
+        out, first = [], 0
+        for im, bs in zip(queries, boxes):
+            whole = native.stitch(tiles[first:first + len(bs)], bs, im.shape[:2])
+            first += len(bs)
+            out.append(apply_gate(torch.from_numpy(whole)[None, None], self.presence_threshold)[0, 0].numpy())
+        return out
 
     def predict_probabilities(self, support: SupportSet, queries: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Defect probabilities ``sigmoid(logits)`` of :meth:`predict_logits`: N ``(H_i, W_i)`` float32 in [0, 1]."""

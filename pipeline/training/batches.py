@@ -24,6 +24,7 @@ from pipeline.config import Params
 from pipeline.episodes import Episode, Pools, draw_episode, episode_rng
 from pipeline.features import FeatureStore, view_seed
 from pipeline.images import read_image, read_mask, resolve
+from pipeline.inference import native
 from pipeline.inference.preprocess import clean_pair, to_tensor_pair
 
 
@@ -79,12 +80,18 @@ class ImageEpisodes(torch.utils.data.Dataset):
 
     Item: ``support_images (K,3,S,S)``, ``support_masks (K,1,S,S)``, ``query_images (3,S,S)``,
     ``query_masks (1,S,S)``; floats in [0, 1] / {0, 1}. Works in DataLoader worker processes.
+
+    ``native_area`` (SOFS non-resizing, :mod:`pipeline.inference.native`): an augmented view of an
+    image whose defect covers at most this share (or none: normal and negative queries) is taken from
+    a random native-resolution crop around a defect pixel (:func:`~pipeline.inference.native.crop_box`),
+    seeded like the augmentation. Clean views (fixed validation episodes) stay whole.
     """
 
     def __init__(self, params: Params, pools: Pools, rows: dict[str, Any], augment: bool,
-                 episodes: Sequence[Episode] | None = None, normals: Pools | None = None) -> None:
+                 episodes: Sequence[Episode] | None = None, normals: Pools | None = None,
+                 native_area: float | None = None) -> None:
         self.params, self.pools, self.rows, self.augment = params, pools, rows, augment
-        self.normals = normals or {}
+        self.normals, self.native_area = normals or {}, native_area
         self.fixed = list(episodes) if episodes is not None else None
         self.pipeline = build_augment(params.train.image_size)
 
@@ -101,6 +108,9 @@ class ImageEpisodes(torch.utils.data.Dataset):
             mask = read_mask(resolve(data_dir, row["mask_path"]), self.params.data.mask_threshold)
         if seed is None:
             return to_tensor_pair(*clean_pair(image, mask, self.params.train.image_size))
+        if self.native_area is not None and native.defect_share(mask) <= self.native_area:
+            box = native.crop_box(mask, self.params.train.image_size, np.random.default_rng(seed))
+            image, mask = native.cut(image, box), native.cut(mask, box)
         return to_tensor_pair(*augment_pair(self.pipeline, image, mask, seed))
 
     def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
@@ -123,10 +133,11 @@ class ImageEpisodes(torch.utils.data.Dataset):
 
 
 def image_loader(params: Params, pools: Pools, rows: dict[str, Any], start_step: int,
-                 device: torch.device, normals: Pools | None = None) -> torch.utils.data.DataLoader:
+                 device: torch.device, normals: Pools | None = None,
+                 native_area: float | None = None) -> torch.utils.data.DataLoader:
     """A DataLoader over :class:`ImageEpisodes` yielding the batches of steps ``start_step ..`` (resume)."""
     t = params.train
-    ds = ImageEpisodes(params, pools, rows, augment=t.augment, normals=normals)
+    ds = ImageEpisodes(params, pools, rows, augment=t.augment, normals=normals, native_area=native_area)
     sampler = range(start_step * t.batch_size, total_steps(params) * t.batch_size)
     return torch.utils.data.DataLoader(
         ds, batch_size=t.batch_size, sampler=sampler, num_workers=t.num_workers,
