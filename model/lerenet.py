@@ -250,6 +250,12 @@ class LERENet(FewShotSegmenter):
             nn.init.zeros_(last.weight)
             nn.init.zeros_(last.bias)
 
+    @property
+    def refinable(self) -> bool:
+        """Whether the ``hypercolumn`` probe is computed (in ``priors`` or ``skip_source``), i.e. whether
+        ``transductive_steps`` has a probe to refine."""
+        return "hypercolumn" in self.priors + self.skip_kinds
+
     def forward_features(self, support_feats: torch.Tensor, support_masks: torch.Tensor,
                          query_feats: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
         """Logits from encoded features.

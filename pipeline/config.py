@@ -27,6 +27,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pipeline.class_names import CLASS_NAME_PATTERN, ClassName, check_class_name  # noqa: F401  (re-exported)
 from pipeline.config_ops import (  # noqa: F401  (re-exported)
     DistributedParams, RetrainParams, ServicesParams, _Section, check_timezone)
+from pipeline.inference.limits import MAX_TRANSDUCTIVE_STEPS
 
 DEFAULT_PARAMS = Path(__file__).resolve().parent.parent / "params.yaml"
 
@@ -128,7 +129,7 @@ class ModelParams(_Section):
             raise ValueError(f"priors must not repeat a kind, got {v}")
         return v
 
-    transductive_steps: int = Field(0, ge=0, le=1000)  # RePRI-style refinement of the hypercolumn probe per query
+    transductive_steps: int = Field(0, ge=0, le=MAX_TRANSDUCTIVE_STEPS)  # RePRI-style refinement of the hypercolumn probe per query
 
     @field_validator("transductive_steps")
     @classmethod

@@ -11,6 +11,7 @@ import typer
 from lerenet.app import app
 from lerenet.commands._common import ParamsOption, fail, params_or_exit
 from lerenet.help import PANEL_BENCH, PANEL_INFERENCE
+from pipeline.inference.limits import MAX_TRANSDUCTIVE_STEPS
 
 
 def _device(name: str):
@@ -93,7 +94,7 @@ def predict(
                               help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/PATH or a model.pt "
                                    "(default: the registry's champion, alias champion of mlflow.registered_model)"),
     threshold: float = typer.Option(0.5, "--threshold", help="defect where probability > threshold, in (0, 1)"),
-    transductive_steps: int = typer.Option(None, "--transductive-steps", min=0, max=1000,
+    transductive_steps: int = typer.Option(None, "--transductive-steps", min=0, max=MAX_TRANSDUCTIVE_STEPS,
                                            help="test-time refinement steps of the hypercolumn probe on each query "
                                                 "(0 = off; default: the model file's model.transductive_steps)"),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),

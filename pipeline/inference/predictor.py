@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from pipeline.inference import native, preprocess
 from pipeline.inference.gate import apply_gate
+from pipeline.inference.limits import MAX_TRANSDUCTIVE_STEPS
 from pipeline.inference.resolve import ModelSource, open_model
 
 
@@ -123,10 +124,9 @@ class Predictor:
     def transductive_steps(self) -> int | None:
         """Test-time refinement steps of the hypercolumn probe per query (``model.transductive_steps``, 0 = off);
         ``None``: the network has no hypercolumn probe to refine."""
-        net = self.net
-        if "hypercolumn" not in getattr(net, "priors", ()) + getattr(net, "skip_kinds", ()):
+        if not getattr(self.net, "refinable", False):  # LERENet.refinable; other models have no probe
             return None
-        return int(net.transductive_steps)
+        return int(self.net.transductive_steps)
 
     @contextmanager
     def transductive(self, steps: int | None) -> Iterator[None]:
@@ -135,12 +135,13 @@ class Predictor:
         each see their own setting).
 
         Raises:
-            PredictInputError: ``steps`` is not an integer in [0, 1000], or is > 0 for a network without a
+            PredictInputError: ``steps`` is not an integer in [0, ``MAX_TRANSDUCTIVE_STEPS``], or is > 0 for a network without a
                 hypercolumn probe.
         """
         if steps is not None and (isinstance(steps, bool) or not isinstance(steps, (int, np.integer))
-                                  or not 0 <= steps <= 1000):
-            raise PredictInputError(f"transductive_steps must be an integer in [0, 1000], got {steps!r}")
+                                  or not 0 <= steps <= MAX_TRANSDUCTIVE_STEPS):
+            raise PredictInputError(f"transductive_steps must be an integer in [0, {MAX_TRANSDUCTIVE_STEPS}], "
+                                    f"got {steps!r}")
         if self.transductive_steps is None:
             if steps:
                 raise PredictInputError(f"transductive_steps={steps}: model {self.meta.get('model')!r} has no "
