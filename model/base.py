@@ -11,6 +11,21 @@ from torch import nn
 from model.backbones import Backbone
 
 
+def check_native_area(area: float | None) -> float | None:
+    """Validate a non-resizing threshold (SOFS, arXiv 2407.21351, Sec. 3.4): a support defect covering at most
+    this share of its image, in ``(0, 1]``, is *small*, and inference then works on native-resolution crops
+    and sliding windows (``pipeline.inference.native``); ``None``: off. Returns it as a float (or ``None``).
+
+    Raises:
+        ValueError: outside ``(0, 1]``.
+    """
+    if area is None:
+        return None
+    if not 0.0 < float(area) <= 1.0:
+        raise ValueError(f"native_area must be in (0, 1] or None, got {area}")
+    return float(area)
+
+
 class FewShotSegmenter(nn.Module):
     """One-way K-shot segmenter: support images + masks and a query -> query logits.
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.backbones import Backbone
-from model.base import FewShotSegmenter
+from model.base import FewShotSegmenter, check_native_area
 from model.layers import (
     CBAM,
     EPS,
@@ -199,22 +199,28 @@ class LERENet(FewShotSegmenter):
         transductive_steps: test-time refinement of the ``hypercolumn`` probe on each query's own cells
             (RePRI-style, :func:`model.priors.frozen_priors`); 0 = off. A plain attribute, not a weight:
             inference may change it on a loaded network.
+        native_area: SOFS non-resizing at inference (:func:`model.base.check_native_area`; ``None`` = off):
+            small support defects are cropped and queries segmented in native-resolution windows by
+            ``pipeline.inference``. A plain attribute stored with the model; the forward is unchanged.
 
     Raises:
         ValueError: unknown variant, graph, prior kind, skip source or query path;
-            ``channels < 8``; ``skip_scale <= 0``; ``transductive_steps < 0``.
+            ``channels < 8``; ``skip_scale <= 0``; ``transductive_steps < 0``; ``native_area``
+            outside ``(0, 1]``.
     """
 
     def __init__(self, backbone: Backbone, *, freeze_backbone: bool = True, variant: str = "mpr+mpe*",
                  channels: int = 256, graph: str = "glore", num_nodes: int | None = None,
                  num_state: int | None = None, dropout: float = 0.5, priors: tuple[str, ...] | list[str] = (),
                  prior_skip: bool = False, skip_scale: float = 20.0, skip_source: str = "nn",
-                 query_path: str = "on", query_dropout: float = 0.5, transductive_steps: int = 0) -> None:
+                 query_path: str = "on", query_dropout: float = 0.5, transductive_steps: int = 0,
+                 native_area: float | None = None) -> None:
         super().__init__(backbone, freeze_backbone=freeze_backbone)
         self.priors = tuple(priors)
         if transductive_steps < 0:
             raise ValueError(f"transductive_steps must be >= 0, got {transductive_steps}")
         self.transductive_steps = int(transductive_steps)
+        self.native_area = check_native_area(native_area)
         if self.priors:
             check_kinds(self.priors)
         if skip_scale <= 0:

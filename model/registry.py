@@ -46,7 +46,8 @@ def build_model(name: str, backbone: str = "efficientnet_lite0", *, freeze_backb
         **options: model-specific keywords (LERENet: ``graph``, ``num_nodes``,
             ``num_state``, ``dropout``; Baseline: ``dropout``; prototype: ``scale``,
             ``learn_scale``; SOFS: ``num_layers``, ``heads``, ``dropout``, ``prior_scale``,
-            ``temperature``, ``anomaly_threshold``, ``mask_resize``, ``priors``, ``native_area``; JAFFNet:
+            ``temperature``, ``anomaly_threshold``, ``mask_resize``, ``priors``, ``native_area`` (also
+            LERENet's); JAFFNet:
             ``encoder``, ``drf_units``, ``drf_rates``).
 
     Returns:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.backbones import Backbone
-from model.base import FewShotSegmenter
+from model.base import FewShotSegmenter, check_native_area
 from model.layers import FeatureProjection, masked_average_pooling
 from model.sofs_ops import area_fraction, level_priors, mask_fusion, shot_mean
 
@@ -103,11 +103,9 @@ class SOFS(FewShotSegmenter):
             (ablation: the usual binary nearest-neighbour mask).
         priors: use the priors (``False``: ablation, the query merge sees ``[X_q; p]`` only;
             anomaly-detection mode still uses the abnormal prior).
-        native_area: SOFS non-resizing (Sec. 3.4): a support defect covering at most this share of
-            its image, in ``(0, 1]``, is *small*, and inference then works on native-resolution
-            crops and sliding windows (``pipeline.inference.native``; the authors use 0.01);
-            ``None`` (default): every image is resized whole. Stored with the model; the network's
-            forward is the same either way (its support and query grids may differ).
+        native_area: SOFS non-resizing (Sec. 3.4, :func:`model.base.check_native_area`; the authors
+            use 0.01); ``None`` (default): every image is resized whole. Stored with the model; the
+            network's forward is the same either way (its support and query grids may differ).
 
     Raises:
         ValueError: bad option values.
@@ -128,9 +126,7 @@ class SOFS(FewShotSegmenter):
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if mask_resize not in MASK_RESIZE:
             raise ValueError(f"unknown mask_resize {mask_resize!r}; valid: {', '.join(MASK_RESIZE)}")
-        if native_area is not None and not 0.0 < native_area <= 1.0:
-            raise ValueError(f"native_area must be in (0, 1] or None, got {native_area}")
-        self.native_area = None if native_area is None else float(native_area)
+        self.native_area = check_native_area(native_area)
         self.levels = tuple(int(c) for c in backbone.level_channels)
         if sum(self.levels) != backbone.out_channels:
             raise ValueError(f"backbone level_channels {self.levels} do not sum to out_channels {backbone.out_channels}")

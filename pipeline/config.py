@@ -129,6 +129,8 @@ class ModelParams(_Section):
             raise ValueError(f"priors must not repeat a kind, got {v}")
         return v
 
+    native_area: float | None = Field(None, gt=0, le=1)  # SOFS non-resizing for lerenet and sofs: support defects
+                                                         # <= this share of the image -> native crops / windows
     transductive_steps: int = Field(0, ge=0, le=MAX_TRANSDUCTIVE_STEPS)  # RePRI-style refinement of the hypercolumn probe per query
 
     @field_validator("transductive_steps")
@@ -143,8 +145,6 @@ class ModelParams(_Section):
     # SOFS only (model.SOFS): its mechanisms as switches for the ablation (issue 12, docs/experiments.md)
     sofs_mask_resize: Literal["area", "nearest"] = "area"  # prototype intensity downsampling, or binary nearest
     sofs_priors: bool = True                                # semantic + abnormal priors in the query merge
-    sofs_native_area: float | None = Field(None, gt=0, le=1)  # non-resizing: defects <= this share of the image
-                                                            # are cropped / windowed at native resolution (SOFS: 0.01)
 
     def options(self, name: str) -> dict[str, Any]:
         """The model-specific keywords of ``model.build_model`` for model ``name`` (empty: the published model)."""
@@ -154,7 +154,7 @@ class ModelParams(_Section):
             return {}
         defaults = {"mask_resize": "area", "priors": True, "native_area": None}
         return {k: v for k, v in (("mask_resize", self.sofs_mask_resize), ("priors", self.sofs_priors),
-                                  ("native_area", self.sofs_native_area)) if v != defaults[k]}
+                                  ("native_area", self.native_area)) if v != defaults[k]}
 
     def lerenet_options(self) -> dict[str, Any]:
         """The LERENet-only keywords of ``model.build_model`` (empty where they keep the paper's model)."""
@@ -169,6 +169,8 @@ class ModelParams(_Section):
             opts["query_path"] = self.query_path
         if self.transductive_steps:
             opts["transductive_steps"] = self.transductive_steps
+        if self.native_area is not None:
+            opts["native_area"] = self.native_area
         return opts
 
 

@@ -186,15 +186,17 @@ def test_training_views_of_small_defects_are_native_crops(small_params):
     assert torch.equal(m_clean, m_clean_whole)
 
 
-def test_params_switch_reaches_the_model_file_config():
+@pytest.mark.parametrize("name", ["sofs", "lerenet"])
+def test_params_switch_reaches_the_model_file_config(name):
     from pipeline.checkpoint import build_net
     from pipeline.config import DEFAULT_PARAMS, ConfigError, load_params
 
-    on = load_params(DEFAULT_PARAMS, env={}, overrides={"model": {"sofs_native_area": 0.01}})
-    net = build_net(on, "sofs", pretrained=False)
+    on = load_params(DEFAULT_PARAMS, env={}, overrides={"model": {"native_area": 0.01}})
+    net = build_net(on, name, pretrained=False)
     assert net.native_area == 0.01 and net.config["native_area"] == 0.01
-    off = build_net(load_params(DEFAULT_PARAMS, env={}), "sofs", pretrained=False)
+    off = build_net(load_params(DEFAULT_PARAMS, env={}), name, pretrained=False)
     assert off.native_area is None and "native_area" not in off.config
+    assert not hasattr(build_net(on, "baseline", pretrained=False), "native_area")  # only lerenet and sofs
     for bad in (0, 1.5):
-        with pytest.raises(ConfigError, match="sofs_native_area"):
-            load_params(DEFAULT_PARAMS, env={}, overrides={"model": {"sofs_native_area": bad}})
+        with pytest.raises(ConfigError, match="native_area"):
+            load_params(DEFAULT_PARAMS, env={}, overrides={"model": {"native_area": bad}})
