@@ -60,7 +60,7 @@ def episode_masks(src: FeatureSource, support_ids: Sequence[Sequence[str]], quer
         logits = episode_logits(src, [support_ids[j] for j in resized], [query_ids[j] for j in resized])
         for j, m in zip(resized, predicted_masks(logits, [sizes[j] for j in resized])):
             out[j] = m
-    for j in (j for j, n in enumerate(native) if n):
+    for j in [j for j, n in enumerate(native) if n]:
         lg = src.predictor.predict_logits(src.native_support(support_ids[j]), [src.table.image(query_ids[j])])[0]
         out[j] = torch.from_numpy(lg > 0)
     return out  # type: ignore[return-value]

@@ -159,8 +159,7 @@ class Predictor:
     @property
     def native_area(self) -> float | None:
         """SOFS non-resizing threshold of the model file (defect share of the image, ``(0, 1]``); ``None``: off."""
-        area = getattr(self.net, "native_area", None)
-        return None if area is None else float(area)
+        return getattr(self.net, "native_area", None)  # validated float or None (model.base.check_native_area)
 
     def is_native(self, masks: Sequence[np.ndarray]) -> bool:
         """Whether a support set of original-size bool masks is segmented in native windows (any defect small)."""
@@ -215,10 +214,10 @@ class Predictor:
         for k, (im, m) in enumerate(zip(images, masks)):
             if im.shape[:2] != np.asarray(m).shape:
                 raise PredictInputError(f"support {k}: mask size {np.asarray(m).shape} != image size {im.shape[:2]}")
-        is_native = self.is_native(masks)
+        small = [native.is_small(m, self.native_area) for m in masks]
+        is_native = any(small)
         if is_native:  # SOFS non-resizing: small defects cropped at native resolution, large ones resized whole
-            boxes = [native.crop_box(m, self.image_size) if native.is_small(m, self.native_area) else None
-                     for m in masks]
+            boxes = [native.crop_box(m, self.image_size) if sm else None for m, sm in zip(masks, small)]
             images = [im if b is None else native.cut(im, b) for im, b in zip(images, boxes)]
             masks = [np.asarray(m) if b is None else native.cut(np.asarray(m), b) for m, b in zip(masks, boxes)]
         feats = self.encode_images(images)
@@ -282,11 +281,14 @@ class Predictor:
             return []
         if support.native:
             return self._native_logits(support, queries)
-        qf = self.encode_images(queries)
-        b = qf.shape[0]
-        logits = self.head(support.feats.expand(b, *support.feats.shape[1:]),
-                           support.masks.expand(b, *support.masks.shape[1:]), qf)
+        logits = self._support_head(support, self.encode_images(queries))
         return [u.cpu().numpy() for u in self.upsample(logits, [im.shape[:2] for im in queries])]
+
+    def _support_head(self, support: SupportSet, query_feats: torch.Tensor, gate: bool = True) -> torch.Tensor:
+        """:meth:`head` of a batch of query features ``(B, Cb, h, w)`` with ``support`` expanded over the batch."""
+        b = query_feats.shape[0]
+        return self.head(support.feats.expand(b, *support.feats.shape[1:]),
+                         support.masks.expand(b, *support.masks.shape[1:]), query_feats, gate=gate)
 
     def _native_logits(self, support: SupportSet, queries: Sequence[np.ndarray]) -> list[np.ndarray]:
         """SOFS non-resizing: each query cut into ``S x S`` native windows (:func:`native.windows`), every window
@@ -295,10 +297,7 @@ class Predictor:
         crops = [native.cut(im, b) for im, bs in zip(queries, boxes) for b in bs]
         tiles: list[np.ndarray] = []
         for s in range(0, len(crops), 16):
-            qf = self.encode_images(crops[s:s + 16])
-            b = qf.shape[0]
-            logits = self.head(support.feats.expand(b, *support.feats.shape[1:]),
-                               support.masks.expand(b, *support.masks.shape[1:]), qf, gate=False)
+            logits = self._support_head(support, self.encode_images(crops[s:s + 16]), gate=False)
             tiles += [u.cpu().numpy() for u in self.upsample(logits, [c.shape[:2] for c in crops[s:s + 16]])]
         out, first = [], 0
         for im, bs in zip(queries, boxes):
