@@ -206,6 +206,8 @@ class TrainParams(_Section):
                                                    # supports of another selection class (0: plain mIoU)
     presence_budget: float | None = Field(None, ge=0.0, allow_inf_nan=False)  # mIoU points (pipeline/training/gate.py)
     presence_fp: float | None = Field(None, ge=0.0, le=1.0)  # max share of training-side defect-free images flagged
+    presence_small_area: float | None = Field(None, gt=0.0, le=1.0)  # small supports (mean defect share <= this)
+                                                   # get their own gate threshold (pipeline/inference/gate.py)
     per_model: dict[ModelName, dict[str, Any]] = {}  # one model's train settings over these (Params.for_model)
 
     @field_validator("per_model")

@@ -161,3 +161,79 @@ def test_false_alarm_target_gates_the_training_sides_defect_free_images(tmp_path
     assert metas[None]["presence_threshold"] is None and metas[None]["presence_fp_train"] is None
     tau = metas[0.0]["presence_threshold"]
     assert tau > max(scores) and metas[0.0]["presence_fp_train"] == 0.0 and metas[0.0]["presence_fp"] == 0.0
+
+
+def test_presence_gate_gives_small_supports_their_own_threshold():
+    """``PresenceGate``: an episode whose mean support defect share is in ``(0, small_area]`` is judged by the
+    small threshold, any other (an empty support too) by the main one; a side without a threshold is not gated."""
+    from pipeline.inference.gate import ABSENT_LOGIT, PresenceGate, apply_gate
+
+    gate = PresenceGate(9.0, 5.0, 0.01)
+    taus = gate.thresholds(torch.tensor([0.005, 0.5, 0.0, 0.01], dtype=torch.float64))
+    assert taus.tolist() == [5.0, 9.0, 9.0, 5.0]
+    assert PresenceGate(None, 5.0, 0.01).thresholds(torch.tensor([0.5, 0.001])).tolist() == [-math.inf, 5.0]
+    old = PresenceGate.from_meta({"presence_threshold": 2.0})      # a model file written before the split
+    assert old == PresenceGate(2.0) and not old.split and old.thresholds(torch.tensor([0.001])) == 2.0
+    assert PresenceGate.from_meta({}) == PresenceGate(None)
+    logits = torch.full((3, 1, 4, 4), -2.0)
+    logits[:, 0, 1, 1] = 6.0                                        # every query's max logit is 6
+    out = apply_gate(logits, gate.thresholds(torch.tensor([0.005, 0.5, 0.0])))
+    assert torch.equal(out[0], logits[0])                           # small support: 6 >= 5, kept
+    assert (out[1:] <= ABSENT_LOGIT).all()                          # large / empty support: 6 < 9, emptied
+
+
+def test_gate_compares_in_float64_so_a_tau_one_ulp_above_a_score_gates_it():
+    """fp_threshold returns ``nextafter(score)`` in float64; a float32 comparison would round it back and keep the
+    query it was meant to gate off."""
+    from pipeline.inference.gate import apply_gate
+
+    logits = torch.full((1, 1, 2, 2), 9.5)
+    tau = math.nextafter(9.5, math.inf)
+    assert not (apply_gate(logits, tau) > 0).any()
+    assert not (apply_gate(logits, torch.tensor([tau], dtype=torch.float64)) > 0).any()
+
+
+def test_split_gate_calibrates_each_support_size_on_its_own_episodes():
+    """By hand, target 20 % and no budget: defect-free queries with a small support score low, with a large one
+    high. One threshold must gate 3 of the 10 images; apart, the small side meets the target ungated and the large
+    side gates its own top images only."""
+    from pipeline.inference.gate import PresenceGate
+    from pipeline.training.gate import QueryScore, split_gate
+
+    def normal(score, share):
+        return QueryScore("MT", score, 0, 0, 0, share)
+
+    small = [normal(x, 0.004) for x in (-5.0, -4.0, -3.0, 6.0, -2.0)]
+    large = [normal(x, 0.3) for x in (9.9, 9.8, 9.7, 2.0, -1.0)]
+    one = split_gate([], small + large, None, 0.2, None)
+    assert one == PresenceGate(math.nextafter(9.7, math.inf))
+    assert split_gate([], small + large, None, 0.2, 0.01) == PresenceGate(math.nextafter(9.8, math.inf), None, 0.01)
+    # no small episode at all: the small side keeps the threshold of the rule on every episode
+    only_large = split_gate([], large, None, 0.2, 0.01)
+    assert only_large.small_threshold == only_large.threshold == math.nextafter(9.8, math.inf)
+
+
+def test_predictor_gates_an_episode_by_the_size_of_its_support(gated):
+    """The one inference path reads the split gate of its model file: the same query is kept when its support
+    counts as small (its own, lower threshold) and emptied when it does not."""
+    from pipeline.images import load_validated, read_image, read_mask, resolve
+    from pipeline.inference.predictor import Predictor
+
+    params, res = gated
+    rows = load_validated(params.data.dir, kind="defect")
+    rows = rows[rows["class_name"] == sorted(rows["class_name"])[0]].head(2)
+    img = [read_image(resolve(params.data.dir, p)) for p in rows["image_path"]]
+    msk = [read_mask(resolve(params.data.dir, p), params.data.mask_threshold) for p in rows["mask_path"]]
+    pred = Predictor.load(res.model_path)
+    pred.meta.update(presence_threshold=None, presence_threshold_small=None, presence_small_area=None)
+    support = pred.encode_support(img[:1], msk[:1])
+    assert 0.0 < support.share < 1.0
+    raw = pred.predict_logits(support, img[1:])[0]
+    assert (raw > 0).any(), "the ungated prediction must mark pixels for this check to mean anything"
+    top = float(pred.head(support.feats, support.masks, pred.encode_images(img[1:]), gate=False).max())
+    pred.meta.update(presence_threshold=top + 1.0, presence_threshold_small=top - 1.0)
+    pred.meta["presence_small_area"] = 1.0                        # every non-empty support is small
+    assert np.array_equal(pred.predict_logits(support, img[1:])[0], raw)
+    assert pred.describe()["presence_threshold_small"] == top - 1.0
+    pred.meta["presence_small_area"] = support.share / 2          # this support is not small
+    assert not (pred.segment(img[:1], msk[:1], img[1]) > 0).any()

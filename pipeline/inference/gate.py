@@ -5,9 +5,20 @@ decision of inspection systems). The threshold ``tau`` is calibrated at training
 classes (:mod:`pipeline.training.gate`) and stored in the model file (``meta["presence_threshold"]``);
 :meth:`pipeline.inference.predictor.Predictor.head` applies it, so evaluation, ``lerenet predict``
 and the served model take the same decision.
+
+Two thresholds by support size (``train.presence_small_area``, :class:`PresenceGate`): an episode whose
+support defects are small (mean defect share of the K support masks in ``(0, small_area]``; SOFS's
+small-defect bound is 0.01) gets its own ``tau``. On defect-free images the max logit depends on the
+support far more than on the query: with a small support a defect-free tile scores about -5, with a
+large low-contrast one (MT_Uneven) about +10, as high as a defect (docs/experiments.md, eighth session).
+One threshold set by the false-alarm target of the large supports gated off most small defects.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -16,12 +27,13 @@ import torch
 ABSENT_LOGIT = -1e-3
 
 
-def apply_gate(logits: torch.Tensor, threshold: float | None) -> torch.Tensor:
+def apply_gate(logits: torch.Tensor, threshold: float | torch.Tensor | None) -> torch.Tensor:
     """Empty the queries whose presence score (max logit) is below ``threshold``.
 
     Args:
         logits: ``(B, 1, h, w)`` logits on the feature grid.
-        threshold: ``tau`` in logit units, or ``None`` (no gate: ``logits`` returned as is).
+        threshold: ``tau`` in logit units, a ``(B,)`` tensor of one ``tau`` per query (``-inf``: that query
+            is not gated), or ``None`` (no gate: ``logits`` returned as is).
 
     Returns:
         ``(B, 1, h, w)``: unchanged for queries with ``max >= tau``, else clamped to at most
@@ -29,7 +41,63 @@ def apply_gate(logits: torch.Tensor, threshold: float | None) -> torch.Tensor:
     """
     if threshold is None:
         return logits
-    off = logits.amax(dim=(1, 2, 3)) < threshold
+    if isinstance(threshold, torch.Tensor):
+        threshold = threshold.to(device=logits.device, dtype=torch.float64)
+    off = logits.amax(dim=(1, 2, 3)).double() < threshold  # float64: a tau one ulp above a float32 score gates it
     if not bool(off.any()):
         return logits
     return torch.where(off.view(-1, 1, 1, 1), logits.clamp(max=ABSENT_LOGIT), logits)
+
+
+@dataclass(frozen=True)
+class PresenceGate:
+    """The presence gate of a model file (``meta`` keys written by :func:`pipeline.training.gate.presence_gate`).
+
+    Attributes:
+        threshold: ``tau`` (logit units) of every episode, or of the episodes whose support is not small when
+            ``small_area`` is set; ``None``: those episodes are not gated.
+        small_threshold: ``tau`` of the episodes whose support is small; ``None``: not gated.
+        small_area: the small-support bound on the mean support defect share, in ``(0, 1]``; ``None``: one
+            threshold for every episode (model files written before the split).
+    """
+
+    threshold: float | None
+    small_threshold: float | None = None
+    small_area: float | None = None
+
+    @classmethod
+    def from_meta(cls, meta: Mapping[str, Any]) -> PresenceGate:
+        """The gate stored in a model file's ``meta`` (keys ``presence_threshold``, ``presence_threshold_small``,
+        ``presence_small_area``; absent keys: ungated / one threshold)."""
+        def num(key: str) -> float | None:
+            v = meta.get(key)
+            return None if v is None else float(v)
+        return cls(num("presence_threshold"), num("presence_threshold_small"), num("presence_small_area"))
+
+    @property
+    def split(self) -> bool:
+        """Whether small supports have their own threshold."""
+        return self.small_area is not None
+
+    def is_small(self, share: float) -> bool:
+        """Whether an episode whose support defects cover ``share`` of the image (mean over the shots) is small:
+        ``0 < share <= small_area`` (an empty support is not small, as ``pipeline.inference.native.is_small``)."""
+        return self.small_area is not None and 0.0 < share <= self.small_area
+
+    def thresholds(self, shares: torch.Tensor) -> float | torch.Tensor | None:
+        """The threshold of each episode, for :func:`apply_gate`.
+
+        Args:
+            shares: ``(B,)`` mean support defect share of each episode, in ``[0, 1]``.
+
+        Returns:
+            ``threshold`` when the gate has one threshold; else a ``(B,)`` float64 tensor (``-inf`` where that
+            episode's threshold is ``None``).
+        """
+        if not self.split:
+            return self.threshold
+        inf = float("-inf")
+        big = inf if self.threshold is None else self.threshold
+        small = inf if self.small_threshold is None else self.small_threshold
+        return torch.tensor([small if self.is_small(float(x)) else big for x in shares.reshape(-1)],
+                            dtype=torch.float64)

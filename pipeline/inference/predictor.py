@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.inference import native, preprocess
-from pipeline.inference.gate import apply_gate
+from pipeline.inference.gate import PresenceGate, apply_gate
 from pipeline.inference.limits import MAX_TRANSDUCTIVE_STEPS
 from pipeline.inference.resolve import ModelSource, open_model
 
@@ -65,12 +65,16 @@ class SupportSet:
         image_size: ``S``.
         native: the queries are segmented in native-resolution windows (SOFS non-resizing: a
             support defect is small, and its image was cropped around it instead of resized).
+        share: mean over the K shots of the defect share of each *original* support mask, in ``[0, 1]``
+            (the presence gate's support size, :class:`pipeline.inference.gate.PresenceGate`); ``None``: taken
+            from ``masks``.
     """
 
     feats: torch.Tensor
     masks: torch.Tensor
     image_size: int
     native: bool = False
+    share: float | None = None
 
     @property
     def shots(self) -> int:
@@ -119,6 +123,11 @@ class Predictor:
         (model files written before the gate, or ``train.presence_budget: null``)."""
         tau = self.meta.get("presence_threshold")
         return None if tau is None else float(tau)
+
+    @property
+    def presence_gate(self) -> PresenceGate:
+        """The model file's whole presence gate (one threshold, or one for small supports and one for the rest)."""
+        return PresenceGate.from_meta(self.meta)
 
     @property
     def transductive_steps(self) -> int | None:
@@ -176,6 +185,8 @@ class Predictor:
         return {"uri": s.uri, "registered_name": s.registered_name, "version": s.version, "alias": s.alias,
                 "run_id": s.run_id, "model": self.meta.get("model"), "backbone": self.meta.get("backbone"),
                 "image_size": self.image_size, "presence_threshold": self.presence_threshold,
+                "presence_threshold_small": self.presence_gate.small_threshold,
+                "presence_small_area": self.presence_gate.small_area,
                 "transductive_steps": self.transductive_steps}
 
     # ---- preprocessing + backbone ---------------------------------------------------------------
@@ -214,6 +225,7 @@ class Predictor:
         for k, (im, m) in enumerate(zip(images, masks)):
             if im.shape[:2] != np.asarray(m).shape:
                 raise PredictInputError(f"support {k}: mask size {np.asarray(m).shape} != image size {im.shape[:2]}")
+        share = float(np.mean([native.defect_share(m) for m in masks]))
         small = [native.is_small(m, self.native_area) for m in masks]
         is_native = any(small)
         if is_native:  # SOFS non-resizing: small defects cropped at native resolution, large ones resized whole
@@ -222,12 +234,12 @@ class Predictor:
             masks = [np.asarray(m) if b is None else native.cut(np.asarray(m), b) for m, b in zip(masks, boxes)]
         feats = self.encode_images(images)
         return SupportSet(feats=feats[None], masks=self.mask_batch(masks)[None], image_size=self.image_size,
-                          native=is_native)
+                          native=is_native, share=share)
 
     # ---- head + upsampling ----------------------------------------------------------------------
     @torch.inference_mode()
     def head(self, support_feats: torch.Tensor, support_masks: torch.Tensor, query_feats: torch.Tensor,
-             gate: bool = True) -> torch.Tensor:
+             gate: bool = True, shares: torch.Tensor | None = None) -> torch.Tensor:
         """Logits on the feature grid from encoded features (the step evaluation runs on cached features).
 
         Args:
@@ -237,12 +249,18 @@ class Predictor:
         Returns:
             ``(B, 1, h, w)`` float32 logits (``net.forward_features`` asked for the feature grid size),
             after the model file's presence gate (:func:`pipeline.training.gate.apply_gate`: a query
-            whose max logit is below :attr:`presence_threshold` gets no pixel > 0); ``gate=False``:
+            whose max logit is below its threshold, :attr:`presence_gate`, gets no pixel > 0); ``gate=False``:
             before it (the native windows of one query are gated together, after stitching).
+            shares: ``(B,)`` support size of each episode for the gate (:attr:`SupportSet.share`); ``None``: the
+                mean defect share of ``support_masks``.
         """
         logits = self.net.forward_features(support_feats, support_masks, query_feats,
                                            tuple(query_feats.shape[-2:])).float()
-        return apply_gate(logits, self.presence_threshold) if gate else logits
+        if not gate:
+            return logits
+        if shares is None:
+            shares = support_masks.float().mean(dim=(2, 3, 4)).mean(dim=1)
+        return apply_gate(logits, self.presence_gate.thresholds(shares.cpu()))
 
     @staticmethod
     @torch.inference_mode()
@@ -287,8 +305,9 @@ class Predictor:
     def _support_head(self, support: SupportSet, query_feats: torch.Tensor, gate: bool = True) -> torch.Tensor:
         """:meth:`head` of a batch of query features ``(B, Cb, h, w)`` with ``support`` expanded over the batch."""
         b = query_feats.shape[0]
+        shares = None if support.share is None else torch.full((b,), support.share, dtype=torch.float64)
         return self.head(support.feats.expand(b, *support.feats.shape[1:]),
-                         support.masks.expand(b, *support.masks.shape[1:]), query_feats, gate=gate)
+                         support.masks.expand(b, *support.masks.shape[1:]), query_feats, gate=gate, shares=shares)
 
     def _native_logits(self, support: SupportSet, queries: Sequence[np.ndarray]) -> list[np.ndarray]:
         """SOFS non-resizing: each query cut into ``S x S`` native windows (:func:`native.windows`), every window
@@ -299,11 +318,13 @@ class Predictor:
         for s in range(0, len(crops), 16):
             logits = self._support_head(support, self.encode_images(crops[s:s + 16]), gate=False)
             tiles += [u.cpu().numpy() for u in self.upsample(logits, [c.shape[:2] for c in crops[s:s + 16]])]
+        share = support.share if support.share is not None else float(support.masks.float().mean())
+        tau = self.presence_gate.thresholds(torch.tensor([share], dtype=torch.float64))
         out, first = [], 0
         for im, bs in zip(queries, boxes):
             whole = native.stitch(tiles[first:first + len(bs)], bs, im.shape[:2])
             first += len(bs)
-            out.append(apply_gate(torch.from_numpy(whole)[None, None], self.presence_threshold)[0, 0].numpy())
+            out.append(apply_gate(torch.from_numpy(whole)[None, None], tau)[0, 0].numpy())
         return out
 
     def predict_probabilities(self, support: SupportSet, queries: Sequence[np.ndarray]) -> list[np.ndarray]:

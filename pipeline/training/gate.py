@@ -24,6 +24,13 @@ the query of a K=1 episode whose support is a seeded defect image of the same cl
 in the unit a line operator reads, "at most this share of good parts flagged", measured on training-side
 images only; the budget rule alone does not see defect-free images, and its threshold, calibrated on one
 material, does not carry over to another (docs/experiments.md, fourth session).
+
+Small supports (``train.presence_small_area``, SOFS's 0.01): the rule above runs twice, once on the episodes whose
+support defects are small (mean defect share of the support masks in ``(0, small_area]``) and once on the others,
+each on its own selection and defect-free episodes; a side with no episode at all keeps the threshold of the rule
+on every episode. Each side then keeps its own promise (budget and false-alarm target). Why: a defect-free image's
+max logit is set by the support (about -5 with a small support, +10 with a large low-contrast one), so one
+threshold raised for the large supports gated off most small defects (docs/experiments.md, eighth session).
 """
 
 from __future__ import annotations
@@ -42,19 +49,21 @@ from pipeline.config import Params
 from pipeline.episodes import Episode, Pools, normal_pools, validation_episodes
 from pipeline.images import load_validated
 from pipeline.features import FeatureStore
-from pipeline.inference.gate import ABSENT_LOGIT, apply_gate
+from pipeline.inference.gate import ABSENT_LOGIT, PresenceGate, apply_gate
 from pipeline.training.batches import ImageEpisodes, gather
 
 @dataclass(frozen=True)
 class QueryScore:
     """One selection query: class, presence score (max grid logit) and its IoU counts at ``S x S``
-    (``inter``, ``union`` of prediction and truth, ``truth`` = defect pixels)."""
+    (``inter``, ``union`` of prediction and truth, ``truth`` = defect pixels); ``share``: the mean defect share
+    of its support masks at ``S x S``, in ``[0, 1]`` (the gate's support size)."""
 
     class_name: str
     score: float
     inter: int
     union: int
     truth: int
+    share: float = 1.0
 
 
 @torch.inference_mode()
@@ -86,9 +95,10 @@ def query_scores(net: torch.nn.Module, episodes: Sequence[Episode], *, store: Fe
         pred = (full > 0).squeeze(1).cpu()
         gt = b["query_masks"].squeeze(1).bool()
         top = grid.amax(dim=(1, 2, 3)).cpu()
+        shares = sm.float().mean(dim=(2, 3, 4)).mean(dim=1).cpu()
         for j, e in enumerate(chunk):
             out.append(QueryScore(e.class_name, float(top[j]), int((pred[j] & gt[j]).sum()),
-                                  int((pred[j] | gt[j]).sum()), int(gt[j].sum())))
+                                  int((pred[j] | gt[j]).sum()), int(gt[j].sum()), float(shares[j])))
     return out
 
 
@@ -159,43 +169,93 @@ def fp_threshold(scores: Sequence[float], target: float) -> tuple[float, float]:
     return tau, sum(x >= tau for x in pos) / len(scores)
 
 
+def rule_threshold(selection: Sequence[QueryScore], normals: Sequence[QueryScore], budget: float | None,
+                   target: float | None) -> float | None:
+    """The gate's rule on one set of episodes: :func:`calibrate` (``budget``) on the selection queries, raised to
+    :func:`fp_threshold` (``target``) on the defect-free queries; ``None`` when neither applies (no setting, no
+    episode, or the target met ungated and no budget)."""
+    taus = [calibrate(selection, budget)] if selection else []
+    if normals and target is not None:
+        tau_fp, _ = fp_threshold([s.score for s in normals], target)
+        taus.append(tau_fp if math.isfinite(tau_fp) else None)
+    return max((x for x in taus if x is not None), default=None)
+
+
 def presence_gate(params: Params, net: torch.nn.Module, pools: tuple[Pools, Pools], rows: dict[str, Any],
                   store: FeatureStore | None, device: torch.device) -> dict[str, float | None]:
-    """The gate of a model file: ``{"presence_threshold": tau, "presence_budget": budget, "presence_fp": target,
-    "presence_fp_train": share}``. ``tau`` = :func:`calibrate` on ``train.val_episodes`` K=1 episodes of the
-    selection classes (:func:`pipeline.episodes.validation_episodes`, seed ``train.seed``), raised to
-    :func:`fp_threshold` on :func:`normal_episodes` when ``train.presence_fp`` is set; ``share`` = the training
-    side's defect-free images still flagged at ``tau`` (None without a target or without such images). ``tau`` is
-    None when both settings are null.
+    """The gate of a model file: ``{"presence_threshold": tau, "presence_threshold_small": tau_small,
+    "presence_small_area": area, "presence_budget": budget, "presence_fp": target, "presence_fp_train": share}``.
+
+    ``tau`` = :func:`rule_threshold` on ``train.val_episodes`` K=1 episodes of the selection classes
+    (:func:`pipeline.episodes.validation_episodes`, seed ``train.seed``) and on :func:`normal_episodes` when
+    ``train.presence_fp`` is set. With ``train.presence_small_area`` the rule runs separately on the episodes whose
+    support is small (``tau_small``) and on the others (``tau``), a side without any episode keeping the rule's
+    threshold on all of them (:class:`pipeline.inference.gate.PresenceGate`). ``share`` = the training side's
+    defect-free images still flagged by the gate (None without a target or without such images). Both
+    thresholds are None when the budget and the target are null.
 
     Args:
         pools: ``(train_pools, val_pools)`` of the fold (:func:`pipeline.episodes.training_pools`).
         rows: validated defect rows by id (for the image path when ``store`` is None).
     """
     t = params.train
-    out: dict[str, float | None] = {"presence_threshold": None, "presence_budget": t.presence_budget,
+    out: dict[str, float | None] = {"presence_threshold": None, "presence_threshold_small": None,
+                                    "presence_small_area": None, "presence_budget": t.presence_budget,
                                     "presence_fp": t.presence_fp, "presence_fp_train": None}
     if t.presence_budget is None and t.presence_fp is None:
         return out
     train_pools, val_pools = pools
-    taus = []
+    selection: list[QueryScore] = []
     if t.presence_budget is not None:
         eps = validation_episodes(val_pools, train_pools, 1, t.val_episodes, t.seed)
         data = None if store is not None else ImageEpisodes(params, val_pools, rows, augment=False, episodes=eps)
-        taus.append(calibrate(query_scores(net, eps, store=store, dataset=data, device=device), t.presence_budget))
-    normals = normal_episodes(params, pools) if t.presence_fp is not None else []
-    if normals:
+        selection = query_scores(net, eps, store=store, dataset=data, device=device)
+    normals: list[QueryScore] = []
+    episodes = normal_episodes(params, pools) if t.presence_fp is not None else []
+    if episodes:
         if store is None:
             rows = {**rows, **{r["id"]: r for r in load_validated(params.data.dir, kind="normal").to_dict("records")}}
-        data = None if store is not None else ImageEpisodes(params, {}, rows, augment=False, episodes=normals)
-        scores = [s.score for s in query_scores(net, normals, store=store, dataset=data, device=device)]
-        tau_fp, _ = fp_threshold(scores, t.presence_fp)
-        taus.append(tau_fp if math.isfinite(tau_fp) else None)
-        tau = max((x for x in taus if x is not None), default=None)
-        out["presence_fp_train"] = round(sum(x > 0 and (tau is None or x >= tau) for x in scores) / len(scores), 4)
-    out["presence_threshold"] = max((x for x in taus if x is not None), default=None)
+        data = None if store is not None else ImageEpisodes(params, {}, rows, augment=False, episodes=episodes)
+        normals = query_scores(net, episodes, store=store, dataset=data, device=device)
+    gate = split_gate(selection, normals, t.presence_budget, t.presence_fp, t.presence_small_area)
+    out["presence_threshold"] = gate.threshold
+    if gate.split:
+        out["presence_threshold_small"], out["presence_small_area"] = gate.small_threshold, gate.small_area
+    if normals:
+        taus = _listed(gate.thresholds(torch.tensor([s.share for s in normals], dtype=torch.float64)), len(normals))
+        kept = [s.score > 0 and (tau is None or s.score >= tau) for s, tau in zip(normals, taus)]
+        out["presence_fp_train"] = round(sum(kept) / len(kept), 4)
     return out
 
 
+def split_gate(selection: Sequence[QueryScore], normals: Sequence[QueryScore], budget: float | None,
+               target: float | None, small_area: float | None) -> PresenceGate:
+    """The gate from scored episodes: :func:`rule_threshold` on all of them (``small_area`` None), or run apart on
+    the episodes whose support is small (``0 < share <= small_area``) and on the others; a side without any
+    episode keeps the threshold of the rule on all of them.
+
+    Args:
+        selection: defect queries of the selection classes (budget rule). normals: defect-free queries (target).
+        budget: mIoU points, or None. target: share in ``[0, 1]``, or None. small_area: ``(0, 1]`` or None.
+    """
+    tau = rule_threshold(selection, normals, budget, target)
+    if small_area is None:
+        return PresenceGate(tau)
+    probe = PresenceGate(tau, tau, small_area)
+    sides = {}
+    for small in (True, False):
+        sel = [s for s in selection if probe.is_small(s.share) == small]
+        nor = [s for s in normals if probe.is_small(s.share) == small]
+        sides[small] = rule_threshold(sel, nor, budget, target) if sel or nor else tau
+    return PresenceGate(sides[False], sides[True], small_area)
+
+
+def _listed(taus: float | torch.Tensor | None, n: int) -> list[float | None]:
+    """:meth:`PresenceGate.thresholds` as one ``tau`` (or None) per episode."""
+    if isinstance(taus, torch.Tensor):
+        return [None if math.isinf(float(x)) else float(x) for x in taus]
+    return [taus] * n
+
+
 __all__ = ["ABSENT_LOGIT", "QueryScore", "apply_gate", "calibrate", "fp_threshold", "gated_miou", "normal_episodes",
-           "presence_gate", "query_scores"]
+           "presence_gate", "query_scores", "rule_threshold", "split_gate"]
