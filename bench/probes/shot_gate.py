@@ -16,12 +16,16 @@ Gates compared (each calibrated by the gate's rule, budget then false-alarm targ
 * ``one@K``: one threshold calibrated on episodes of the K it is used at;
 * ``split@1`` / ``split@K``: :func:`pipeline.training.gate.split_gate`, small supports (mean defect share in
   ``(0, train.presence_small_area]``, default 0.01) calibrated apart from the others;
+* ``lower@1``: ``split@1`` whose small side may only lower the threshold: the others keep ``one@1``'s, the small
+  supports ``min(one@1, their own)``;
 * ``prom@K`` / ``rel@K``: one threshold on another presence score: the max logit minus the median of the query's
   grid, or minus the mean logit of the support's own defect cells (the support as its own query).
 
-Usage::
+``--all-materials``: instead of the fold's seeded selection material, every material that qualifies
+(:func:`pipeline.episodes.selection_material`'s rule) is held out in turn (the network is untrained, so what is
+held out changes only the calibration and check episodes); means are over every (fold, material) pair. Usage::
 
-    python bench/probes/shot_gate.py [--folds 0,1,2] [--check-offset 1] [--area 0.01] [-S key=value ...]
+    python bench/probes/shot_gate.py [--folds 0,1,2] [--check-offset 1] [--area 0.01] [--all-materials] [-S key=value ...]
 
 Prints one JSON line per gate and K: gated mIoU (at ``S x S``) and share of defect-free images flagged on the
 check episodes, per fold and mean.
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +44,8 @@ import torch.nn.functional as F
 
 from pipeline.bench.support_ablation import _override
 from pipeline.checkpoint import build_net
-from pipeline.episodes import Episode, normal_pools, selection_classes, training_pools, validation_episodes
+import pipeline.episodes as episodes_mod
+from pipeline.episodes import Episode, material, normal_pools, selection_classes, training_pools, validation_episodes
 from pipeline.evaluation.data import open_store_for
 from pipeline.inference.gate import PresenceGate
 from pipeline.inference.predictor import Predictor
@@ -97,11 +103,31 @@ def check(gate: PresenceGate, sel, normals, name):
     return round(100 * gated_miou(on, 0.5), 2), (round(100 * float(np.mean(flagged)), 1) if flagged else None)
 
 
+def nested(split: PresenceGate, cal, nor, t, area) -> PresenceGate:
+    """``lower@1``'s small threshold, then the others' raised from ``one@1``'s until the training side's defect-free
+    images flagged *in all* are back within ``train.presence_fp`` (the one-threshold gate's promise)."""
+    one = split_gate(cal, nor, t.presence_budget, t.presence_fp, None).threshold
+    low = split.small_threshold if one is None or split.small_threshold is None else min(one, split.small_threshold)
+    if not nor or t.presence_fp is None:
+        return PresenceGate(one, low, area)
+    probe = PresenceGate(one, low, area)
+    small = [x.score for x in nor if probe.is_small(x.share)]
+    large = sorted((x.score for x in nor if not probe.is_small(x.share) and x.score > 0), reverse=True)
+    used = sum(x > 0 and (low is None or x >= low) for x in small)
+    allowed = math.floor(t.presence_fp * len(nor) + 1e-9) - used
+    tl = one
+    if len(large) > max(allowed, 0):
+        need = math.nextafter(large[max(allowed, 0)], math.inf)
+        tl = need if tl is None else max(tl, need)
+    return PresenceGate(tl, low, area)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--folds", default="0,1,2")
     ap.add_argument("--check-offset", type=int, default=1, help="check episodes drawn with seed train.seed + this")
     ap.add_argument("--area", type=float, default=None, help="small-support bound (default train.presence_small_area)")
+    ap.add_argument("--all-materials", action="store_true")
     ap.add_argument("-S", dest="sets", action="append", default=[])
     a = ap.parse_args()
     torch.set_num_threads(1)
@@ -111,7 +137,19 @@ def main() -> None:
     net = build_net(params, "lerenet").eval()
     store = open_store_for(params, Predictor(net, t.image_size, {"model": "lerenet"}), Path(params.data.dir))
     rows: dict[str, dict[int, list]] = {}
+    chosen = episodes_mod.selection_material
+    pairs = []
     for f in (int(x) for x in a.folds.split(",")):
+        if not a.all_materials:
+            pairs.append((f, None))
+            continue
+        classes = sorted(params.train_classes(f))
+        mats = sorted({material(c) for c in classes})
+        pairs += [(f, m) for m in mats if sum(material(c) == m for c in classes) >= 2
+                  and sum(material(c) != m for c in classes) >= 2]
+    for f, mat in pairs:
+        episodes_mod.selection_material = chosen if mat is None else (
+            lambda classes, seed, fold, m=mat: [c for c in sorted(classes) if material(c) == m])
         train_pools, val_pools = training_pools(params, f)
         pools = {**train_pools, **val_pools}
         sel_cls = selection_classes(params, f)
@@ -126,14 +164,22 @@ def main() -> None:
             sel, snor = sets[k][2], sets[k][3]
             for gname, name, cal_k, split in (("one@1", "max", 1, None), ("one@K", "max", k, None),
                                               ("split@1", "max", 1, area), ("split@K", "max", k, area),
+                                              ("lower@1", "max", 1, area), ("nested@1", "max", 1, area),
                                               ("prom@K", "prom", k, None), ("rel@K", "rel", k, None)):
                 cal, nor = sets[cal_k][0], sets[cal_k][1]
                 gate = split_gate([r[name] for r in cal], [r[name] for r in nor], t.presence_budget, t.presence_fp,
                                   split)
+                if gname == "lower@1":
+                    one = split_gate([r[name] for r in cal], [r[name] for r in nor], t.presence_budget, t.presence_fp,
+                                     None).threshold
+                    low = gate.small_threshold if one is None or gate.small_threshold is None else min(one, gate.small_threshold)
+                    gate = PresenceGate(one, low, split)
+                if gname == "nested@1":
+                    gate = nested(gate, [r[name] for r in cal], [r[name] for r in nor], t, split)
                 rows.setdefault(gname, {}).setdefault(k, []).append(
-                    {"fold": f, "gate": [gate.threshold, gate.small_threshold], "check": check(gate, sel, snor, name)})
+                    {"fold": f, "material": mat, "gate": [gate.threshold, gate.small_threshold], "check": check(gate, sel, snor, name)})
             ungated = check(PresenceGate(None), sel, snor, "max")
-            rows.setdefault("ungated", {}).setdefault(k, []).append({"fold": f, "check": ungated})
+            rows.setdefault("ungated", {}).setdefault(k, []).append({"fold": f, "material": mat, "check": ungated})
     for gname, by_k in rows.items():
         for k, per_fold in by_k.items():
             miou = [r["check"][0] for r in per_fold]
