@@ -13,7 +13,7 @@ references drawn from the pool. Both gates are calibrated by the gate's rule (bu
 the calibration episodes and read on the check episodes: ``max`` (today's score), ``ref`` (max minus the
 references' max) and ``refz`` (the same difference in the probe's log-odds, :func:`log_odds`). Usage::
 
-    python bench/probes/reference_gate.py [--refs 3] [--folds 0,1,2] [-S key=value ...]
+    python bench/probes/reference_gate.py [--refs 3] [--folds 0,1,2] [--check-offset 1] [-S key=value ...]
 """
 
 from __future__ import annotations
@@ -91,6 +91,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--refs", type=int, default=3)
     ap.add_argument("--folds", default="0,1,2")
+    ap.add_argument("--check-offset", type=int, default=1, help="check episodes drawn with seed train.seed + this")
     ap.add_argument("-S", dest="sets", action="append", default=[])
     a = ap.parse_args()
     torch.set_num_threads(1)
@@ -110,7 +111,7 @@ def main() -> None:
         ref_pool, query_nd = nd[: len(nd) // 3], set(nd[len(nd) // 3:])
         for k in (1, 5):
             sets = []
-            for seed in (t.seed, t.seed + 1):
+            for seed in (t.seed, t.seed + a.check_offset):
                 sel = validation_episodes(val_pools, train_pools, k, t.val_episodes, seed)
                 nor = [e for e in normal_eps(params, pools, mt, k, seed) if e.query_id in query_nd]
                 r_rng = np.random.default_rng([seed, 4242, f, k])
