@@ -103,17 +103,24 @@ def test_no_budget_means_no_gate(tmp_path_factory):
     assert load_model(res.model_path)[1]["presence_threshold"] is None
 
 
-def test_predictor_segment_applies_the_gate_of_its_model_file(gated):
-    """The one inference path (predict, serving, evaluation): a query whose max logit is below tau
-    gets an empty mask; at a tau below its max the mask is the ungated one."""
+def _two_pairs(params):
+    """Images and masks of the first two defect images of the project's first class (support, query)."""
     from pipeline.images import load_validated, read_image, read_mask, resolve
-    from pipeline.inference.predictor import Predictor
 
-    params, res = gated
     rows = load_validated(params.data.dir, kind="defect")
     rows = rows[rows["class_name"] == sorted(rows["class_name"])[0]].head(2)
     img = [read_image(resolve(params.data.dir, p)) for p in rows["image_path"]]
     msk = [read_mask(resolve(params.data.dir, p), params.data.mask_threshold) for p in rows["mask_path"]]
+    return img, msk
+
+
+def test_predictor_segment_applies_the_gate_of_its_model_file(gated):
+    """The one inference path (predict, serving, evaluation): a query whose max logit is below tau
+    gets an empty mask; at a tau below its max the mask is the ungated one."""
+    from pipeline.inference.predictor import Predictor
+
+    params, res = gated
+    img, msk = _two_pairs(params)
     pred = Predictor.load(res.model_path)
     pred.meta["presence_threshold"] = None
     support = pred.encode_support(img[:1], msk[:1])
@@ -216,14 +223,10 @@ def test_split_gate_calibrates_each_support_size_on_its_own_episodes():
 def test_predictor_gates_an_episode_by_the_size_of_its_support(gated):
     """The one inference path reads the split gate of its model file: the same query is kept when its support
     counts as small (its own, lower threshold) and emptied when it does not."""
-    from pipeline.images import load_validated, read_image, read_mask, resolve
     from pipeline.inference.predictor import Predictor
 
     params, res = gated
-    rows = load_validated(params.data.dir, kind="defect")
-    rows = rows[rows["class_name"] == sorted(rows["class_name"])[0]].head(2)
-    img = [read_image(resolve(params.data.dir, p)) for p in rows["image_path"]]
-    msk = [read_mask(resolve(params.data.dir, p), params.data.mask_threshold) for p in rows["mask_path"]]
+    img, msk = _two_pairs(params)
     pred = Predictor.load(res.model_path)
     pred.meta.update(presence_threshold=None, presence_threshold_small=None, presence_small_area=None)
     support = pred.encode_support(img[:1], msk[:1])

@@ -47,7 +47,7 @@ from pipeline.checkpoint import build_net
 import pipeline.episodes as episodes_mod
 from pipeline.episodes import Episode, material, normal_pools, selection_classes, training_pools, validation_episodes
 from pipeline.evaluation.data import open_store_for
-from pipeline.inference.gate import PresenceGate
+from pipeline.inference.gate import PresenceGate, support_shares
 from pipeline.inference.predictor import Predictor
 from pipeline.training.batches import gather
 from pipeline.training.gate import QueryScore, gated_miou, normal_episodes, split_gate
@@ -69,7 +69,7 @@ def scored(net, store, episodes, k):
         pred, gt = (full > 0).squeeze(1), b["query_masks"].squeeze(1).bool()
         flat = g.flatten(1)
         top, med = flat.amax(1), flat.median(1).values
-        shares = sm.float().mean(dim=(2, 3, 4)).mean(dim=1)
+        shares = support_shares(sm)
         for j, e in enumerate(chunk):
             ref = gs[j][ms[j]].mean() if bool(ms[j].any()) else gs[j].amax()
             counts = (int((pred[j] & gt[j]).sum()), int((pred[j] | gt[j]).sum()), int(gt[j].sum()))
@@ -95,8 +95,7 @@ def normal_eps(params, pools, classes, k, seed):
 def check(gate: PresenceGate, sel, normals, name):
     """Gated mIoU (points) of the check queries and share (%) of check defect-free images flagged."""
     def taus(rows):
-        t = gate.thresholds(torch.tensor([r[name].share for r in rows], dtype=torch.float64))
-        return [t] * len(rows) if not isinstance(t, torch.Tensor) else [None if np.isinf(float(x)) else float(x) for x in t]
+        return [gate.threshold_for(r[name].share) for r in rows]
     on = [QueryScore(r[name].class_name, 1.0 if tau is None or r[name].score >= tau else 0.0, r[name].inter,
                      r[name].union, r[name].truth) for r, tau in zip(sel, taus(sel))]
     flagged = [r["max"].score > 0 and (tau is None or r[name].score >= tau) for r, tau in zip(normals, taus(normals))]

@@ -49,6 +49,12 @@ def apply_gate(logits: torch.Tensor, threshold: float | torch.Tensor | None) -> 
     return torch.where(off.view(-1, 1, 1, 1), logits.clamp(max=ABSENT_LOGIT), logits)
 
 
+def support_shares(support_masks: torch.Tensor) -> torch.Tensor:
+    """The gate's support size of each episode: ``(B, K, 1, S, S)`` masks in ``{0, 1}`` -> ``(B,)`` mean over the K
+    shots of each mask's defect share, in ``[0, 1]``."""
+    return support_masks.float().mean(dim=(2, 3, 4)).mean(dim=1)
+
+
 @dataclass(frozen=True)
 class PresenceGate:
     """The presence gate of a model file (``meta`` keys written by :func:`pipeline.training.gate.presence_gate`).
@@ -84,6 +90,10 @@ class PresenceGate:
         ``0 < share <= small_area`` (an empty support is not small, as ``pipeline.inference.native.is_small``)."""
         return self.small_area is not None and 0.0 < share <= self.small_area
 
+    def threshold_for(self, share: float) -> float | None:
+        """The threshold of one episode whose support defects cover ``share`` of the image (``None``: not gated)."""
+        return self.small_threshold if self.is_small(share) else self.threshold
+
     def thresholds(self, shares: torch.Tensor) -> float | torch.Tensor | None:
         """The threshold of each episode, for :func:`apply_gate`.
 
@@ -96,8 +106,5 @@ class PresenceGate:
         """
         if not self.split:
             return self.threshold
-        inf = float("-inf")
-        big = inf if self.threshold is None else self.threshold
-        small = inf if self.small_threshold is None else self.small_threshold
-        return torch.tensor([small if self.is_small(float(x)) else big for x in shares.reshape(-1)],
-                            dtype=torch.float64)
+        taus = (self.threshold_for(float(x)) for x in shares.reshape(-1))
+        return torch.tensor([float("-inf") if t is None else t for t in taus], dtype=torch.float64)

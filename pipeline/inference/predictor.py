@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.inference import native, preprocess
-from pipeline.inference.gate import PresenceGate, apply_gate
+from pipeline.inference.gate import PresenceGate, apply_gate, support_shares
 from pipeline.inference.limits import MAX_TRANSDUCTIVE_STEPS
 from pipeline.inference.resolve import ModelSource, open_model
 
@@ -259,7 +259,7 @@ class Predictor:
         if not gate:
             return logits
         if shares is None:
-            shares = support_masks.float().mean(dim=(2, 3, 4)).mean(dim=1)
+            shares = support_shares(support_masks)
         return apply_gate(logits, self.presence_gate.thresholds(shares.cpu()))
 
     @staticmethod
@@ -305,9 +305,17 @@ class Predictor:
     def _support_head(self, support: SupportSet, query_feats: torch.Tensor, gate: bool = True) -> torch.Tensor:
         """:meth:`head` of a batch of query features ``(B, Cb, h, w)`` with ``support`` expanded over the batch."""
         b = query_feats.shape[0]
-        shares = None if support.share is None else torch.full((b,), support.share, dtype=torch.float64)
         return self.head(support.feats.expand(b, *support.feats.shape[1:]),
-                         support.masks.expand(b, *support.masks.shape[1:]), query_feats, gate=gate, shares=shares)
+                         support.masks.expand(b, *support.masks.shape[1:]), query_feats, gate=gate,
+                         shares=self._support_shares(support, b))
+
+    @staticmethod
+    def _support_shares(support: SupportSet, b: int) -> torch.Tensor:
+        """``(b,)`` gate support size of ``support`` for a batch of ``b`` queries: :attr:`SupportSet.share` (from the
+        original masks), else :func:`support_shares` of its masks."""
+        if support.share is None:
+            return support_shares(support.masks).expand(b)
+        return torch.full((b,), support.share, dtype=torch.float64)
 
     def _native_logits(self, support: SupportSet, queries: Sequence[np.ndarray]) -> list[np.ndarray]:
         """SOFS non-resizing: each query cut into ``S x S`` native windows (:func:`native.windows`), every window
@@ -318,8 +326,7 @@ class Predictor:
         for s in range(0, len(crops), 16):
             logits = self._support_head(support, self.encode_images(crops[s:s + 16]), gate=False)
             tiles += [u.cpu().numpy() for u in self.upsample(logits, [c.shape[:2] for c in crops[s:s + 16]])]
-        share = support.share if support.share is not None else float(support.masks.float().mean())
-        tau = self.presence_gate.thresholds(torch.tensor([share], dtype=torch.float64))
+        tau = self.presence_gate.thresholds(self._support_shares(support, 1))
         out, first = [], 0
         for im, bs in zip(queries, boxes):
             whole = native.stitch(tiles[first:first + len(bs)], bs, im.shape[:2])

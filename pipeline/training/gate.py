@@ -49,7 +49,7 @@ from pipeline.config import Params
 from pipeline.episodes import Episode, Pools, normal_pools, validation_episodes
 from pipeline.images import load_validated
 from pipeline.features import FeatureStore
-from pipeline.inference.gate import ABSENT_LOGIT, PresenceGate, apply_gate
+from pipeline.inference.gate import ABSENT_LOGIT, PresenceGate, apply_gate, support_shares
 from pipeline.training.batches import ImageEpisodes, gather
 
 @dataclass(frozen=True)
@@ -95,7 +95,7 @@ def query_scores(net: torch.nn.Module, episodes: Sequence[Episode], *, store: Fe
         pred = (full > 0).squeeze(1).cpu()
         gt = b["query_masks"].squeeze(1).bool()
         top = grid.amax(dim=(1, 2, 3)).cpu()
-        shares = sm.float().mean(dim=(2, 3, 4)).mean(dim=1).cpu()
+        shares = support_shares(sm).cpu()
         for j, e in enumerate(chunk):
             out.append(QueryScore(e.class_name, float(top[j]), int((pred[j] & gt[j]).sum()),
                                   int((pred[j] | gt[j]).sum()), int(gt[j].sum()), float(shares[j])))
@@ -222,7 +222,7 @@ def presence_gate(params: Params, net: torch.nn.Module, pools: tuple[Pools, Pool
     if gate.split:
         out["presence_threshold_small"], out["presence_small_area"] = gate.small_threshold, gate.small_area
     if normals:
-        taus = _listed(gate.thresholds(torch.tensor([s.share for s in normals], dtype=torch.float64)), len(normals))
+        taus = [gate.threshold_for(s.share) for s in normals]
         kept = [s.score > 0 and (tau is None or s.score >= tau) for s, tau in zip(normals, taus)]
         out["presence_fp_train"] = round(sum(kept) / len(kept), 4)
     return out
@@ -248,13 +248,6 @@ def split_gate(selection: Sequence[QueryScore], normals: Sequence[QueryScore], b
         nor = [s for s in normals if probe.is_small(s.share) == small]
         sides[small] = rule_threshold(sel, nor, budget, target) if sel or nor else tau
     return PresenceGate(sides[False], sides[True], small_area)
-
-
-def _listed(taus: float | torch.Tensor | None, n: int) -> list[float | None]:
-    """:meth:`PresenceGate.thresholds` as one ``tau`` (or None) per episode."""
-    if isinstance(taus, torch.Tensor):
-        return [None if math.isinf(float(x)) else float(x) for x in taus]
-    return [taus] * n
 
 
 __all__ = ["ABSENT_LOGIT", "QueryScore", "apply_gate", "calibrate", "fp_threshold", "gated_miou", "normal_episodes",
