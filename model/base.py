@@ -67,6 +67,19 @@ class FewShotSegmenter(nn.Module):
         A model whose ``encode`` is something else (JAFFNet's own encoder pass) returns ``False``."""
         return True
 
+    def presence_log_odds(self, logits: torch.Tensor) -> torch.Tensor:
+        """The log-odds behind output logits, for image-level scores compared *across* images (the presence
+        gate's reference score, ``pipeline.inference.gate``). Here the identity: a plain output logit already
+        is a log-odds. Models whose output saturates override it.
+
+        Args:
+            logits: any shape, output logits.
+
+        Returns:
+            the same shape, float64.
+        """
+        return logits.double()
+
     def train(self, mode: bool = True) -> FewShotSegmenter:
         """Set train/eval mode; a frozen backbone always stays in eval mode."""
         super().train(mode)

@@ -23,7 +23,8 @@ from model.layers import (
     resize_mask,
     shot_prototype,
 )
-from model.priors import check_kinds, check_skip_source, frozen_priors, nearest_neighbour_score, skip_score
+from model.priors import (SIGMOID_KINDS, SKIP_FACTORS, check_kinds, check_skip_source, frozen_priors,
+                          nearest_neighbour_score, skip_score)
 
 VARIANTS = ("mpr", "mpe", "mpe*", "mpr+mpe", "mpr+mpe*")
 QUERY_PATHS = ("on", "dropout", "off")
@@ -261,6 +262,28 @@ class LERENet(FewShotSegmenter):
         """Whether the ``hypercolumn`` probe is computed (in ``priors`` or ``skip_source``), i.e. whether
         ``transductive_steps`` has a probe to refine."""
         return "hypercolumn" in self.priors + self.skip_kinds
+
+    def presence_log_odds(self, logits: torch.Tensor) -> torch.Tensor:
+        """The probe's log-odds ``z`` behind output logits ``y = a f (2 sigmoid(z) - 1) + b`` when the skip source
+        is one sigmoid probe (``logistic`` or ``hypercolumn``; ``a``, ``b`` the skip scalars, ``f`` its
+        :data:`model.priors.SKIP_FACTORS`): ``z = 2 atanh((y - b) / (a f))``, the ratio clipped to
+        ``+-(1 - 1e-7)`` (``|z| <= 32.6``). Near ``+-a f`` the output saturates, so differences of ``y`` between
+        images say little and differences of ``z`` do (docs/experiments.md, eighth session). Exact while the IFM
+        head outputs zero (the training-free default: its last conv is zero-initialised); an approximation
+        once it is trained. Other configurations: the identity (:meth:`FewShotSegmenter.presence_log_odds`).
+
+        Args:
+            logits: any shape, output logits.
+
+        Returns:
+            the same shape, float64.
+        """
+        if self.skip is None or len(self.skip_kinds) != 1 or self.skip_kinds[0] not in SIGMOID_KINDS:
+            return super().presence_log_odds(logits)
+        a, b = (float(v) for v in self.skip.detach())
+        bound = abs(a) * SKIP_FACTORS[self.skip_kinds[0]]
+        u = ((logits.double() - b) / bound).clamp(-1 + 1e-7, 1 - 1e-7)
+        return 2.0 * torch.atanh(u)
 
     def forward_features(self, support_feats: torch.Tensor, support_masks: torch.Tensor,
                          query_feats: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:

@@ -56,6 +56,8 @@ PRIOR_KINDS = ("fg", "abnormal", "nn", "linear", "proto", "self", "logistic", "h
 #: (``skip_scale`` x factor = initial logit per unit of the map): the linear probe scores about
 #: ``[-1, 1]`` where the cosine differences move about twice as little
 SKIP_FACTORS = {"nn": 1.0, "linear": 0.5, "proto": 1.0, "self": 0.5, "logistic": 0.5, "hypercolumn": 0.5}
+#: skip sources whose score is ``2 sigmoid(z) - 1`` of a logistic probe (``LERENet.presence_log_odds`` inverts it)
+SIGMOID_KINDS = ("logistic", "hypercolumn")
 FG_SHARE = 0.5
 RIDGE = 0.001  # ridge of the linear probe, relative to the unit total weight of the support cells
 _NONE = -2.0  # below any cosine: "no such support cell"

@@ -208,6 +208,8 @@ class TrainParams(_Section):
     presence_fp: float | None = Field(None, ge=0.0, le=1.0)  # max share of training-side defect-free images flagged
     presence_small_area: float | None = Field(None, gt=0.0, le=1.0)  # small supports (mean defect share <= this)
                                                    # get their own gate threshold (pipeline/inference/gate.py)
+    presence_references: int = Field(0, ge=0, le=16)  # R defect-free reference images per material: a second gate
+                                                   # threshold on the score relative to them (0: off)
     per_model: dict[ModelName, dict[str, Any]] = {}  # one model's train settings over these (Params.for_model)
 
     @field_validator("per_model")

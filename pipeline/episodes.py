@@ -194,6 +194,35 @@ def normal_pools(params: Params, classes: Iterable[str]) -> Pools:
     return class_pools(rows[rows["class_name"].isin(wanted)]) if len(rows) else {}
 
 
+#: salt of the reference images' draw (:func:`reference_images`), beside ``split.seed``
+REFERENCE_SALT = 4242
+
+
+def reference_images(params: Params, classes: Iterable[str], count: int) -> dict[str, list[str]]:
+    """The fold's defect-free reference images, by material: ``count`` ``Nd`` ids drawn once (seed
+    ``split.seed``) from the defect-free images of ``classes`` of that material (the fold's *training-side*
+    classes: never a test class's images). The same images calibrate the reference gate at training
+    (:func:`pipeline.training.gate.presence_gate`) and go with every episode of that material at evaluation,
+    as a plant would keep R good parts of each surface beside the line.
+
+    Args:
+        classes: the classes whose ``Nd`` images may serve. count: R, >= 1.
+
+    Returns:
+        ``{material: [R ids]}`` for each material with at least ``count`` defect-free images; ``{}`` for none.
+    """
+    by_material: dict[str, list[str]] = {}
+    for c, ids in sorted(normal_pools(params, classes).items()):
+        by_material.setdefault(material(c), []).extend(ids)
+    out = {}
+    for m, ids in sorted(by_material.items()):
+        ids = sorted(ids)
+        if len(ids) >= count:
+            rng = np.random.default_rng([params.split.seed, REFERENCE_SALT])
+            out[m] = [ids[int(i)] for i in rng.permutation(len(ids))[:count]]
+    return out
+
+
 def draw_episode(pools: Mapping[str, Sequence[str]], shots: int, rng: np.random.Generator,
                  negative_share: float = 0.0, normals: Mapping[str, Sequence[str]] | None = None) -> Episode:
     """A training episode (:func:`sample_episode`), turned negative with probability ``negative_share``.

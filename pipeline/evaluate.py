@@ -40,7 +40,7 @@ import torch
 
 from pipeline.atomic import atomic_write_text, remove_stale_temps
 from pipeline.config import Params
-from pipeline.evaluation.data import EvaluationError, FeatureSource, ImageTable, open_store_for
+from pipeline.evaluation.data import EvaluationError, FeatureSource, ImageTable, fold_references, open_store_for
 from pipeline.evaluation.fold import evaluate_model
 from pipeline.evaluation.results import MISMATCHED, FoldMetrics
 from pipeline.images import load_episodes, load_split, load_validated
@@ -146,6 +146,7 @@ def evaluate(params: Params, fold: int, model_names: Sequence[str] | None = None
             src = FeatureSource(predictor, table, store)
             if store is not None:
                 shared_src[key] = src
+        src.use_references(fold_references(params, fold, predictor))
         t0 = time.perf_counter()
         res = evaluate_model(src, fold, name, test_classes, episodes, normal_ids, params.evaluate.latency_queries,
                              params.evaluate.overlay_episodes_per_class, batch_size)

@@ -1,95 +1,59 @@
-"""Probe (issue 11, eighth session): would a few defect-free *reference* images per episode make a better gate?
+"""Probe (issue 11): does the reference gate (``train.presence_references``) beat the max-logit gate on held-out
+training classes?
 
-Plants have defect-free parts in plenty. If each episode came with R defect-free reference images of the surface,
-the presence score could be the query's max logit *minus the highest max logit of the references under the same
-support*: the support-dependent level of "how a good part scores" (a defect-free tile scores about -6 under a small
-support, +10 under a large low-contrast one; ``bench/probes/shot_gate.py``) would cancel out.
+Training side only (no test class, no saved test episode). For each fold the magnetic-tile (MT) training classes
+are held out as the selection material (the only material with defect-free ``Nd`` images) and the default
+LERENet (``params.yaml``, untrained) is scored through the library's own functions:
 
-Training side only. For each fold the magnetic-tile (MT) training classes are held out as the selection material
-(the only material with defect-free images); their ``Nd`` images are split once (seeded) into a reference pool
-(a third) and query images (the rest), so that no reference is ever scored as a query. Calibration episodes
-(seed ``train.seed``) and check episodes (seed ``train.seed + 1``) as in ``shot_gate.py``; each episode gets R
-references drawn from the pool. Both gates are calibrated by the gate's rule (budget 1.0, then the 20 % target) on
-the calibration episodes and read on the check episodes: ``max`` (today's score), ``ref`` (max minus the
-references' max) and ``refz`` (the same difference in the probe's log-odds, :func:`log_odds`). Usage::
+* references: the fold's R reference images (:func:`pipeline.episodes.reference_images`, as ``train()`` and the
+  evaluation draw them: training-side ``Nd``, seed ``split.seed``);
+* the held-out classes' other ``Nd`` images split once (seeded) into a calibration half and a check half;
+* **calibration** (as :func:`pipeline.training.gate.presence_gate`, at K=1): the K=1 selection episodes (seed
+  ``train.seed``) and the calibration half as K=1 queries; the max-logit threshold by
+  :func:`pipeline.training.gate.rule_threshold`, the reference threshold by the same rule on the reference score;
+* **check**: selection episodes of seed ``train.seed + check_offset`` and the check half as queries (supports
+  drawn with that seed), at K=1 and K=5, each gate used with its K=1 threshold (as the model file does).
+
+Usage (``--refs`` R, default ``train.presence_references`` or 3)::
 
     python bench/probes/reference_gate.py [--refs 3] [--folds 0,1,2] [--check-offset 1] [-S key=value ...]
+
+Prints one JSON line per gate and K: gated mIoU (at ``S x S``) and the share of check defect-free images flagged.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 import torch
 
-import math
-
 import pipeline.episodes as episodes_mod
-from shot_gate import check, normal_eps, scored  # noqa: E402 -- run as a script: bench/probes is on sys.path
+from shot_gate import normal_eps  # noqa: E402 -- run as a script: bench/probes is on sys.path
 from pipeline.bench.support_ablation import _override
 from pipeline.checkpoint import build_net
-from pipeline.episodes import Episode, material, normal_pools, training_pools, validation_episodes
+from pipeline.episodes import Episode, material, reference_images, training_pools, validation_episodes
 from pipeline.evaluation.data import open_store_for
 from pipeline.inference.predictor import Predictor
-from pipeline.training.batches import gather
-from pipeline.inference.gate import PresenceGate
-from pipeline.training.gate import QueryScore, calibrate, fp_threshold
+from pipeline.training.gate import QueryScore, gated_miou, query_scores, rule_threshold
 
 
-@torch.inference_mode()
-def reference_max(net, store, episodes, refs, k):
-    """Per episode: the highest max grid logit of its reference images under its support."""
-    out = []
-    for first in range(0, len(episodes), 16):
-        chunk, rs = episodes[first:first + 16], refs[first:first + 16]
-        n = len(chunk)
-        b = gather(store, [i for e in chunk for i in e.support_ids], [e.query_id for e in chunk], 0, 0, n, k)
-        sf, sm = b["support_feats"], b["support_masks"]
-        best = torch.full((n,), -float("inf"))
-        for r in range(len(rs[0])):
-            qf = store.get([x[r] for x in rs], 0)
-            g = net.forward_features(sf, sm, qf, tuple(qf.shape[-2:])).float()
-            best = torch.maximum(best, g.flatten(1).amax(1))
-        out += best.tolist()
-    return out
-
-
-def log_odds(y: float, scale: float = 10.0) -> float:
-    """The probe's logit ``z`` behind an untrained LERENet logit ``y = scale * (2 sigmoid(z) - 1)`` (skip scale 20 x
-    the hypercolumn factor 0.5): differences of saturated ``y`` near ``scale`` say little, differences of ``z`` do."""
-    u = min(max(y / scale, -1 + 1e-7), 1 - 1e-7)
-    return math.log((1 + u) / (1 - u))
-
-
-def with_ref(rows, ref_max):
-    """Add the ``ref`` score (max minus the references' max) and ``refz`` (the same in the probe's log-odds) to
-    :func:`scored` rows."""
-    for r, m in zip(rows, ref_max):
-        q = r["max"]
-        r["ref"] = QueryScore(q.class_name, q.score - m, q.inter, q.union, q.truth, q.share)
-        r["refz"] = QueryScore(q.class_name, log_odds(q.score) - log_odds(m), q.inter, q.union, q.truth, q.share)
-    return rows
-
-
-def rule(selection, normals, name, budget, target):
-    """The gate's rule on score ``name``: the budget on the selection queries, raised to the false-alarm target on
-    the defect-free ones, where a query counts as flagged when its max logit is > 0 and its score >= tau."""
-    taus = [calibrate(selection, budget)]
-    scores = [r[name].score if r["max"].score > 0 else None for r in normals]
-    flagged = [x for x in scores if x is not None]
-    if flagged:
-        off = min(flagged) - 1.0  # shift: flagged-ungated queries > 0, the others -1, for fp_threshold
-        tau, _ = fp_threshold([-1.0 if x is None else x - off for x in scores], target)
-        taus.append(tau + off if math.isfinite(tau) else None)
-    return max((x for x in taus if x is not None), default=None)
+def check(scores: list[QueryScore], normals: list[QueryScore], tau: float | None, by_reference: bool):
+    """Gated mIoU (points) of the check queries and share (%) of the check defect-free images flagged."""
+    def kept(s: QueryScore) -> bool:
+        x = s.log_odds - s.level if by_reference else s.score
+        return tau is None or x >= tau
+    on = [QueryScore(s.class_name, 1.0 if kept(s) else 0.0, s.inter, s.union, s.truth) for s in scores]
+    flagged = [s.score > 0 and kept(s) for s in normals]
+    return round(100 * gated_miou(on, 0.5), 2), round(100 * float(np.mean(flagged)), 1)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--refs", type=int, default=3)
+    ap.add_argument("--refs", type=int, default=None)
     ap.add_argument("--folds", default="0,1,2")
     ap.add_argument("--check-offset", type=int, default=1, help="check episodes drawn with seed train.seed + this")
     ap.add_argument("-S", dest="sets", action="append", default=[])
@@ -97,42 +61,42 @@ def main() -> None:
     torch.set_num_threads(1)
     params = _override(Path("params.yaml"), a.sets)
     t = params.train
+    r_count = a.refs or t.presence_references or 3
     net = build_net(params, "lerenet").eval()
     store = open_store_for(params, Predictor(net, t.image_size, {"model": "lerenet"}), Path(params.data.dir))
     episodes_mod.selection_material = lambda classes, seed, fold: [c for c in sorted(classes) if material(c) == "MT"]
-    results = {}
+    results: dict[tuple[str, int], list] = {}
     for f in (int(x) for x in a.folds.split(",")):
         train_pools, val_pools = training_pools(params, f)
         pools = {**train_pools, **val_pools}
-        mt = sorted(val_pools)
-        nd = sorted(i for ids in normal_pools(params, mt).values() for i in ids)
-        rng = np.random.default_rng([t.seed, 31337, f])
-        nd = [nd[int(i)] for i in rng.permutation(len(nd))]
-        ref_pool, query_nd = nd[: len(nd) // 3], set(nd[len(nd) // 3:])
+        refs = reference_images(params, pools, r_count)
+        feats = {m: store.get(ids, 0) for m, ids in refs.items()}
+        taken = {i for ids in refs.values() for i in ids}
+        nd = [e for e in normal_eps(params, pools, sorted(val_pools), 1, 0) if e.query_id not in taken]
+        order = np.random.default_rng([t.seed, 31337, f]).permutation(len(nd))
+        cal_ids = {nd[int(i)].query_id for i in order[: len(nd) // 2]}
+        chk_ids = {e.query_id for e in nd} - cal_ids
+
+        def score(eps: list[Episode]) -> list[QueryScore]:
+            return query_scores(net, eps, store=store, references=feats)
+
+        cal_sel = score(validation_episodes(val_pools, train_pools, 1, t.val_episodes, t.seed))
+        cal_nor = score([e for e in normal_eps(params, pools, sorted(val_pools), 1, t.seed) if e.query_id in cal_ids])
+        tau_max = rule_threshold(cal_sel, cal_nor, t.presence_budget, t.presence_fp)
+        tau_ref = rule_threshold([s.by_reference() for s in cal_sel], [s.by_reference() for s in cal_nor],
+                                 t.presence_budget, t.presence_fp, [s.score > 0 for s in cal_nor])
+        seed = t.seed + a.check_offset
         for k in (1, 5):
-            sets = []
-            for seed in (t.seed, t.seed + a.check_offset):
-                sel = validation_episodes(val_pools, train_pools, k, t.val_episodes, seed)
-                nor = [e for e in normal_eps(params, pools, mt, k, seed) if e.query_id in query_nd]
-                r_rng = np.random.default_rng([seed, 4242, f, k])
-                pair = []
-                for eps in (sel, nor):
-                    refs = [tuple(ref_pool[int(i)] for i in r_rng.choice(len(ref_pool), a.refs, replace=False))
-                            for _ in eps]
-                    pair.append(with_ref(scored(net, store, eps, k), reference_max(net, store, eps, refs, k)))
-                sets.append(pair)
-            (cal, calnor), (chk, chknor) = sets
-            for name in ("max", "ref", "refz"):
-                gate = PresenceGate(rule([r[name] for r in cal], calnor, name, t.presence_budget, t.presence_fp))
-                results.setdefault((name, k), []).append({"fold": f, "tau": gate.threshold,
-                                                           "check": check(gate, chk, chknor, name)})
-            results.setdefault(("ungated", k), []).append({"fold": f, "check": check(PresenceGate(None), chk, chknor,
-                                                                                      "max")})
+            sel = score(validation_episodes(val_pools, train_pools, k, t.val_episodes, seed))
+            nor = score([e for e in normal_eps(params, pools, sorted(val_pools), k, seed) if e.query_id in chk_ids])
+            for name, tau, by_ref in (("ungated", None, False), ("max", tau_max, False), ("ref", tau_ref, True)):
+                results.setdefault((name, k), []).append({"fold": f, "tau": tau, "check": check(sel, nor, tau, by_ref),
+                                                          "references": refs, "normals": len(nor)})
     for (name, k), rows in results.items():
-        print(json.dumps({"gate": name, "k": k, "refs": a.refs,
+        print(json.dumps({"gate": name, "k": k, "refs": r_count, "check_offset": a.check_offset,
                           "miou_mean": round(float(np.mean([r["check"][0] for r in rows])), 2),
-                          "fp_mean": round(float(np.mean([r["check"][1] for r in rows])), 1), "folds": rows}),
-              flush=True)
+                          "fp_mean": round(float(np.mean([r["check"][1] for r in rows])), 1),
+                          "folds": [{k2: v for k2, v in r.items() if k2 != "references"} for r in rows]}), flush=True)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ from pipeline.episodes import (
     training_pools,
     validation_episodes,
 )
-from pipeline.evaluation.data import FeatureSource, ImageTable, open_store_for
+from pipeline.evaluation.data import FeatureSource, ImageTable, fold_references, open_store_for
 from pipeline.evaluation.scoring import false_alarms, score_episodes
 from pipeline.images import load_episodes, load_validated
 from pipeline.inference.predictor import Predictor
@@ -130,6 +130,7 @@ def score_fold(params: Params, fold: int, predictor: Predictor) -> dict[str, Any
     store = open_store_for(params, predictor, data_dir)
     src = FeatureSource(predictor, table, store)
     res: dict[str, Any] = {"selection": _selection_scores(params, fold, predictor.net, store, src)}
+    src.use_references(fold_references(params, fold, predictor))  # test episodes only (selection Nd: no references)
     defect = rows[(rows["kind"] == "defect") & rows["class_name"].isin(test)]
     ids = {c: sorted(p["id"]) for c, p in defect.groupby("class_name")}
     normal = rows[(rows["kind"] == "normal") & rows["class_name"].isin(test)]

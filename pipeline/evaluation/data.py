@@ -6,7 +6,8 @@
   once: read from the frozen-backbone feature store (view 0 = :meth:`Predictor.encode_images` of the
   clean view, float16) when it fits the model, else encoded with the model's
   :class:`~pipeline.inference.predictor.Predictor` in batches and kept in memory (any backbone in
-  eval mode, frozen or fine-tuned: one cache per network).
+  eval mode, frozen or fine-tuned: one cache per network); and, for a model whose gate uses reference
+  images (:func:`fold_references`), each episode's reference level.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import pandas as pd
 import torch
 
 from pipeline.config import Params
+from pipeline.episodes import material
 from pipeline.images import read_image, read_mask, resolve
 from pipeline.inference.predictor import Predictor
 
@@ -107,6 +109,35 @@ class FeatureSource:
         self._feats: torch.Tensor | None = None  # (capacity, Cb, h, w)
         self._masks: torch.Tensor | None = None  # (capacity, 1, S, S)
         self._supports: dict[tuple[str, ...], Any] = {}  # native support sets (is_native episodes)
+        self.references: dict[str, list[str]] = {}
+        self._levels: dict[tuple[str, ...], float] = {}
+
+    def use_references(self, references: dict[str, list[str]]) -> None:
+        """Give the episodes of each material these reference image ids (:func:`fold_references`; ``{}``: none),
+        for the current :attr:`predictor` (call again after swapping it: the cached levels are dropped)."""
+        self.references = dict(references)
+        self._levels.clear()
+        self._supports.clear()
+
+    def levels(self, support_ids: Sequence[Sequence[str]], query_ids: Sequence[str]) -> torch.Tensor | None:
+        """``(B,)`` reference level of each episode (:meth:`Predictor.reference_levels`) with the references of its
+        query's material, ``NaN`` where that material has none; ``None`` when no material has. Cached per
+        (support set, material): the false-alarm images reuse their class's support sets."""
+        if not self.references:
+            return None
+        mats = [material(str(self.table.row(q).class_name)) for q in query_ids]
+        keys = [(*s, "|", m) for s, m in zip(support_ids, mats)]
+        for m, refs in self.references.items():
+            todo = list(dict.fromkeys(k for k, km in zip(keys, mats) if km == m and k not in self._levels))
+            for first in range(0, len(todo), 64):
+                chunk = todo[first:first + 64]
+                sup = [list(k[:-2]) for k in chunk]
+                flat = [i for s in sup for i in s]
+                b, k = len(sup), len(sup[0])
+                got = self.predictor.reference_levels(self.feats(flat).unflatten(0, (b, k)),
+                                                      self.masks(flat).unflatten(0, (b, k)), self.feats(refs))
+                self._levels.update(zip(chunk, got.tolist()))
+        return torch.tensor([self._levels.get(key, float("nan")) for key in keys], dtype=torch.float64)
 
     def is_native(self, support_ids: Sequence[str]) -> bool:
         """Whether an episode with these supports is segmented in native-resolution windows (SOFS non-resizing:
@@ -125,6 +156,16 @@ class FeatureSource:
             self._supports[key] = self.predictor.encode_support([self.table.image(i) for i in key],
                                                                 [self.table.gt(i).numpy() for i in key])
         return self._supports[key]
+
+    def native_level(self, support: Any, query_id: str) -> Any:
+        """A native support set (:meth:`native_support`) with the reference level of the query's material (a copy;
+        unchanged when that material has no references)."""
+        refs = self.references.get(material(str(self.table.row(query_id).class_name)))
+        if not refs:
+            return support
+        from dataclasses import replace
+
+        return replace(support, level=self.predictor.support_level(support, [self.table.image(i) for i in refs]))
 
     def _append(self, ids: Sequence[str], feats: torch.Tensor, masks: torch.Tensor) -> None:
         n0 = len(self._row)
@@ -173,6 +214,19 @@ class FeatureSource:
         """``(N, 1, S, S)`` float {0, 1} masks of the clean views."""
         idx = self._index(ids)
         return self._masks.index_select(0, idx)  # type: ignore[union-attr]
+
+
+def fold_references(params: Params, fold: int, predictor: Predictor) -> dict[str, list[str]]:
+    """The reference image ids by material that go with the episodes of ``fold`` for this model: the fold's
+    :func:`pipeline.episodes.reference_images` (training-side ``Nd`` only) when the model file's gate was
+    calibrated with references (``presence_references`` in its meta), else ``{}``."""
+    gate = predictor.presence_gate
+    if not gate.uses_references:
+        return {}
+    from pipeline.episodes import reference_images, training_pools
+
+    train, val = training_pools(params, fold)
+    return reference_images(params, {**train, **val}, gate.references)
 
 
 def open_store_for(params: Params, predictor: Predictor, data_dir: Path) -> Any:

@@ -31,13 +31,14 @@ def episode_logits(src: FeatureSource, support_ids: Sequence[Sequence[str]], que
 
     ``forward_features`` is asked for its output at the feature grid size; every model in ``model/``
     ends with a bilinear upsampling to ``out_size``, so upsampling these logits to the original size
-    equals asking the model for the original size directly (checked in tests/test_evaluate.py).
+    equals asking the model for the original size directly (checked in tests/test_evaluate.py). Episodes whose
+    query's material has reference images (:meth:`FeatureSource.levels`) are gated on the reference score.
     """
     b, k = len(query_ids), len(support_ids[0])
     flat = [i for s in support_ids for i in s]
     sf = src.feats(flat).unflatten(0, (b, k))
     sm = src.masks(flat).unflatten(0, (b, k))
-    return src.predictor.head(sf, sm, src.feats(query_ids))
+    return src.predictor.head(sf, sm, src.feats(query_ids), levels=src.levels(support_ids, query_ids))
 
 
 def predicted_masks(logits: torch.Tensor, sizes: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
@@ -61,7 +62,8 @@ def episode_masks(src: FeatureSource, support_ids: Sequence[Sequence[str]], quer
         for j, m in zip(resized, predicted_masks(logits, [sizes[j] for j in resized])):
             out[j] = m
     for j in [j for j, n in enumerate(native) if n]:
-        lg = src.predictor.predict_logits(src.native_support(support_ids[j]), [src.table.image(query_ids[j])])[0]
+        support = src.native_level(src.native_support(support_ids[j]), query_ids[j])
+        lg = src.predictor.predict_logits(support, [src.table.image(query_ids[j])])[0]
         out[j] = torch.from_numpy(lg > 0)
     return out  # type: ignore[return-value]
 

@@ -37,7 +37,8 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.inference import native, preprocess
-from pipeline.inference.gate import PresenceGate, apply_gate, support_shares
+from pipeline.inference import gate as gate_mod
+from pipeline.inference.gate import PresenceGate, support_shares
 from pipeline.inference.limits import MAX_TRANSDUCTIVE_STEPS
 from pipeline.inference.resolve import ModelSource, open_model
 
@@ -68,6 +69,8 @@ class SupportSet:
         share: mean over the K shots of the defect share of each *original* support mask, in ``[0, 1]``
             (the presence gate's support size, :class:`pipeline.inference.gate.PresenceGate`); ``None``: taken
             from ``masks``.
+        level: the reference level (:meth:`Predictor.reference_levels`: highest max log-odds of the
+            reference images under this support); ``None``: no reference images, the max-logit gate applies.
     """
 
     feats: torch.Tensor
@@ -75,6 +78,7 @@ class SupportSet:
     image_size: int
     native: bool = False
     share: float | None = None
+    level: float | None = None
 
     @property
     def shots(self) -> int:
@@ -187,6 +191,8 @@ class Predictor:
                 "image_size": self.image_size, "presence_threshold": self.presence_threshold,
                 "presence_threshold_small": self.presence_gate.small_threshold,
                 "presence_small_area": self.presence_gate.small_area,
+                "presence_threshold_ref": self.presence_gate.reference_threshold,
+                "presence_references": self.presence_gate.references,
                 "transductive_steps": self.transductive_steps}
 
     # ---- preprocessing + backbone ---------------------------------------------------------------
@@ -207,18 +213,23 @@ class Predictor:
         """Backbone features of decoded images: N ``(H_i, W_i, 3)`` uint8 -> ``(N, Cb, h, w)``."""
         return self.encode(self.image_batch(images))
 
-    def encode_support(self, images: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> SupportSet:
+    def encode_support(self, images: Sequence[np.ndarray], masks: Sequence[np.ndarray],
+                       references: Sequence[np.ndarray] | None = None) -> SupportSet:
         """Encode the K support pairs once.
 
         Args:
             images: K ``(H_k, W_k, 3)`` uint8 RGB (any sizes). masks: K ``(H_k, W_k)`` bool, True = defect.
+            references: R ``(H_r, W_r, 3)`` uint8 RGB *defect-free* images of the queries' surface, or ``None``.
+                With a model file whose gate has a reference threshold (``train.presence_references``), the
+                queries are gated relative to them (:class:`pipeline.inference.gate.PresenceGate`); the model
+                files without one ignore them.
 
         Returns:
-            :class:`SupportSet` on :attr:`device`.
+            :class:`SupportSet` on :attr:`device` (``level`` set when the references are used).
 
         Raises:
-            PredictInputError: no support, images/masks count mismatch, or a mask whose size differs
-                from its image's.
+            PredictInputError: no support, images/masks count mismatch, a mask whose size differs
+                from its image's, or an empty ``references`` list.
         """
         if len(images) == 0 or len(images) != len(masks):
             raise PredictInputError(f"need K >= 1 support images and as many masks, got {len(images)} and {len(masks)}")
@@ -233,13 +244,33 @@ class Predictor:
             images = [im if b is None else native.cut(im, b) for im, b in zip(images, boxes)]
             masks = [np.asarray(m) if b is None else native.cut(np.asarray(m), b) for m, b in zip(masks, boxes)]
         feats = self.encode_images(images)
-        return SupportSet(feats=feats[None], masks=self.mask_batch(masks)[None], image_size=self.image_size,
-                          native=is_native, share=share)
+        support = SupportSet(feats=feats[None], masks=self.mask_batch(masks)[None], image_size=self.image_size,
+                             native=is_native, share=share)
+        if references is not None:
+            if len(references) == 0:
+                raise PredictInputError("references: give at least one defect-free image, or none at all")
+            if self.presence_gate.uses_references:
+                support.level = self.support_level(support, references)
+        return support
+
+    def reference_levels(self, support_feats: torch.Tensor, support_masks: torch.Tensor,
+                         reference_feats: torch.Tensor) -> torch.Tensor:
+        """:func:`pipeline.inference.gate.reference_levels` with this network: ``(B,)`` float64 on the CPU."""
+        return gate_mod.reference_levels(self.net, support_feats, support_masks, reference_feats.to(self.device))
+
+    def support_level(self, support: SupportSet, references: Sequence[np.ndarray]) -> float:
+        """The reference level (:meth:`reference_levels`) of one encoded support set and R decoded defect-free
+        images ``(H_r, W_r, 3)`` uint8 (native windows: each stitched image's max)."""
+        if support.native:
+            tops = [float(lg.max()) for lg in self._native_logits(support, references, gate=False)]
+            return float(self.net.presence_log_odds(torch.tensor(tops)).max())
+        return float(self.reference_levels(support.feats, support.masks, self.encode_images(references))[0])
 
     # ---- head + upsampling ----------------------------------------------------------------------
     @torch.inference_mode()
     def head(self, support_feats: torch.Tensor, support_masks: torch.Tensor, query_feats: torch.Tensor,
-             gate: bool = True, shares: torch.Tensor | None = None) -> torch.Tensor:
+             gate: bool = True, shares: torch.Tensor | None = None,
+             levels: torch.Tensor | None = None) -> torch.Tensor:
         """Logits on the feature grid from encoded features (the step evaluation runs on cached features).
 
         Args:
@@ -253,6 +284,8 @@ class Predictor:
             before it (the native windows of one query are gated together, after stitching).
             shares: ``(B,)`` support size of each episode for the gate (:attr:`SupportSet.share`); ``None``: the
                 mean defect share of ``support_masks``.
+            levels: ``(B,)`` reference level of each episode (:meth:`reference_levels`; ``NaN``: none), or
+                ``None``: the gate's reference score is used where given (:meth:`PresenceGate.gate`).
         """
         logits = self.net.forward_features(support_feats, support_masks, query_feats,
                                            tuple(query_feats.shape[-2:])).float()
@@ -260,7 +293,7 @@ class Predictor:
             return logits
         if shares is None:
             shares = support_shares(support_masks)
-        return apply_gate(logits, self.presence_gate.thresholds(shares.cpu()))
+        return self.presence_gate.gate(logits, shares.cpu(), levels, self.net.presence_log_odds)
 
     @staticmethod
     @torch.inference_mode()
@@ -307,7 +340,12 @@ class Predictor:
         b = query_feats.shape[0]
         return self.head(support.feats.expand(b, *support.feats.shape[1:]),
                          support.masks.expand(b, *support.masks.shape[1:]), query_feats, gate=gate,
-                         shares=self._support_shares(support, b))
+                         shares=self._support_shares(support, b), levels=self._support_levels(support, b))
+
+    @staticmethod
+    def _support_levels(support: SupportSet, b: int) -> torch.Tensor | None:
+        """``(b,)`` reference level of ``support`` for a batch of ``b`` queries, ``None`` without references."""
+        return None if support.level is None else torch.full((b,), support.level, dtype=torch.float64)
 
     @staticmethod
     def _support_shares(support: SupportSet, b: int) -> torch.Tensor:
@@ -317,21 +355,25 @@ class Predictor:
             return support_shares(support.masks).expand(b)
         return torch.full((b,), support.share, dtype=torch.float64)
 
-    def _native_logits(self, support: SupportSet, queries: Sequence[np.ndarray]) -> list[np.ndarray]:
+    def _native_logits(self, support: SupportSet, queries: Sequence[np.ndarray], gate: bool = True) -> list[np.ndarray]:
         """SOFS non-resizing: each query cut into ``S x S`` native windows (:func:`native.windows`), every window
-        segmented with the support, logits upsampled to the window, stitched (overlaps averaged), then gated."""
+        segmented with the support, logits upsampled to the window, stitched (overlaps averaged), then gated
+        (``gate=False``: not)."""
         boxes = [native.windows(*im.shape[:2], self.image_size) for im in queries]
         crops = [native.cut(im, b) for im, bs in zip(queries, boxes) for b in bs]
         tiles: list[np.ndarray] = []
         for s in range(0, len(crops), 16):
             logits = self._support_head(support, self.encode_images(crops[s:s + 16]), gate=False)
             tiles += [u.cpu().numpy() for u in self.upsample(logits, [c.shape[:2] for c in crops[s:s + 16]])]
-        tau = self.presence_gate.thresholds(self._support_shares(support, 1))
+        shares, levels = self._support_shares(support, 1), self._support_levels(support, 1)
         out, first = [], 0
         for im, bs in zip(queries, boxes):
             whole = native.stitch(tiles[first:first + len(bs)], bs, im.shape[:2])
             first += len(bs)
-            out.append(apply_gate(torch.from_numpy(whole)[None, None], tau)[0, 0].numpy())
+            if gate:
+                whole = self.presence_gate.gate(torch.from_numpy(whole)[None, None], shares, levels,
+                                                self.net.presence_log_odds)[0, 0].numpy()
+            out.append(whole)
         return out
 
     def predict_probabilities(self, support: SupportSet, queries: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -339,12 +381,12 @@ class Predictor:
         return [torch.sigmoid(torch.from_numpy(lg)).numpy() for lg in self.predict_logits(support, queries)]
 
     def segment(self, support_images: Sequence[np.ndarray], support_masks: Sequence[np.ndarray],
-                query_image: np.ndarray) -> np.ndarray:
+                query_image: np.ndarray, references: Sequence[np.ndarray] | None = None) -> np.ndarray:
         """One query from its K-shot support set, end to end from decoded pixels.
 
         Args:
             support_images: K ``(h_k, w_k, 3)`` uint8 RGB. support_masks: K ``(h_k, w_k)`` bool.
-            query_image: ``(H, W, 3)`` uint8 RGB.
+            query_image: ``(H, W, 3)`` uint8 RGB. references: defect-free images (:meth:`encode_support`).
 
         Returns:
             ``(H, W)`` float32 logits at the query's original size (defect where > 0).
@@ -352,4 +394,4 @@ class Predictor:
         Raises:
             PredictInputError: as :meth:`encode_support`.
         """
-        return self.predict_logits(self.encode_support(support_images, support_masks), [query_image])[0]
+        return self.predict_logits(self.encode_support(support_images, support_masks, references), [query_image])[0]

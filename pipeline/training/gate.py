@@ -31,13 +31,21 @@ each on its own selection and defect-free episodes; a side with no episode at al
 on every episode. Each side then keeps its own promise (budget and false-alarm target). Why: a defect-free image's
 max logit is set by the support (about -5 with a small support, +10 with a large low-contrast one), so one
 threshold raised for the large supports gated off most small defects (docs/experiments.md, eighth session).
+
+Reference images (``train.presence_references`` = R > 0): the fold's R defect-free reference images of each
+material (:func:`pipeline.episodes.reference_images`, training-side ``Nd`` only) give the episodes of that
+material a second score, the query's max log-odds minus the references' highest under the same support
+(:class:`pipeline.inference.gate.PresenceGate`). Its threshold ``presence_threshold_ref`` follows the same rule on
+the same episodes, restricted to those with references and with the reference images themselves left out of the
+defect-free queries: the budget on the selection queries, raised to the false-alarm target on the defect-free
+ones, where a defect-free query counts as flagged when its max logit is > 0 and its reference score >= tau.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -46,17 +54,19 @@ import torch.nn.functional as F
 
 from pipeline import device as dev
 from pipeline.config import Params
-from pipeline.episodes import Episode, Pools, normal_pools, validation_episodes
-from pipeline.images import load_validated
+from pipeline.episodes import Episode, Pools, material, normal_pools, reference_images, validation_episodes
+from pipeline.images import load_validated, read_image, resolve
 from pipeline.features import FeatureStore
-from pipeline.inference.gate import ABSENT_LOGIT, PresenceGate, apply_gate, support_shares
+from pipeline.inference.gate import ABSENT_LOGIT, PresenceGate, apply_gate, reference_levels, support_shares
 from pipeline.training.batches import ImageEpisodes, gather
 
 @dataclass(frozen=True)
 class QueryScore:
     """One selection query: class, presence score (max grid logit) and its IoU counts at ``S x S``
     (``inter``, ``union`` of prediction and truth, ``truth`` = defect pixels); ``share``: the mean defect share
-    of its support masks at ``S x S``, in ``[0, 1]`` (the gate's support size)."""
+    of its support masks at ``S x S``, in ``[0, 1]`` (the gate's support size); ``log_odds``: the network's
+    ``presence_log_odds`` of ``score``; ``level``: the episode's reference level
+    (:func:`pipeline.inference.gate.reference_levels`), ``NaN`` without reference images."""
 
     class_name: str
     score: float
@@ -64,15 +74,22 @@ class QueryScore:
     union: int
     truth: int
     share: float = 1.0
+    log_odds: float = math.nan
+    level: float = math.nan
+
+    def by_reference(self) -> QueryScore:
+        """The same query scored by its reference score ``log_odds - level`` (for the rule's functions)."""
+        return replace(self, score=self.log_odds - self.level)
 
 
 @torch.inference_mode()
 def query_scores(net: torch.nn.Module, episodes: Sequence[Episode], *, store: FeatureStore | None = None,
                  dataset: ImageEpisodes | None = None, device: torch.device = torch.device("cpu"),
-                 batch_size: int = 16) -> list[QueryScore]:
+                 batch_size: int = 16, references: dict[str, torch.Tensor] | None = None) -> list[QueryScore]:
     """:class:`QueryScore` of every episode: logits on the feature grid (as ``Predictor.head``), bilinear
     upsampling to ``S x S``, logit > 0 against the view-0 mask. Cached features when ``store`` is given,
-    else ``dataset`` (its images are encoded with ``net.encode``)."""
+    else ``dataset`` (its images are encoded with ``net.encode``). ``references``: ``{material: (R, Cb, h, w)
+    features}``; the episodes of a material there get their reference ``level``."""
     net.eval()
     out: list[QueryScore] = []
     k = len(episodes[0].support_ids)
@@ -96,9 +113,18 @@ def query_scores(net: torch.nn.Module, episodes: Sequence[Episode], *, store: Fe
         gt = b["query_masks"].squeeze(1).bool()
         top = grid.amax(dim=(1, 2, 3)).cpu()
         shares = support_shares(sm).cpu()
+        odds = net.presence_log_odds(top)
+        levels = torch.full((n,), math.nan, dtype=torch.float64)
+        for mat, feats in (references or {}).items():
+            idx = [j for j, e in enumerate(chunk) if material(e.class_name) == mat]
+            if idx:
+                with dev.autocast(device):
+                    levels[idx] = reference_levels(net, dev.to_device(sf[idx], device), dev.to_device(sm[idx], device),
+                                                   dev.to_device(feats, device))
         for j, e in enumerate(chunk):
             out.append(QueryScore(e.class_name, float(top[j]), int((pred[j] & gt[j]).sum()),
-                                  int((pred[j] | gt[j]).sum()), int(gt[j].sum()), float(shares[j])))
+                                  int((pred[j] | gt[j]).sum()), int(gt[j].sum()), float(shares[j]),
+                                  float(odds[j]), float(levels[j])))
     return out
 
 
@@ -152,16 +178,20 @@ def normal_episodes(params: Params, pools: tuple[Pools, Pools]) -> list[Episode]
             for c, ids in sorted(normal_pools(params, classes).items()) if classes.get(c) for q in ids]
 
 
-def fp_threshold(scores: Sequence[float], target: float) -> tuple[float, float]:
+def fp_threshold(scores: Sequence[float], target: float,
+                 flagged: Sequence[bool] | None = None) -> tuple[float, float]:
     """``(tau, share)``: the smallest ``tau`` at which at most ``target`` of the defect-free queries would keep a
-    predicted defect (``score >= tau`` and ``score > 0``: ungated, a query with max logit > 0 has defect pixels),
-    and the share kept at it. ``-inf`` when the target is met ungated.
+    predicted defect (``score >= tau`` and flagged ungated), and the share kept at it. ``-inf`` when the target is
+    met ungated.
 
     Args:
-        scores: presence scores (max grid logit) of defect-free queries, non-empty.
+        scores: presence scores of defect-free queries, non-empty.
         target: allowed share in ``[0, 1]``.
+        flagged: whether each query has a predicted defect pixel ungated; ``None``: ``score > 0`` (the max-logit
+            score: a query with max logit > 0 has defect pixels).
     """
-    pos = sorted((x for x in scores if x > 0), reverse=True)
+    flags = [x > 0 for x in scores] if flagged is None else list(flagged)
+    pos = sorted((x for x, f in zip(scores, flags) if f), reverse=True)
     allowed = math.floor(target * len(scores) + 1e-9)
     if len(pos) <= allowed:
         return -math.inf, len(pos) / len(scores)
@@ -170,13 +200,13 @@ def fp_threshold(scores: Sequence[float], target: float) -> tuple[float, float]:
 
 
 def rule_threshold(selection: Sequence[QueryScore], normals: Sequence[QueryScore], budget: float | None,
-                   target: float | None) -> float | None:
+                   target: float | None, flagged: Sequence[bool] | None = None) -> float | None:
     """The gate's rule on one set of episodes: :func:`calibrate` (``budget``) on the selection queries, raised to
-    :func:`fp_threshold` (``target``) on the defect-free queries; ``None`` when neither applies (no setting, no
-    episode, or the target met ungated and no budget)."""
+    :func:`fp_threshold` (``target``, ``flagged``) on the defect-free queries; ``None`` when neither applies (no
+    setting, no episode, or the target met ungated and no budget)."""
     taus = [calibrate(selection, budget)] if selection else []
     if normals and target is not None:
-        tau_fp, _ = fp_threshold([s.score for s in normals], target)
+        tau_fp, _ = fp_threshold([s.score for s in normals], target, flagged)
         taus.append(tau_fp if math.isfinite(tau_fp) else None)
     return max((x for x in taus if x is not None), default=None)
 
@@ -184,7 +214,8 @@ def rule_threshold(selection: Sequence[QueryScore], normals: Sequence[QueryScore
 def presence_gate(params: Params, net: torch.nn.Module, pools: tuple[Pools, Pools], rows: dict[str, Any],
                   store: FeatureStore | None, device: torch.device) -> dict[str, float | None]:
     """The gate of a model file: ``{"presence_threshold": tau, "presence_threshold_small": tau_small,
-    "presence_small_area": area, "presence_budget": budget, "presence_fp": target, "presence_fp_train": share}``.
+    "presence_small_area": area, "presence_budget": budget, "presence_fp": target, "presence_fp_train": share,
+    "presence_threshold_ref": tau_ref, "presence_references": R, "presence_fp_train_ref": share_ref}``.
 
     ``tau`` = :func:`rule_threshold` on ``train.val_episodes`` K=1 episodes of the selection classes
     (:func:`pipeline.episodes.validation_episodes`, seed ``train.seed``) and on :func:`normal_episodes` when
@@ -192,7 +223,10 @@ def presence_gate(params: Params, net: torch.nn.Module, pools: tuple[Pools, Pool
     support is small (``tau_small``) and on the others (``tau``), a side without any episode keeping the rule's
     threshold on all of them (:class:`pipeline.inference.gate.PresenceGate`). ``share`` = the training side's
     defect-free images still flagged by the gate (None without a target or without such images). Both
-    thresholds are None when the budget and the target are null.
+    thresholds are None when the budget and the target are null. With ``train.presence_references`` = R > 0,
+    ``tau_ref`` is the rule on the episodes that have reference images (module docstring; None when no material
+    of the training side has R defect-free images) and ``share_ref`` the share of their defect-free queries
+    still flagged when each episode is gated as at inference.
 
     Args:
         pools: ``(train_pools, val_pools)`` of the fold (:func:`pipeline.episodes.training_pools`).
@@ -201,22 +235,27 @@ def presence_gate(params: Params, net: torch.nn.Module, pools: tuple[Pools, Pool
     t = params.train
     out: dict[str, float | None] = {"presence_threshold": None, "presence_threshold_small": None,
                                     "presence_small_area": None, "presence_budget": t.presence_budget,
-                                    "presence_fp": t.presence_fp, "presence_fp_train": None}
+                                    "presence_fp": t.presence_fp, "presence_fp_train": None,
+                                    "presence_threshold_ref": None, "presence_references": 0,
+                                    "presence_fp_train_ref": None}
     if t.presence_budget is None and t.presence_fp is None:
         return out
     train_pools, val_pools = pools
+    refs = reference_images(params, {**train_pools, **val_pools}, t.presence_references) \
+        if t.presence_references else {}
+    ref_feats = {m: _reference_feats(params, net, store, ids, device) for m, ids in refs.items()}
     selection: list[QueryScore] = []
     if t.presence_budget is not None:
         eps = validation_episodes(val_pools, train_pools, 1, t.val_episodes, t.seed)
         data = None if store is not None else ImageEpisodes(params, val_pools, rows, augment=False, episodes=eps)
-        selection = query_scores(net, eps, store=store, dataset=data, device=device)
+        selection = query_scores(net, eps, store=store, dataset=data, device=device, references=ref_feats)
     normals: list[QueryScore] = []
     episodes = normal_episodes(params, pools) if t.presence_fp is not None else []
     if episodes:
         if store is None:
             rows = {**rows, **{r["id"]: r for r in load_validated(params.data.dir, kind="normal").to_dict("records")}}
         data = None if store is not None else ImageEpisodes(params, {}, rows, augment=False, episodes=episodes)
-        normals = query_scores(net, episodes, store=store, dataset=data, device=device)
+        normals = query_scores(net, episodes, store=store, dataset=data, device=device, references=ref_feats)
     gate = split_gate(selection, normals, t.presence_budget, t.presence_fp, t.presence_small_area)
     out["presence_threshold"] = gate.threshold
     if gate.split:
@@ -225,7 +264,40 @@ def presence_gate(params: Params, net: torch.nn.Module, pools: tuple[Pools, Pool
         taus = [gate.threshold_for(s.share) for s in normals]
         kept = [s.score > 0 and (tau is None or s.score >= tau) for s, tau in zip(normals, taus)]
         out["presence_fp_train"] = round(sum(kept) / len(kept), 4)
+    if refs:
+        out.update(_reference_gate(selection, normals, episodes, {i for ids in refs.values() for i in ids},
+                                   t.presence_budget, t.presence_fp))
+        out["presence_references"] = t.presence_references if out["presence_threshold_ref"] is not None else 0
     return out
+
+
+def _reference_gate(selection: Sequence[QueryScore], normals: Sequence[QueryScore], episodes: Sequence[Episode],
+                    reference_ids: set[str], budget: float | None,
+                    target: float | None) -> dict[str, float | None]:
+    """``presence_threshold_ref`` and ``presence_fp_train_ref``: the rule on the reference scores of the episodes
+    with references (the reference images themselves are not defect-free queries), a defect-free query counting
+    as flagged when its max logit is > 0; the share is that of those queries flagged by the whole gate."""
+    sel = [s.by_reference() for s in selection if not math.isnan(s.level)]
+    nor = [s for s, e in zip(normals, episodes) if not math.isnan(s.level) and e.query_id not in reference_ids]
+    tau = rule_threshold(sel, [s.by_reference() for s in nor], budget, target, [s.score > 0 for s in nor])
+    share = None
+    if nor and tau is not None:
+        kept = [s.score > 0 and s.log_odds - s.level >= tau for s in nor]
+        share = round(sum(kept) / len(kept), 4)
+    return {"presence_threshold_ref": tau, "presence_fp_train_ref": share}
+
+
+def _reference_feats(params: Params, net: torch.nn.Module, store: FeatureStore | None, ids: Sequence[str],
+                     device: torch.device) -> torch.Tensor:
+    """``(R, Cb, h, w)`` backbone features of the reference images: from the store, else ``net.encode``."""
+    if store is not None:
+        return store.get(list(ids), 0)
+    from pipeline.inference.preprocess import image_batch
+
+    rows = load_validated(params.data.dir, kind="normal").set_index("id")
+    images = [read_image(resolve(params.data.dir, rows.loc[i, "image_path"])) for i in ids]
+    with torch.inference_mode():
+        return net.encode(dev.to_device(image_batch(images, params.train.image_size), device))
 
 
 def split_gate(selection: Sequence[QueryScore], normals: Sequence[QueryScore], budget: float | None,
