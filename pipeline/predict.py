@@ -18,6 +18,12 @@ Choice for non-image files in a query *folder*: they are skipped with a
 :class:`SkippedInputWarning` and listed under ``"skipped"`` in the summary (the same for files
 with an image suffix that Pillow cannot decode). A query named explicitly on the command line that
 is not a decodable image is an error.
+
+Reference images (``lerenet predict --reference``, :func:`load_references`): defect-free images of the
+queries' surface, listed like queries (files and folders) but every one must decode (a reference set
+that silently lost an image would move the gate). They go to ``Predictor.encode_support(...,
+references=...)``; a model file whose presence gate has no reference threshold ignores them, with a
+:class:`ReferencesIgnoredWarning` and a note in the summary.
 """
 
 from __future__ import annotations
@@ -46,7 +52,11 @@ OVERLAYS_DIR = "overlays"
 
 
 class SkippedInputWarning(UserWarning):
-    """A file in a query folder was skipped (not an image, or not decodable)."""
+    """A file in a query (or reference) folder was skipped (not an image, or not decodable)."""
+
+
+class ReferencesIgnoredWarning(UserWarning):
+    """Reference images were given but the model file's presence gate has no reference threshold."""
 
 
 # ---------------------------------------------------------------------------
@@ -173,20 +183,22 @@ def load_supports(pairs: Sequence[tuple[str | os.PathLike[str], str | os.PathLik
     return images, masks
 
 
-def list_queries(paths: Sequence[str | os.PathLike[str]]) -> tuple[list[Path], list[dict[str, str]]]:
+def list_queries(paths: Sequence[str | os.PathLike[str]],
+                 what: str = "query") -> tuple[list[Path], list[dict[str, str]]]:
     """Expand query arguments into image files.
 
     Args:
         paths: files or folders. Folders are listed non-recursively in file-name order; files whose
             suffix is not an image suffix (``pipeline.images.IMAGE_SUFFIXES``) are skipped with a
             :class:`SkippedInputWarning` (hidden dot-files silently).
+        what: what the images are, in messages (``"query"``; ``"reference"`` for :func:`load_references`).
 
     Returns:
         ``(files, skipped)`` with ``skipped = [{"path", "reason"}, ...]``.
 
     Raises:
         PredictInputError: a path does not exist, an explicitly named file is not an image file, or
-            no query image remains.
+            no image remains.
     """
     files: list[Path] = []
     skipped: list[dict[str, str]] = []
@@ -200,17 +212,48 @@ def list_queries(paths: Sequence[str | os.PathLike[str]]) -> tuple[list[Path], l
                     files.append(f)
                 else:
                     reason = f"not an image file (suffix {f.suffix or 'none'}; expected {', '.join(IMAGE_SUFFIXES)})"
-                    warnings.warn(f"skipping query {f}: {reason}", SkippedInputWarning, stacklevel=2)
+                    warnings.warn(f"skipping {what} {f}: {reason}", SkippedInputWarning, stacklevel=2)
                     skipped.append({"path": str(f), "reason": reason})
         elif p.is_file():
             if p.suffix.lower() not in IMAGE_SUFFIXES:
-                raise PredictInputError(f"query {p}: not an image file (expected {', '.join(IMAGE_SUFFIXES)})")
+                raise PredictInputError(f"{what} {p}: not an image file (expected {', '.join(IMAGE_SUFFIXES)})")
             files.append(p)
         else:
-            raise PredictInputError(f"query {p} does not exist")
+            raise PredictInputError(f"{what} {p} does not exist")
     if not files:
-        raise PredictInputError(f"no query image found in {[str(p) for p in paths]}")
+        raise PredictInputError(f"no {what} image found in {[str(p) for p in paths]}")
     return files, skipped
+
+
+def load_references(paths: Sequence[str | os.PathLike[str]]) -> tuple[list[Path], list[np.ndarray]]:
+    """Read the defect-free reference images of the queries' surface (``lerenet predict --reference``).
+
+    Args:
+        paths: image files and/or folders, listed as :func:`list_queries` lists queries (a folder's
+            non-image files are skipped with a :class:`SkippedInputWarning`).
+
+    Returns:
+        ``(files, images)``: the R reference files in order and R ``(H_r, W_r, 3)`` uint8 RGB arrays.
+
+    Raises:
+        PredictInputError: a path does not exist, a file is not an image file or cannot be decoded
+            (every reference must decode, in a folder too: a silently smaller reference set would move
+            the presence gate), or no reference image is found; the message names the file.
+    """
+    files, _ = list_queries(paths, "reference")
+    images = []
+    for f in files:
+        try:
+            images.append(read_image(f))
+        except (UnidentifiedImageError, OSError) as exc:
+            raise PredictInputError(f"reference {f}: not a decodable image ({exc}); give defect-free images of the "
+                                    "queries' surface (PNG, JPEG, BMP or TIFF), or remove it") from None
+    return files, images
+
+
+#: the note (summary and warning) when the model file ignores reference images
+REFERENCES_IGNORED = ("the model file's presence gate has no reference threshold (it was not trained with "
+                      "train.presence_references > 0): the reference images were not used")
 
 
 # ---------------------------------------------------------------------------
@@ -242,7 +285,8 @@ def predict_folder(model: Predictor, support_pairs: Sequence[tuple[Path, Path]],
                    queries: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLike[str], *,
                    threshold: float = 0.5, mask_threshold: int = 127, batch_size: int = 8,
                    overwrite: bool = False, progress: bool = True, min_area: int = 1,
-                   support_class: dict[str, Any] | None = None) -> dict[str, Any]:
+                   support_class: dict[str, Any] | None = None,
+                   references: Sequence[str | os.PathLike[str]] | None = None) -> dict[str, Any]:
     """Segment every query with one support set and write masks, overlays and a summary.
 
     Args:
@@ -260,17 +304,24 @@ def predict_folder(model: Predictor, support_pairs: Sequence[tuple[Path, Path]],
         min_area: smallest component (pixels) listed in the summary.
         support_class: the stored class the supports come from (``lerenet predict --class``:
             ``{"name", "version", "fingerprint"}``), recorded as ``class`` in the summary.
+        references: defect-free images of the queries' surface, files and/or folders (:func:`load_references`);
+            the presence gate of a model file calibrated with them (``train.presence_references``) scores each
+            query relative to them. A model file without a reference threshold ignores them
+            (:class:`ReferencesIgnoredWarning`). ``None`` or empty: none.
 
     Returns:
         The summary dict written to ``summary.json``: ``model`` (provenance), ``threshold``, ``shots``,
         ``supports``, ``images`` (per query: ``query``, ``mask``, ``overlay``, ``width``, ``height``,
         ``defect_fraction``, ``max_score``, ``components``, ``model_version``), ``skipped``,
-        ``created``, and ``class`` when ``support_class`` is given.
+        ``references`` (the reference files), ``references_used`` (the model file's gate used them),
+        ``reference_level`` (:attr:`SupportSet.level <pipeline.inference.predictor.SupportSet.level>`, or
+        ``None``), ``references_note`` (only when given but ignored), ``created``, and ``class`` when
+        ``support_class`` is given.
 
     Raises:
         PredictInputError: bad threshold / batch size, existing ``out_dir`` without ``overwrite``,
-            bad supports, no query, or an explicitly named query that cannot be decoded. Nothing is
-            written in that case.
+            bad supports, a missing or undecodable reference, no query, or an explicitly named query
+            that cannot be decoded. Nothing is written in that case.
     """
     from tqdm import tqdm
 
@@ -282,10 +333,18 @@ def predict_folder(model: Predictor, support_pairs: Sequence[tuple[Path, Path]],
     if out_dir.exists() and not overwrite:
         raise PredictInputError(f"{out_dir} exists; pass --overwrite or another --out")
     s_images, s_masks = load_supports(support_pairs, mask_threshold)
+    ref_files, ref_images = load_references(references) if references else ([], None)
     files, skipped = list_queries(queries)
     explicit = {Path(q) for q in queries if Path(q).is_file()}
 
-    supports = model.encode_support(s_images, s_masks)
+    supports = model.encode_support(s_images, s_masks, ref_images)
+    used = bool(ref_files) and model.presence_gate.uses_references
+    refs: dict[str, Any] = {"references": [str(f) for f in ref_files], "references_used": used,
+                            "reference_level": supports.level}
+    if ref_files and not used:
+        refs["references_note"] = REFERENCES_IGNORED
+        warnings.warn(f"{len(ref_files)} reference image(s) given, but {REFERENCES_IGNORED}",
+                      ReferencesIgnoredWarning, stacklevel=2)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
@@ -326,6 +385,7 @@ def predict_folder(model: Predictor, support_pairs: Sequence[tuple[Path, Path]],
             "device": str(model.device),
             "images": records,
             "skipped": skipped,
+            **refs,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
         if support_class is not None:

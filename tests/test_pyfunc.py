@@ -106,7 +106,8 @@ def _round_trip(tmp_path, ckpt, load_model):
     assert [str(w.message) for w in caught if not issubclass(w.category, DeprecationWarning)] == []
     loaded = mlflow.pyfunc.load_model(uri)
     example = loaded.input_example  # logged with the model (shown in the MLflow UI)
-    assert list(example.columns) == ["support_images", "support_masks", "query_image"] and len(example) == 1
+    assert list(example.columns) == ["support_images", "support_masks", "query_image", "references"]
+    assert len(example) == 1  # the references column passes the logged signature (optional: `frame` below has none)
     assert list(loaded.predict(example).columns) == ["mask", "defect_fraction", "max_score"]
     # the model ships model/ and only the inference and serving packages of pipeline/
     code = Path(mlflow.artifacts.download_artifacts(uri)) / "code"

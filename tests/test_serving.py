@@ -147,6 +147,25 @@ def test_served_records_format_and_errors(served):
     assert json.loads(r.text)["error_code"] == "BAD_REQUEST"
 
 
+def test_served_references_column(served):
+    """The logged signature takes the optional ``references`` column; the served prototype has no reference threshold,
+    so valid references leave the mask as without them; a bad reference is HTTP 400 naming row and field."""
+    url, _, root = served
+    img = _b64(root / "src" / "Steel_In" / "Images" / "In_1.png")
+    row = {"support_images": [img], "support_masks": [_b64(root / "src" / "Steel_In" / "GT" / "In_1.png")],
+           "query_image": img}
+    nd = _b64(next((REAL_DATA / "MT_Blowhole" / "Nd").iterdir()))
+    r = httpx.post(f"{url}/invocations", json={"dataframe_records": [{**row, "references": [nd]},
+                                                                     {**row, "references": []}]}, timeout=120)
+    assert r.status_code == 200, r.text[-2000:]
+    preds = r.json()["predictions"]
+    assert preds[0]["mask"] == preds[1]["mask"]
+    r = httpx.post(f"{url}/invocations", json={"dataframe_records": [{**row, "references": [nd, "not base64!"]}]},
+                   timeout=120)
+    assert r.status_code == 400 and r.json()["error_code"] == "BAD_REQUEST"
+    assert "row 0, references[1]: not valid base64" in r.json()["message"]
+
+
 def test_served_refuses_oversized_and_hostile_payloads(served):
     """Each bad payload gets HTTP 400, error code BAD_REQUEST and a message naming row and field (no traceback)."""
     url, _, root = served

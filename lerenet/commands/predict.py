@@ -81,6 +81,10 @@ def _print_table(rows: list[dict]) -> None:
 @app.command("predict", rich_help_panel=PANEL_INFERENCE)
 def predict(
     query: list[Path] = typer.Option(..., "--query", "-q", help="query image file or folder (repeatable)"),
+    reference: list[Path] = typer.Option(None, "--reference", "-r",
+                                         help="defect-free image of the queries' surface, file or folder (repeatable); "
+                                              "used by a model file whose presence gate was calibrated with "
+                                              "references (train.presence_references), ignored otherwise"),
     out: Path = typer.Option(..., "--out", "-o", help="output folder (must not exist unless --overwrite)"),
     support: list[str] = typer.Option(None, "--support", "-s", help="support pair IMAGE:MASK (repeatable)"),
     support_dir: Path = typer.Option(None, "--support-dir",
@@ -110,7 +114,9 @@ def predict(
     connected defect regions, the largest region's box (x, y, width, height in pixels of the image)
     and the highest defect probability. Supports are encoded once and reused for every query.
     Non-image files in a query folder are skipped with a warning. With --class NAME the supports are
-    the class's stored set (checked against its sha256s).
+    the class's stored set (checked against its sha256s). With --reference (defect-free images of the
+    same surface) the presence gate scores each query relative to them, if the model file was
+    calibrated with references; otherwise they are ignored with a warning.
 
     Example:
       lerenet predict --support-dir ../shared/datasets/defects12/Steel_In --shots-limit 5 \\
@@ -147,15 +153,18 @@ def predict(
             with resolved.transductive(transductive_steps):
                 summary = predict_folder(resolved, pairs, [str(q) for q in query], out, threshold=threshold,
                                          mask_threshold=mask_threshold, batch_size=batch_size,
-                                         overwrite=overwrite, progress=progress, support_class=stored)
+                                         overwrite=overwrite, progress=progress, support_class=stored,
+                                         references=[str(r) for r in reference or []])
         except PredictInputError as exc:
             fail(str(exc), 2)
     m = summary["model"]
     version = f" version {m['version']}" if m["version"] else ""
     _print_table(image_table(summary))
     cls = f", class {stored['name']} v{stored['version']}" if stored else ""
+    refs = summary["references"]
+    refs = f", {len(refs)} reference(s) {'used' if summary['references_used'] else 'ignored'}" if refs else ""
     typer.echo(f"{len(summary['images'])} mask(s) from {m['model']} ({m['uri']}{version}), "
-               f"K={summary['shots']}{cls}, threshold {threshold}; skipped {len(summary['skipped'])}; "
+               f"K={summary['shots']}{cls}{refs}, threshold {threshold}; skipped {len(summary['skipped'])}; "
                f"summary: {out / 'summary.json'}")
 
 

@@ -14,6 +14,11 @@ column                content
                       set the server holds; a row with a class leaves ``support_images`` and
                       ``support_masks`` out (or empty lists, when other rows of a
                       ``dataframe_records`` request carry supports)
+``references``        optional: list of R base64 strings, each the bytes of a *defect-free* image of
+                      the query's surface (as ``support_images``); the presence gate of a model
+                      file calibrated with references (``train.presence_references``) scores the
+                      query relative to them, other model files ignore them. Missing, null or an
+                      empty list: none. Applies to in-row supports and to a stored class alike.
 ====================  ==========================================================================
 
 Output (DataFrame, one row per input row, same order):
@@ -37,8 +42,9 @@ This module is the one place that defines the format; pixels are converted with
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -51,6 +57,8 @@ from pipeline.inference.preprocess import gray_array, rgb_array
 INPUT_COLUMNS = ("support_images", "support_masks", "query_image")
 #: the optional column naming a stored class instead of support images (:mod:`pipeline.serving.class_sets`)
 CLASS_COLUMN = "class"
+#: the optional column of defect-free reference images of the query's surface (the reference presence gate)
+REFERENCES_COLUMN = "references"
 OUTPUT_COLUMNS = ("mask", "defect_fraction", "max_score")
 MASK_THRESHOLD = 127
 #: the image formats a request may carry (Pillow format ids); everything else is refused undecoded
@@ -187,22 +195,59 @@ def input_rows(frame: Any) -> list[dict[str, Any]]:
     return frame.to_dict("records")
 
 
-def parse_rows(frame: pd.DataFrame) -> list[tuple[str | None, tuple[list[np.ndarray], list[np.ndarray]] | None,
-                                                  np.ndarray]]:
-    """Decode a request frame whose rows name a stored class or carry supports:
-    ``[(class name | None, (support_images, support_masks) | None, query_image), ...]``.
+class ParsedRow(NamedTuple):
+    """One decoded request row (:func:`parse_rows`).
+
+    Attributes:
+        name: the stored class it names, or ``None``.
+        supports: ``(images, masks)``: K ``(h, w, 3)`` uint8 and K ``(h, w)`` bool, or ``None`` with a class.
+        query: ``(H, W, 3)`` uint8.
+        references: R ``(H_r, W_r, 3)`` uint8 defect-free images, or ``None`` (none sent).
+        references_key: identity of the row's reference payloads (sha256 of the base64 strings; rows with equal
+            keys sent the same references), ``None`` without references.
+    """
+
+    name: str | None
+    supports: tuple[list[np.ndarray], list[np.ndarray]] | None
+    query: np.ndarray
+    references: list[np.ndarray] | None = None
+    references_key: str | None = None
+
+
+def parse_rows(frame: pd.DataFrame) -> list[ParsedRow]:
+    """Decode a request frame whose rows name a stored class or carry supports, each with optional references.
 
     A row with a class has ``None`` supports (the server looks them up); otherwise as :func:`parse_input`.
 
     Raises:
-        PyfuncInputError: as :func:`parse_input` and :func:`row_class`.
+        PyfuncInputError: as :func:`parse_input`, :func:`row_class` and :func:`row_references`.
     """
     out = []
     for r, row in enumerate(input_rows(frame)):
         name = row_class(row, r)
         query = decode_image(row["query_image"], f"row {r}, query_image")
-        out.append((name, None if name else _supports(row, r), query))
+        supports = None if name else _supports(row, r)
+        out.append(ParsedRow(name, supports, query, *row_references(row, r)))
     return out
+
+
+def row_references(row: dict[str, Any], r: int) -> tuple[list[np.ndarray] | None, str | None]:
+    """The decoded reference images of row ``r`` and their key (:class:`ParsedRow`); ``(None, None)`` when the
+    row has no ``references`` column, a null cell or an empty list.
+
+    Raises:
+        PyfuncInputError: a cell that is not a list of base64 strings, or a payload that is not a decodable
+            PNG/JPEG/BMP/TIFF file (names ``row r, references[k]``).
+    """
+    texts = payload_list(row.get(REFERENCES_COLUMN), f"row {r}, {REFERENCES_COLUMN}")
+    if not texts:
+        return None, None
+    images = [decode_image(t, f"row {r}, {REFERENCES_COLUMN}[{k}]") for k, t in enumerate(texts)]
+    digest = hashlib.sha256()
+    for t in texts:
+        digest.update(t.encode("ascii", "replace") if isinstance(t, str) else t)
+        digest.update(b"\n")
+    return images, digest.hexdigest()
 
 
 def _supports(row: dict[str, Any], r: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -242,8 +287,9 @@ def parse_input(frame: pd.DataFrame) -> list[tuple[list[np.ndarray], list[np.nda
 
 
 def example_frame(size: int = 32) -> pd.DataFrame:
-    """The smallest valid request: one query and one support pair, synthetic ``size`` x ``size`` gray
-    images (a bright horizontal scratch on a dark surface; the support mask marks it).
+    """The smallest valid request: one query, one support pair and one reference image, synthetic ``size`` x
+    ``size`` gray images (a bright horizontal scratch on a dark surface; the support mask marks it; the
+    reference is the bare surface).
 
     Logged with the pyfunc as its input example (the MLflow UI shows it; ``mlflow models serve``
     callers can copy it) and checked by MLflow at log time by running the model on it.
@@ -254,4 +300,4 @@ def example_frame(size: int = 32) -> pd.DataFrame:
     query[size // 3:size // 3 + 2, 6:-2] = 220
     mask = support > 127
     return pd.DataFrame({"support_images": [[encode_png(support)]], "support_masks": [[encode_png(mask)]],
-                         "query_image": [encode_png(query)]})
+                         "query_image": [encode_png(query)], REFERENCES_COLUMN: [[encode_png(surface)]]})

@@ -2,8 +2,8 @@
 
 Two passes over the request frame, cheapest first:
 
-1. without decoding anything: the number of rows, of support pairs per row (and that each row has as
-   many masks as images), and the request's **bytes** -- the length of all base64 payloads
+1. without decoding anything: the number of rows, of support pairs and reference images per row (and
+   that each row has as many masks as images), and the request's **bytes** -- the length of all base64 payloads
    together, against ``max_request_bytes`` (``serve.max_request_bytes`` in ``params.yaml``, stored
    in the logged model's ``model_config``; :data:`DEFAULT_MAX_REQUEST_BYTES` otherwise);
 2. from the image headers only (Pillow opens lazily): the pixels of each image and of the request.
@@ -17,10 +17,11 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.inference.predictor import PredictInputError
-from pipeline.serving.codec import PyfuncInputError, input_rows, open_b64, payload_list, row_class
+from pipeline.serving.codec import REFERENCES_COLUMN, PyfuncInputError, input_rows, open_b64, payload_list, row_class
 
 MAX_QUERIES_PER_REQUEST = 32          # rows of the pyfunc input frame
 MAX_SUPPORTS_PER_QUERY = 10           # K per row
+MAX_REFERENCES_PER_QUERY = 10         # R defect-free reference images per row
 MAX_IMAGE_PIXELS = 4096 * 4096        # width * height of any one image or mask
 MAX_REQUEST_PIXELS = 64 * 1024 * 1024  # sum of width * height over all images of a request
 DEFAULT_MAX_REQUEST_BYTES = 32 * 1024 * 1024  # base64 text over all images of a request (= params.yaml default)
@@ -50,11 +51,15 @@ def _payloads(frame: Any) -> list[tuple[int, list[tuple[str, Any]]]]:
                                    "per request: split it into several requests")
     rows = []
     for r, row in enumerate(records):
-        if row_class(row, r) is not None:  # a stored class: only the query travels
-            v = row["query_image"]
-            if not isinstance(v, (str, bytes)):
-                raise PyfuncInputError(f"row {r}, query_image: expected a base64 string, got {type(v).__name__}")
-            rows.append((r, [(f"row {r}, query_image", v)]))
+        refs = payload_list(row.get(REFERENCES_COLUMN), f"row {r}, {REFERENCES_COLUMN}")
+        if len(refs) > MAX_REFERENCES_PER_QUERY:
+            raise RequestTooLargeError(f"row {r}, {REFERENCES_COLUMN}: {len(refs)} items; the limit is "
+                                       f"{MAX_REFERENCES_PER_QUERY} reference images per query")
+        ref_fields = [(f"row {r}, {REFERENCES_COLUMN}[{k}]", v) for k, v in enumerate(refs)]
+        if row_class(row, r) is not None:  # a stored class: only the query (and its references) travel
+            fields = [(f"row {r}, query_image", row["query_image"]), *ref_fields]
+            _check_strings(fields)
+            rows.append((r, fields))
             continue
         imgs = payload_list(row.get("support_images"), f"row {r}, support_images")
         masks = payload_list(row.get("support_masks"), f"row {r}, support_masks")
@@ -71,11 +76,17 @@ def _payloads(frame: Any) -> list[tuple[int, list[tuple[str, Any]]]]:
         fields = [(f"row {r}, support_images[{k}]", v) for k, v in enumerate(imgs)]
         fields += [(f"row {r}, support_masks[{k}]", v) for k, v in enumerate(masks)]
         fields.append((f"row {r}, query_image", row["query_image"]))
-        for what, v in fields:
-            if not isinstance(v, (str, bytes)):
-                raise PyfuncInputError(f"{what}: expected a base64 string, got {type(v).__name__}")
+        fields += ref_fields
+        _check_strings(fields)
         rows.append((r, fields))
     return rows
+
+
+def _check_strings(fields: list[tuple[str, Any]]) -> None:
+    """Every payload of ``[(field name, payload), ...]`` is a base64 string (``str`` or ``bytes``)."""
+    for what, v in fields:
+        if not isinstance(v, (str, bytes)):
+            raise PyfuncInputError(f"{what}: expected a base64 string, got {type(v).__name__}")
 
 
 def _pixels(text: Any, what: str) -> int:
@@ -92,14 +103,15 @@ def check_request_frame(frame: Any, max_request_bytes: int = DEFAULT_MAX_REQUEST
     """Refuse a serving request above the documented limits, before any image is decoded.
 
     Limits: at most :data:`MAX_QUERIES_PER_REQUEST` rows, :data:`MAX_SUPPORTS_PER_QUERY` support
-    pairs per row, ``max_request_bytes`` bytes of base64 text over all payloads, then (from the image
-    headers) :data:`MAX_IMAGE_PIXELS` pixels per image and :data:`MAX_REQUEST_PIXELS` pixels over all
-    images (supports, masks and queries) of the request.
+    pairs and :data:`MAX_REFERENCES_PER_QUERY` reference images per row, ``max_request_bytes`` bytes of
+    base64 text over all payloads, then (from the image headers) :data:`MAX_IMAGE_PIXELS` pixels per image
+    and :data:`MAX_REQUEST_PIXELS` pixels over all images (supports, masks, queries and references) of the
+    request.
 
     Args:
         frame: the pyfunc input (``pandas.DataFrame`` with ``support_images``, ``support_masks``,
-            ``query_image``, and optionally ``class``: a row naming a stored class carries only its
-            query; see :mod:`pipeline.serving.codec`).
+            ``query_image``, and optionally ``class`` -- a row naming a stored class carries only its
+            query -- and ``references``; see :mod:`pipeline.serving.codec`).
         max_request_bytes: the byte limit (the served model's ``model_config``).
 
     Raises:

@@ -16,6 +16,11 @@ carrying support images: its support set is read from the class store (model con
 ``class_store`` or ``$LERENET_CLASS_STORE``), encoded once and cached (bounded LRU, model config key
 ``class_cache_size``), and the rows of one class in a request run as one batch of queries.
 
+A row may carry defect-free reference images of its surface (column ``references``): a model file whose
+presence gate was calibrated with references gates the query relative to them
+(``Predictor.encode_support(..., references=...)``; for a stored class, a copy of the cached support set with
+the level of those references, so rows of one class with other references, or none, are not mixed).
+
 Logging is pickle-free ("models from code"): a three-line entry script is generated at log time
 and the checkpoint travels as an artifact. The code bundled as ``code_paths`` is ``model/`` and a
 ``pipeline`` package holding only :mod:`pipeline.inference` and :mod:`pipeline.serving` (both import
@@ -24,6 +29,7 @@ nothing else of the project), so the logged model loads without this project ins
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -35,7 +41,8 @@ import pandas as pd
 
 from pipeline.inference.predictor import PredictInputError
 from pipeline.serving.class_sets import CACHE_SIZE_KEY, DEFAULT_CACHE_SIZE, SupportCache, store_from_config
-from pipeline.serving.codec import CLASS_COLUMN, OUTPUT_COLUMNS, encode_png, example_frame, parse_rows
+from pipeline.serving.codec import (CLASS_COLUMN, OUTPUT_COLUMNS, REFERENCES_COLUMN, ParsedRow, encode_png,
+                                   example_frame, parse_rows)
 from pipeline.serving.limits import DEFAULT_MAX_REQUEST_BYTES, check_max_request_bytes, check_request_frame
 
 _PROJECT_ROOT = Path(__file__).resolve().parent.parent.parent
@@ -106,13 +113,15 @@ class SegmenterPyfunc(_PythonModel):  # type: ignore[misc,valid-type]
         self.classes.set_model(self.model_key)
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        """Segment each query given its support set (in the row, or a stored class named in ``class``);
-        see the module docstring for the frames. Output rows keep the input order.
+        """Segment each query given its support set (in the row, or a stored class named in ``class``) and its
+        optional reference images (``references``); see the module docstring for the frames. Output rows keep the
+        input order.
 
         Raises:
-            mlflow.exceptions.MlflowException: error code ``BAD_REQUEST`` (HTTP 400) for malformed input,
-                input above the serving limits (``max_request_bytes``, ``MAX_QUERIES_PER_REQUEST``,
-                ``MAX_SUPPORTS_PER_QUERY``, ``MAX_IMAGE_PIXELS``, ``MAX_REQUEST_PIXELS``), or an unknown /
+            mlflow.exceptions.MlflowException: error code ``BAD_REQUEST`` (HTTP 400) for malformed input (a bad
+                ``references`` payload included), input above the serving limits (``max_request_bytes``,
+                ``MAX_QUERIES_PER_REQUEST``, ``MAX_SUPPORTS_PER_QUERY``, ``MAX_REFERENCES_PER_QUERY``,
+                ``MAX_IMAGE_PIXELS``, ``MAX_REQUEST_PIXELS``), or an unknown /
                 damaged class or no class store; the message names row and field (or class), and the
                 :class:`~pipeline.inference.predictor.PredictInputError` (``PyfuncInputError``,
                 ``RequestTooLargeError``, ``ClassSetError``) is its ``__cause__``.
@@ -125,25 +134,34 @@ class SegmenterPyfunc(_PythonModel):  # type: ignore[misc,valid-type]
         except PredictInputError as exc:
             raise bad_request(exc) from exc
 
-    def _predict(self, parsed: list[tuple]) -> pd.DataFrame:
+    def _predict(self, parsed: list[ParsedRow]) -> pd.DataFrame:
         rows: list[tuple | None] = [None] * len(parsed)
-        by_class: dict[str, list[int]] = {}
-        for i, (name, _, _) in enumerate(parsed):
-            if name is not None:
-                by_class.setdefault(name, []).append(i)
-        stored = {name: self.classes.get(name, self.predictor)[0] for name in by_class}  # unknown class: fail early
-        for i, (name, supports, q) in enumerate(parsed):
-            if name is None:
-                support = self.predictor.encode_support(*supports)
-                rows[i] = _output(self.predictor.predict_probabilities(support, [q])[0])
-        for name, idx in by_class.items():  # a stored class: cached support set, its queries batched
-            support = stored[name]
+        by_class: dict[tuple[str, str | None], list[int]] = {}  # (class, references key): its rows
+        for i, row in enumerate(parsed):
+            if row.name is not None:
+                by_class.setdefault((row.name, row.references_key), []).append(i)
+        stored = {name: self.classes.get(name, self.predictor)[0]  # once per class; unknown class: fail early
+                  for name in dict.fromkeys(name for name, _ in by_class)}
+        for i, row in enumerate(parsed):
+            if row.name is None:
+                support = self.predictor.encode_support(*row.supports, references=row.references)
+                rows[i] = _output(self.predictor.predict_probabilities(support, [row.query])[0])
+        for (name, _), idx in by_class.items():  # a stored class: cached support set, its queries batched
+            support = self._with_references(stored[name], parsed[idx[0]].references)
             for start in range(0, len(idx), CLASS_BATCH):
                 chunk = idx[start:start + CLASS_BATCH]
-                probs = self.predictor.predict_probabilities(support, [parsed[i][2] for i in chunk])
+                probs = self.predictor.predict_probabilities(support, [parsed[i].query for i in chunk])
                 for i, prob in zip(chunk, probs):
                     rows[i] = _output(prob)
         return pd.DataFrame(rows, columns=list(OUTPUT_COLUMNS))
+
+    def _with_references(self, support: Any, references: list | None) -> Any:
+        """A cached class ``support`` gated relative to a row's ``references``: a copy with its own reference level
+        (the cached set itself is never changed, so no other row or request sees these references); ``support``
+        unchanged without references or for a model file that ignores them."""
+        if references is None or not self.predictor.presence_gate.uses_references:
+            return support
+        return dataclasses.replace(support, level=self.predictor.support_level(support, references))
 
 
 def _output(prob: Any) -> tuple[str, float, float]:
@@ -198,7 +216,7 @@ def shipped_code(dest: Path) -> list[str]:
 def signature():
     """The pyfunc :class:`mlflow.models.ModelSignature`: ``query_image`` required; ``support_images`` and
     ``support_masks``, or ``class``, optional for MLflow (the pyfunc checks that each row has one of
-    them); output columns as in :mod:`pipeline.serving.codec`; one inference parameter,
+    them); ``references`` optional; output columns as in :mod:`pipeline.serving.codec`; one inference parameter,
     ``transductive_steps`` (long, default: the model file's ``model.transductive_steps``)."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, DataType, Schema
@@ -207,7 +225,8 @@ def signature():
     inputs = Schema([ColSpec(Array(DataType.string), "support_images", required=False),
                      ColSpec(Array(DataType.string), "support_masks", required=False),
                      ColSpec(DataType.string, "query_image"),
-                     ColSpec(DataType.string, CLASS_COLUMN, required=False)])
+                     ColSpec(DataType.string, CLASS_COLUMN, required=False),
+                     ColSpec(Array(DataType.string), REFERENCES_COLUMN, required=False)])
     outputs = Schema([ColSpec(DataType.string, "mask"), ColSpec(DataType.double, "defect_fraction"),
                       ColSpec(DataType.double, "max_score")])
     params = ParamSchema([ParamSpec(TRANSDUCTIVE_PARAM, DataType.long, None)])
