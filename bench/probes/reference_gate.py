@@ -14,9 +14,14 @@ LERENet (``params.yaml``, untrained) is scored through the library's own functio
 * **check**: selection episodes of seed ``train.seed + check_offset`` and the check half as queries (supports
   drawn with that seed), at K=1 and K=5, each gate used with its K=1 threshold (as the model file does).
 
+Variants of the reference level (not in the library; for the next choice): ``--ref-steps N`` scores the
+references with N test-time refinement steps instead of the model's (0: the support fit alone, cheaper);
+``--aggregate mean``: the mean of the references' max log-odds instead of the highest.
+
 Usage (``--refs`` R, default ``train.presence_references`` or 3)::
 
-    python bench/probes/reference_gate.py [--refs 3] [--folds 0,1,2] [--check-offset 1] [-S key=value ...]
+    python bench/probes/reference_gate.py [--refs 3] [--folds 0,1,2] [--check-offset 1] [--ref-steps N]
+        [--aggregate max|mean] [-S key=value ...]
 
 Prints one JSON line per gate and K: gated mIoU (at ``S x S``) and the share of check defect-free images flagged.
 """
@@ -32,6 +37,7 @@ import numpy as np
 import torch
 
 import pipeline.episodes as episodes_mod
+import pipeline.training.gate as gate_mod
 from shot_gate import normal_eps  # noqa: E402 -- run as a script: bench/probes is on sys.path
 from pipeline.bench.support_ablation import _override
 from pipeline.checkpoint import build_net
@@ -51,11 +57,33 @@ def check(scores: list[QueryScore], normals: list[QueryScore], tau: float | None
     return round(100 * gated_miou(on, 0.5), 2), round(100 * float(np.mean(flagged)), 1)
 
 
+def variant_levels(steps, aggregate):
+    """A stand-in for :func:`pipeline.inference.gate.reference_levels`: the references scored with ``steps``
+    refinement steps (None: the model's), aggregated by ``max`` or ``mean`` of their max log-odds."""
+    @torch.inference_mode()
+    def levels(net, support_feats, support_masks, reference_feats):
+        before = net.transductive_steps
+        net.transductive_steps = before if steps is None else steps
+        try:
+            per = []
+            for r in range(reference_feats.shape[0]):
+                ref = reference_feats[r:r + 1].expand(support_feats.shape[0], *reference_feats.shape[1:])
+                g = net.forward_features(support_feats, support_masks, ref, tuple(ref.shape[-2:])).float()
+                per.append(net.presence_log_odds(g.amax(dim=(1, 2, 3))).cpu())
+        finally:
+            net.transductive_steps = before
+        stack = torch.stack(per)
+        return stack.amax(0) if aggregate == "max" else stack.mean(0)
+    return levels
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--refs", type=int, default=None)
     ap.add_argument("--folds", default="0,1,2")
     ap.add_argument("--check-offset", type=int, default=1, help="check episodes drawn with seed train.seed + this")
+    ap.add_argument("--ref-steps", type=int, default=None)
+    ap.add_argument("--aggregate", choices=("max", "mean"), default="max")
     ap.add_argument("-S", dest="sets", action="append", default=[])
     a = ap.parse_args()
     torch.set_num_threads(1)
@@ -63,6 +91,8 @@ def main() -> None:
     t = params.train
     r_count = a.refs or t.presence_references or 3
     net = build_net(params, "lerenet").eval()
+    if a.ref_steps is not None or a.aggregate != "max":
+        gate_mod.reference_levels = variant_levels(a.ref_steps, a.aggregate)
     store = open_store_for(params, Predictor(net, t.image_size, {"model": "lerenet"}), Path(params.data.dir))
     episodes_mod.selection_material = lambda classes, seed, fold: [c for c in sorted(classes) if material(c) == "MT"]
     results: dict[tuple[str, int], list] = {}
@@ -94,6 +124,7 @@ def main() -> None:
                                                           "references": refs, "normals": len(nor)})
     for (name, k), rows in results.items():
         print(json.dumps({"gate": name, "k": k, "refs": r_count, "check_offset": a.check_offset,
+                          "ref_steps": a.ref_steps, "aggregate": a.aggregate,
                           "miou_mean": round(float(np.mean([r["check"][0] for r in rows])), 2),
                           "fp_mean": round(float(np.mean([r["check"][1] for r in rows])), 1),
                           "folds": [{k2: v for k2, v in r.items() if k2 != "references"} for r in rows]}), flush=True)
