@@ -107,6 +107,19 @@ def test_inference_train_and_ingest_cases_write_valid_json(small_params_file, tm
     assert not list((tmp_path / "work").glob("*/data*/.ingest.tmp-*"))
 
 
+def test_inference_case_times_the_reference_images_where_the_class_has_defect_free_images(small_params, tmp_path):
+    """MT_Uneven has ``Nd`` images: the case adds the cached pass with R reference images and its time ratio."""
+    s = Settings(infer_warmup=0, infer_repeats=2, image_size=48, infer_class="MT_Uneven", infer_queries=2,
+                 infer_batches=(2,))
+    data = run_bench(small_params, cases=["inference"], settings=s, device="cpu", out=tmp_path / "r.json",
+                     workdir=tmp_path / "w", echo=lambda _m: None)["cases"]["inference"]
+    _check_rows(data)
+    rows = {r["label"]: r for r in data["rows"]}
+    assert data["info"]["reference_images"] == 1  # train.presence_references defaults to 0 here: at least one
+    assert rows["batch 2: cost of 1 reference image(s) (time ratio, cached)"]["n"] == 2
+    assert "batch 2, supports cached, 1 reference image(s): ms/query" in rows
+
+
 def test_loss_case_times_the_separable_ssim_against_the_former_window(small_params, tmp_path: Path):
     s = Settings(infer_warmup=0, infer_repeats=2, image_size=48)
     data = run_bench(small_params, cases=["loss"], settings=s, device="cpu", out=tmp_path / "r.json",

