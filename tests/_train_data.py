@@ -50,3 +50,13 @@ def shared_project(tmp_path_factory) -> Path:
     if "pf" not in _SHARED:
         _SHARED["pf"] = make_project(tmp_path_factory.mktemp("shared_project"))
     return _SHARED["pf"]
+
+
+def train_fold0(params, tmp_path_factory, model: str, tag: str):
+    """Train ``model`` on fold 0 of ``params`` (untracked, no progress bar) into a fresh temporary folder named
+    after ``tag``; returns the :class:`pipeline.train.TrainResult`."""
+    from pipeline.train import train
+
+    out = tmp_path_factory.mktemp(tag)
+    return train(params, 0, model, out_dir=out / "m", checkpoint_file=out / "s.pt", curve_file=out / "c.csv",
+                 track=False, progress=False)

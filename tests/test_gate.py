@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from _train_data import load, shared_project
+from _train_data import load, shared_project, train_fold0
 
 
 def test_apply_gate_empties_only_the_queries_below_the_threshold():
@@ -66,15 +66,10 @@ def test_calibrate_rejects_a_negative_budget_and_needs_scores():
 def gated(tmp_path_factory):
     """A tiny real LERENet training on fold 0 with ``train.presence_budget: 1.0``."""
     from pipeline.features import build_feature_store
-    from pipeline.train import train
 
-    pf = shared_project(tmp_path_factory)
-    params = load(pf, train={"presence_budget": 1.0})
+    params = load(shared_project(tmp_path_factory), train={"presence_budget": 1.0})
     build_feature_store(params, progress=False)
-    out = tmp_path_factory.mktemp("gated")
-    res = train(params, 0, "lerenet", out_dir=out / "m", checkpoint_file=out / "s.pt", curve_file=out / "c.csv",
-                track=False, progress=False)
-    return params, res
+    return params, train_fold0(params, tmp_path_factory, "lerenet", "gated")
 
 
 def test_training_stores_the_calibrated_threshold_and_predictor_reads_it(gated):
@@ -93,13 +88,10 @@ def test_training_stores_the_calibrated_threshold_and_predictor_reads_it(gated):
 
 def test_no_budget_means_no_gate(tmp_path_factory):
     from pipeline.checkpoint import load_model
-    from pipeline.train import train
 
     params = load(shared_project(tmp_path_factory))
     assert params.train.presence_budget is None
-    out = tmp_path_factory.mktemp("ungated")
-    res = train(params, 0, "prototype", out_dir=out / "m", checkpoint_file=out / "s.pt", curve_file=out / "c.csv",
-                track=False, progress=False)
+    res = train_fold0(params, tmp_path_factory, "prototype", "ungated")
     assert load_model(res.model_path)[1]["presence_threshold"] is None
 
 
@@ -149,16 +141,13 @@ def test_false_alarm_target_gates_the_training_sides_defect_free_images(tmp_path
     from pipeline.episodes import training_pools
     from pipeline.evaluation.data import open_store_for
     from pipeline.inference.predictor import Predictor
-    from pipeline.train import train
     from pipeline.training.gate import normal_episodes, query_scores
 
     pf = shared_project(tmp_path_factory)
     metas = {}
     for target in (None, 0.0):
         params = load(pf, train={"presence_fp": target})
-        out = tmp_path_factory.mktemp("fp")
-        res = train(params, 0, "prototype", out_dir=out / "m", checkpoint_file=out / "s.pt", curve_file=out / "c.csv",
-                    track=False, progress=False)
+        res = train_fold0(params, tmp_path_factory, "prototype", "fp")
         metas[target] = load_model(res.model_path)[1]
     eps = normal_episodes(params, training_pools(params, 0))
     assert len(eps) == 3 and {e.class_name for e in eps} == {"MT_Uneven"} and all(e.negative for e in eps)

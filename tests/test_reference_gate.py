@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from _train_data import load, shared_project
+from _train_data import load, shared_project, train_fold0
 
 #: the default LERENet's training-free head (params.yaml): the hypercolumn probe as the output
 PROBE_MODEL = {"priors": ["hypercolumn"], "prior_skip": True, "skip_source": "hypercolumn"}
@@ -83,16 +83,11 @@ def test_reference_images_come_from_the_given_classes_only_and_are_reproducible(
 def referenced(tmp_path_factory):
     """The untrained default LERENet on the small project's fold 0, gated with one reference image."""
     from pipeline.features import build_feature_store
-    from pipeline.train import train
 
-    pf = shared_project(tmp_path_factory)
-    params = load(pf, train={"presence_budget": 1.0, "presence_fp": 0.5, "presence_references": 1,
-                             "untrained_models": ["lerenet"]}, model=PROBE_MODEL)
+    params = load(shared_project(tmp_path_factory), train={"presence_budget": 1.0, "presence_fp": 0.5,
+                  "presence_references": 1, "untrained_models": ["lerenet"]}, model=PROBE_MODEL)
     build_feature_store(params, progress=False)
-    out = tmp_path_factory.mktemp("referenced")
-    res = train(params, 0, "lerenet", out_dir=out / "m", checkpoint_file=out / "s.pt", curve_file=out / "c.csv",
-                track=False, progress=False)
-    return params, res
+    return params, train_fold0(params, tmp_path_factory, "lerenet", "referenced")
 
 
 def test_training_calibrates_and_stores_the_reference_threshold(referenced):

@@ -110,7 +110,7 @@ class FeatureSource:
         self._masks: torch.Tensor | None = None  # (capacity, 1, S, S)
         self._supports: dict[tuple[str, ...], Any] = {}  # native support sets (is_native episodes)
         self.references: dict[str, list[str]] = {}
-        self._levels: dict[tuple[str, ...], float] = {}
+        self._levels: dict[tuple[tuple[str, ...], str], float] = {}  # (support ids, material) -> level
 
     def use_references(self, references: dict[str, list[str]]) -> None:
         """Give the episodes of each material these reference image ids (:func:`fold_references`; ``{}``: none),
@@ -125,15 +125,13 @@ class FeatureSource:
         (support set, material): the false-alarm images reuse their class's support sets."""
         if not self.references:
             return None
-        mats = [material(str(self.table.row(q).class_name)) for q in query_ids]
-        keys = [(*s, "|", m) for s, m in zip(support_ids, mats)]
+        keys = [(tuple(s), material(str(self.table.row(q).class_name))) for s, q in zip(support_ids, query_ids)]
         for m, refs in self.references.items():
-            todo = list(dict.fromkeys(k for k, km in zip(keys, mats) if km == m and k not in self._levels))
+            todo = list(dict.fromkeys(key for key in keys if key[1] == m and key not in self._levels))
             for first in range(0, len(todo), 64):
                 chunk = todo[first:first + 64]
-                sup = [list(k[:-2]) for k in chunk]
-                flat = [i for s in sup for i in s]
-                b, k = len(sup), len(sup[0])
+                flat = [i for sup, _ in chunk for i in sup]
+                b, k = len(chunk), len(chunk[0][0])
                 got = self.predictor.reference_levels(self.feats(flat).unflatten(0, (b, k)),
                                                       self.masks(flat).unflatten(0, (b, k)), self.feats(refs))
                 self._levels.update(zip(chunk, got.tolist()))

@@ -276,13 +276,15 @@ def _reference_gate(selection: Sequence[QueryScore], normals: Sequence[QueryScor
                     target: float | None) -> dict[str, float | None]:
     """``presence_threshold_ref`` and ``presence_fp_train_ref``: the rule on the reference scores of the episodes
     with references (the reference images themselves are not defect-free queries), a defect-free query counting
-    as flagged when its max logit is > 0; the share is that of those queries flagged by the whole gate."""
+    as flagged when its max logit is > 0; the share is that of those defect-free queries still flagged at ``tau``."""
     sel = [s.by_reference() for s in selection if not math.isnan(s.level)]
     nor = [s for s, e in zip(normals, episodes) if not math.isnan(s.level) and e.query_id not in reference_ids]
-    tau = rule_threshold(sel, [s.by_reference() for s in nor], budget, target, [s.score > 0 for s in nor])
+    flagged = [s.score > 0 for s in nor]
+    ref_scores = [s.by_reference() for s in nor]
+    tau = rule_threshold(sel, ref_scores, budget, target, flagged)
     share = None
     if nor and tau is not None:
-        kept = [s.score > 0 and s.log_odds - s.level >= tau for s in nor]
+        kept = [f and r.score >= tau for f, r in zip(flagged, ref_scores)]
         share = round(sum(kept) / len(kept), 4)
     return {"presence_threshold_ref": tau, "presence_fp_train_ref": share}
 
