@@ -38,7 +38,7 @@ from typing import Any
 from pipeline.atomic import replace_dir
 from pipeline.config import Params, check_class_name
 from pipeline.inference.predictor import PredictInputError
-from pipeline.predict import load_supports, supports_from_class_dir
+from pipeline.request_files import load_supports, supports_from_class_dir
 from pipeline.serving.class_sets import (IMAGES_DIR, MASKS_DIR, MAX_SHOTS, RECORD, RECORD_SCHEMA, ClassSetError,
                                          fingerprint, list_names, load_class, read_record, sha256_bytes)
 
@@ -121,7 +121,7 @@ def support_pairs(supports: Sequence[str] = (), from_dir: str | os.PathLike[str]
     Raises:
         ClassStoreError: a text without ``:``, a folder without ``Images/``, an image without its mask.
     """
-    from pipeline.predict import parse_support_pair
+    from pipeline.request_files import parse_support_pair
 
     try:
         pairs = [parse_support_pair(s) for s in supports]

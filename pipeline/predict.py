@@ -3,7 +3,7 @@
 1. The model comes from :meth:`pipeline.inference.predictor.Predictor.load` (``models:/<name>@<alias>``,
    ``models:/<name>/<version>``, ``runs:/<run_id>/<path>``, an MLflow model folder or a ``model.pt``),
    with MLflow's artifact download progress bars off (:func:`load_predictor`).
-2. :func:`load_supports` reads and checks the K support pairs (mask present, same size as its
+2. :func:`pipeline.request_files.load_supports` reads and checks the K support pairs (mask present, same size as its
    image, not empty); the Predictor encodes them **once** per call.
 3. :func:`predict_folder` streams the queries in batches of ``batch_size`` (a folder of any length
    is never held in memory at once) through :meth:`~pipeline.inference.predictor.Predictor.predict_probabilities`
@@ -19,7 +19,7 @@ Choice for non-image files in a query *folder*: they are skipped with a
 with an image suffix that Pillow cannot decode). A query named explicitly on the command line that
 is not a decodable image is an error.
 
-Reference images (``lerenet predict --reference``, :func:`load_references`): defect-free images of the
+Reference images (``lerenet predict --reference``, :func:`pipeline.request_files.load_references`): defect-free images of the
 queries' surface, listed like queries (files and folders) but every one must decode (a reference set
 that silently lost an image would move the gate). They go to ``Predictor.encode_support(...,
 references=...)``; a model file whose presence gate has no reference threshold ignores them, with a
@@ -42,17 +42,14 @@ import numpy as np
 from PIL import UnidentifiedImageError
 
 from pipeline.atomic import replace_dir
-from pipeline.images import IMAGE_SUFFIXES, read_image, read_mask
+from pipeline.images import read_image
 from pipeline.inference.postprocess import headline, overlay, png_bytes, summarise
 from pipeline.inference.predictor import PredictInputError, Predictor
+from pipeline.request_files import SkippedInputWarning, list_queries, load_references, load_supports
 
 SUMMARY = "summary.json"
 MASKS_DIR = "masks"
 OVERLAYS_DIR = "overlays"
-
-
-class SkippedInputWarning(UserWarning):
-    """A file in a query (or reference) folder was skipped (not an image, or not decodable)."""
 
 
 class ReferencesIgnoredWarning(UserWarning):
@@ -75,180 +72,6 @@ def load_predictor(params: Any, spec: str | None, device: Any) -> Predictor:
     with no_artifact_progress_bar():  # MLflow's download bars would mix with the command's own output
         return Predictor.load(spec or default_model_uri(params.mlflow.registered_model),
                               tracking_uri=tracking_uri(params), device=device)
-
-
-# ---------------------------------------------------------------------------
-# supports and queries on disk
-# ---------------------------------------------------------------------------
-def parse_support_pair(text: str) -> tuple[Path, Path]:
-    """Split ``IMAGE:MASK`` (the ``--support`` syntax) into two paths.
-
-    The split is at the last ``:`` so Windows-style drive letters in the image path survive.
-    Raises :class:`PredictInputError` when there is no ``:`` or a side is empty.
-    """
-    img, sep, mask = text.rpartition(":")
-    if not sep or not img or not mask:
-        raise PredictInputError(f"--support {text!r}: expected IMAGE:MASK, e.g. Images/a.jpg:GT/a.png")
-    return Path(img), Path(mask)
-
-
-def supports_from_class_dir(class_dir: str | os.PathLike[str], limit: int | None = None, *,
-                            option: str = "--support-dir") -> list[tuple[Path, Path]]:
-    """Support pairs from a Surface-Defects-4i class folder: ``Images/<stem>.*`` with ``GT/<stem>.png``.
-
-    Args:
-        class_dir: folder holding ``Images/`` and ``GT/``.
-        limit: keep the first ``limit`` pairs in file-name order (``None``: all).
-        option: the command-line option named in error messages.
-
-    Returns:
-        ``[(image_path, mask_path), ...]`` sorted by image file name.
-
-    Raises:
-        PredictInputError: no ``Images/`` folder, an image without ``GT/<stem>.png``, no image at all,
-            or ``limit < 1``.
-    """
-    root = Path(class_dir)
-    images_dir = root / "Images"
-    if not images_dir.is_dir():
-        raise PredictInputError(f"{option} {root}: no Images/ subfolder (expected the Surface-Defects-4i "
-                                "layout <Class>/Images/<stem>.jpg + <Class>/GT/<stem>.png)")
-    if limit is not None and limit < 1:
-        raise PredictInputError(f"--shots-limit must be >= 1, got {limit}")
-    images = sorted(p for p in images_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not images:
-        raise PredictInputError(f"{option} {root}: Images/ holds no image ({', '.join(IMAGE_SUFFIXES)})")
-    pairs = []
-    for p in images[: limit or len(images)]:
-        mask = root / "GT" / f"{p.stem}.png"
-        if not mask.is_file():
-            raise PredictInputError(f"support {p}: mask {mask} is missing; every support image needs "
-                                    "GT/<stem>.png (or pass --support IMAGE:MASK pairs)")
-        pairs.append((p, mask))
-    return pairs
-
-
-def check_support(image: np.ndarray, mask: np.ndarray, where: str) -> None:
-    """Check one support pair: mask the same ``(H, W)`` as the image and not empty.
-
-    Args:
-        image: ``(H, W, 3)`` uint8. mask: ``(h, w)`` bool. where: names the pair in errors.
-
-    Raises:
-        PredictInputError: sizes differ, or the mask has no defect pixel (a support must show the defect).
-    """
-    if image.shape[:2] != mask.shape:
-        raise PredictInputError(f"{where}: mask is {mask.shape[1]}x{mask.shape[0]} (WxH) but the image is "
-                                f"{image.shape[1]}x{image.shape[0]}; a support mask must have its image's size")
-    if not mask.any():
-        raise PredictInputError(f"{where}: the mask is empty (no pixel above the mask threshold); a support "
-                                "must show the defect: pick another image or fix the mask")
-
-
-def load_supports(pairs: Sequence[tuple[str | os.PathLike[str], str | os.PathLike[str]]],
-                  threshold: int = 127) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Read and check support pairs.
-
-    Args:
-        pairs: ``[(image_path, mask_path), ...]``, K >= 1.
-        threshold: mask binarisation, defect where 8-bit value > ``threshold``
-            (``params.data.mask_threshold``).
-
-    Returns:
-        ``(images, masks)``: K ``(H_k, W_k, 3)`` uint8 arrays and K ``(H_k, W_k)`` bool arrays.
-
-    Raises:
-        PredictInputError: no pair, a missing/undecodable file, size mismatch, or an empty mask
-            (the message names the file).
-    """
-    if not pairs:
-        raise PredictInputError("no support given: pass --support IMAGE:MASK (repeatable) or --support-dir CLASS_DIR")
-    images, masks = [], []
-    for img_path, mask_path in pairs:
-        img_path, mask_path = Path(img_path), Path(mask_path)
-        for p, what in ((img_path, "support image"), (mask_path, "support mask")):
-            if not p.is_file():
-                raise PredictInputError(f"{what} {p} does not exist")
-        try:
-            image = read_image(img_path)
-        except (UnidentifiedImageError, OSError) as exc:
-            raise PredictInputError(f"support image {img_path}: not a decodable image ({exc})") from None
-        try:
-            mask = read_mask(mask_path, threshold)
-        except (UnidentifiedImageError, OSError) as exc:
-            raise PredictInputError(f"support mask {mask_path}: not a decodable image ({exc})") from None
-        check_support(image, mask, f"support {img_path} / mask {mask_path}")
-        images.append(image)
-        masks.append(mask)
-    return images, masks
-
-
-def list_queries(paths: Sequence[str | os.PathLike[str]],
-                 what: str = "query") -> tuple[list[Path], list[dict[str, str]]]:
-    """Expand query arguments into image files.
-
-    Args:
-        paths: files or folders. Folders are listed non-recursively in file-name order; files whose
-            suffix is not an image suffix (``pipeline.images.IMAGE_SUFFIXES``) are skipped with a
-            :class:`SkippedInputWarning` (hidden dot-files silently).
-        what: what the images are, in messages (``"query"``; ``"reference"`` for :func:`load_references`).
-
-    Returns:
-        ``(files, skipped)`` with ``skipped = [{"path", "reason"}, ...]``.
-
-    Raises:
-        PredictInputError: a path does not exist, an explicitly named file is not an image file, or
-            no image remains.
-    """
-    files: list[Path] = []
-    skipped: list[dict[str, str]] = []
-    for raw in paths:
-        p = Path(raw)
-        if p.is_dir():
-            for f in sorted(p.iterdir()):
-                if not f.is_file() or f.name.startswith("."):
-                    continue
-                if f.suffix.lower() in IMAGE_SUFFIXES:
-                    files.append(f)
-                else:
-                    reason = f"not an image file (suffix {f.suffix or 'none'}; expected {', '.join(IMAGE_SUFFIXES)})"
-                    warnings.warn(f"skipping {what} {f}: {reason}", SkippedInputWarning, stacklevel=2)
-                    skipped.append({"path": str(f), "reason": reason})
-        elif p.is_file():
-            if p.suffix.lower() not in IMAGE_SUFFIXES:
-                raise PredictInputError(f"{what} {p}: not an image file (expected {', '.join(IMAGE_SUFFIXES)})")
-            files.append(p)
-        else:
-            raise PredictInputError(f"{what} {p} does not exist")
-    if not files:
-        raise PredictInputError(f"no {what} image found in {[str(p) for p in paths]}")
-    return files, skipped
-
-
-def load_references(paths: Sequence[str | os.PathLike[str]]) -> tuple[list[Path], list[np.ndarray]]:
-    """Read the defect-free reference images of the queries' surface (``lerenet predict --reference``).
-
-    Args:
-        paths: image files and/or folders, listed as :func:`list_queries` lists queries (a folder's
-            non-image files are skipped with a :class:`SkippedInputWarning`).
-
-    Returns:
-        ``(files, images)``: the R reference files in order and R ``(H_r, W_r, 3)`` uint8 RGB arrays.
-
-    Raises:
-        PredictInputError: a path does not exist, a file is not an image file or cannot be decoded
-            (every reference must decode, in a folder too: a silently smaller reference set would move
-            the presence gate), or no reference image is found; the message names the file.
-    """
-    files, _ = list_queries(paths, "reference")
-    images = []
-    for f in files:
-        try:
-            images.append(read_image(f))
-        except (UnidentifiedImageError, OSError) as exc:
-            raise PredictInputError(f"reference {f}: not a decodable image ({exc}); give defect-free images of the "
-                                    "queries' surface (PNG, JPEG, BMP or TIFF), or remove it") from None
-    return files, images
 
 
 #: the note (summary and warning) when the model file ignores reference images
@@ -292,7 +115,7 @@ def predict_folder(model: Predictor, support_pairs: Sequence[tuple[Path, Path]],
     Args:
         model: from :meth:`Predictor.load <pipeline.inference.predictor.Predictor.load>`.
         support_pairs: K ``(image, mask)`` paths.
-        queries: image files and/or folders (see :func:`list_queries`).
+        queries: image files and/or folders (see :func:`pipeline.request_files.list_queries`).
         out_dir: output folder, created atomically: ``masks/<stem>.png`` (8-bit, 255 = defect, the
             query's original size), ``overlays/<stem>.png`` (RGB: defect tinted red, outlined yellow),
             ``summary.json``. Must not exist unless ``overwrite``.
@@ -304,7 +127,7 @@ def predict_folder(model: Predictor, support_pairs: Sequence[tuple[Path, Path]],
         min_area: smallest component (pixels) listed in the summary.
         support_class: the stored class the supports come from (``lerenet predict --class``:
             ``{"name", "version", "fingerprint"}``), recorded as ``class`` in the summary.
-        references: defect-free images of the queries' surface, files and/or folders (:func:`load_references`);
+        references: defect-free images of the queries' surface, files and/or folders (:func:`pipeline.request_files.load_references`);
             the presence gate of a model file calibrated with them (``train.presence_references``) scores each
             query relative to them. A model file without a reference threshold ignores them
             (:class:`ReferencesIgnoredWarning`). ``None`` or empty: none.

@@ -25,6 +25,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import pipeline.predict as P
+import pipeline.request_files as RF
 from lerenet.cli import app
 from pipeline.classes_store import ClassStoreError, add_class, class_pairs, list_classes, remove_class, show_class
 from pipeline.config import CLASS_NAME_PATTERN, load_params
@@ -57,7 +58,7 @@ def params(work, tmp_path):
 
 
 def pairs(work, cls: str, n: int) -> list[tuple[Path, Path]]:
-    return P.supports_from_class_dir(work / "src" / cls, limit=n)
+    return RF.supports_from_class_dir(work / "src" / cls, limit=n)
 
 
 def sha(path: Path) -> str:
@@ -87,7 +88,7 @@ def test_add_list_show_remove_round_trip(params, work):
     assert show_class(params, "Steel_In").problem is None
     # the reader the server uses gives the same pixels as reading the given files
     images, masks, _ = C.load_class(store, "Steel_In")
-    ref_i, ref_m = P.load_supports(src)
+    ref_i, ref_m = RF.load_supports(src)
     assert all(np.array_equal(a, b) for a, b in zip(images, ref_i)) and all(np.array_equal(a, b) for a, b in zip(masks, ref_m))
 
     # a second class from a folder (first 5 by file name), replace bumps the version

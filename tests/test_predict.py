@@ -21,6 +21,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import pipeline.predict as P
+import pipeline.request_files as RF
 import pipeline.serving.limits as L
 from pipeline.images import read_image, read_mask
 from pipeline.inference.postprocess import connected_components, headline, overlay, png_bytes, summarise
@@ -64,7 +65,7 @@ def queries(work, tmp_path) -> Path:
 
 
 def steel_support(work) -> list[tuple[Path, Path]]:
-    return P.supports_from_class_dir(work / "src" / "Steel_In", limit=1)
+    return RF.supports_from_class_dir(work / "src" / "Steel_In", limit=1)
 
 
 def leftovers(parent: Path, name: str) -> list[Path]:
@@ -142,7 +143,7 @@ def test_predict_folder_outputs(model, work, queries, tmp_path):
     (queries / "notes.txt").write_text("not an image")
     (queries / "broken.png").write_bytes(b"\x89PNG definitely not a png")
     out = tmp_path / "out"
-    with pytest.warns(P.SkippedInputWarning) as rec:
+    with pytest.warns(RF.SkippedInputWarning) as rec:
         summary = P.predict_folder(model, steel_support(work), [queries], out, batch_size=2, progress=False)
     assert {Path(s["path"]).name for s in summary["skipped"]} == {"notes.txt", "broken.png"}
     assert len(rec) == 2
@@ -167,7 +168,7 @@ def test_predict_folder_outputs(model, work, queries, tmp_path):
 def test_cached_supports_equal_per_query_inference(model, work, queries):
     """Supports encoded once + batched queries give the same masks as end-to-end per-query inference
     (``Predictor.segment``: one query, supports encoded with it)."""
-    s_img, s_msk = P.load_supports(steel_support(work))
+    s_img, s_msk = RF.load_supports(steel_support(work))
     sup = model.encode_support(s_img, s_msk)
     imgs = [read_image(p) for p in sorted(queries.iterdir())]
     probs = model.predict_probabilities(sup, imgs)
@@ -217,7 +218,7 @@ def test_missing_mask(model, work, queries, tmp_path):
     cls = copy_class(tmp_path / "src", "Steel_In", 2)
     (cls / "GT" / "In_10.png").unlink()
     with pytest.raises(PredictInputError, match=r"mask .*In_10.png is missing"):
-        P.supports_from_class_dir(cls)
+        RF.supports_from_class_dir(cls)
 
 
 def test_mask_of_other_size(model, work, queries, tmp_path):
@@ -268,9 +269,9 @@ def test_unknown_model_path(tmp_path):
 
 
 def test_support_pair_syntax():
-    assert P.parse_support_pair("a/b.jpg:c/d.png") == (Path("a/b.jpg"), Path("c/d.png"))
+    assert RF.parse_support_pair("a/b.jpg:c/d.png") == (Path("a/b.jpg"), Path("c/d.png"))
     with pytest.raises(PredictInputError, match="IMAGE:MASK"):
-        P.parse_support_pair("a/b.jpg")
+        RF.parse_support_pair("a/b.jpg")
 
 
 # ----------------------------------------------------------------------------- registry + CLI

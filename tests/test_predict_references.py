@@ -24,6 +24,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import pipeline.predict as P
+import pipeline.request_files as RF
 import pipeline.serving.limits as L
 from pipeline.images import read_image
 from pipeline.inference.predictor import PredictInputError, Predictor
@@ -67,7 +68,7 @@ def work(tmp_path_factory) -> Path:
 
 
 def support(work) -> list[tuple[Path, Path]]:
-    return P.supports_from_class_dir(work / "src" / "Steel_In", limit=1)
+    return RF.supports_from_class_dir(work / "src" / "Steel_In", limit=1)
 
 
 def query(work) -> Path:
@@ -102,14 +103,14 @@ def test_predict_folder_gates_relative_to_the_references_and_records_them(work, 
     assert "references_note" not in plain
 
     one = work / "refs" / sorted(p.name for p in (work / "refs").glob("*.jpg"))[0]
-    with pytest.warns(P.SkippedInputWarning, match="skipping reference .*notes.txt"):
+    with pytest.warns(RF.SkippedInputWarning, match="skipping reference .*notes.txt"):
         refd = P.predict_folder(gated, support(work), q, tmp_path / "refd", progress=False,
                                 references=[one, work / "refs"])
     listed = [str(one)] + [str(p) for p in sorted((work / "refs").glob("*.jpg"))]  # a folder lists its images
     assert refd["references"] == listed and refd["references_used"] is True
     assert not masks_of(tmp_path / "refd", refd)[0].any(), "presence_threshold_ref 1e9 gates every referenced query"
     assert refd["images"][0]["max_score"] < 0.5
-    s_img, s_msk = P.load_supports(support(work))
+    s_img, s_msk = RF.load_supports(support(work))
     want = gated.support_level(gated.encode_support(s_img, s_msk), [read_image(p) for p in listed])
     assert refd["reference_level"] == pytest.approx(want)
     assert json.loads((tmp_path / "refd" / "summary.json").read_text()) == refd
@@ -120,7 +121,7 @@ def test_predict_folder_gates_relative_to_the_references_and_records_them(work, 
     assert np.array_equal(masks_of(tmp_path / "kept", kept)[0], masks_of(tmp_path / "plain", plain)[0])
 
 
-@pytest.mark.filterwarnings("ignore::pipeline.predict.SkippedInputWarning")  # the folder's notes.txt
+@pytest.mark.filterwarnings("ignore::pipeline.request_files.SkippedInputWarning")  # the folder's notes.txt
 def test_a_model_without_reference_threshold_ignores_them_with_a_note(work, tmp_path):
     model = Predictor.load(work / "ckpt" / "model.pt")
     assert not model.presence_gate.uses_references
@@ -219,7 +220,7 @@ def test_pyfunc_by_class_rows_use_their_own_references(work, tmp_path):
     nd = next((work / "refs").glob("*.jpg"))
     # the level of each reference set under the class's support, and the query's own max log-odds
     pred = Predictor.load(work / "ckpt" / "model.pt")
-    s_img, s_msk = P.load_supports(support(work))
+    s_img, s_msk = RF.load_supports(support(work))
     sup = pred.encode_support(s_img, s_msk)
     q = read_image(img)
     top = float(pred.net.presence_log_odds(pred.head(sup.feats, sup.masks, pred.encode_images([q]), gate=False).amax()))

@@ -53,6 +53,31 @@ def test_gate_uses_the_reference_score_only_where_an_episode_has_references():
     assert not PresenceGate.from_meta({"presence_threshold": 6.0}).uses_references
 
 
+def test_presence_peak_asks_a_large_support_for_a_region_of_its_size():
+    from pipeline.inference.gate import PresenceGate, presence_peak
+
+    logits = torch.full((2, 1, 10, 10), -4.0)
+    logits[:, 0, 0, 0] = 6.0                                      # one bright cell (a speck on a good tile)
+    logits[1, 0, 5:, :] = 3.0                                     # query 1: half of the image clearly defect-like
+    small, large = torch.tensor([0.01, 0.01]), torch.tensor([0.3, 0.3])
+    assert torch.equal(presence_peak(logits, large, 0.0), torch.tensor([6.0, 6.0]))       # c = 0: the max
+    assert torch.equal(presence_peak(logits, small, 1.0), torch.tensor([6.0, 6.0]))       # k = 1 cell
+    assert torch.equal(presence_peak(logits, large, 1.0), torch.tensor([-4.0, 3.0]))      # k = 30 cells
+    assert torch.equal(presence_peak(logits, torch.tensor([0.3, 0.01]), 1.0), torch.tensor([-4.0, 6.0]))
+    assert torch.equal(presence_peak(logits, torch.tensor([1.0, 0.0]), 1.0), torch.tensor([-4.0, 6.0]))
+    with pytest.raises(ValueError, match=">= 0"):
+        presence_peak(logits, large, -0.5)
+    # the gate scores the same statistic: the speck alone passes at c = 0 and not at c = 1
+    levels = torch.zeros(2, dtype=torch.float64)
+    by_max = PresenceGate(None, reference_threshold=1.0, references=1).gate(logits, large, levels, lambda t: t.double())
+    by_area = PresenceGate(None, reference_threshold=1.0, references=1, reference_area=1.0).gate(
+        logits, large, levels, lambda t: t.double())
+    assert (by_max[0] > 0).any() and (by_max[1] > 0).any()
+    assert not (by_area[0] > 0).any() and (by_area[1] > 0).any()
+    stored = {"presence_threshold_ref": 1.0, "presence_references": 1, "presence_reference_area": 1.0}
+    assert PresenceGate.from_meta(stored).reference_area == 1.0
+
+
 def test_fp_threshold_counts_only_the_queries_flagged_ungated():
     """The reference score of a query with no pixel > 0 may be high; it is no false alarm at any tau."""
     from pipeline.training.gate import fp_threshold

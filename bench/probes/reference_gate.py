@@ -16,7 +16,8 @@ LERENet (``params.yaml``, untrained) is scored through the library's own functio
 
 Variants of the reference level (not in the library; for the next choice): ``--ref-steps N`` scores the
 references with N test-time refinement steps instead of the model's (0: the support fit alone, cheaper);
-``--aggregate mean``: the mean of the references' max log-odds instead of the highest.
+``--aggregate mean``: the mean of the references' max log-odds instead of the highest (both stand-ins ignore
+``train.presence_reference_area``, which the library's own path measures: ``-S train.presence_reference_area=c``).
 
 Usage (``--refs`` R, default ``train.presence_references`` or 3)::
 
@@ -61,7 +62,7 @@ def variant_levels(steps, aggregate):
     """A stand-in for :func:`pipeline.inference.gate.reference_levels`: the references scored with ``steps``
     refinement steps (None: the model's), aggregated by ``max`` or ``mean`` of their max log-odds."""
     @torch.inference_mode()
-    def levels(net, support_feats, support_masks, reference_feats):
+    def levels(net, support_feats, support_masks, reference_feats, area=0.0):
         before = net.transductive_steps
         net.transductive_steps = before if steps is None else steps
         try:
@@ -108,7 +109,7 @@ def main() -> None:
         chk_ids = {e.query_id for e in nd} - cal_ids
 
         def score(eps: list[Episode]) -> list[QueryScore]:
-            return query_scores(net, eps, store=store, references=feats)
+            return query_scores(net, eps, store=store, references=feats, reference_area=t.presence_reference_area)
 
         cal_sel = score(validation_episodes(val_pools, train_pools, 1, t.val_episodes, t.seed))
         cal_nor = score([e for e in normal_eps(params, pools, sorted(val_pools), 1, t.seed) if e.query_id in cal_ids])
@@ -124,6 +125,7 @@ def main() -> None:
                                                           "references": refs, "normals": len(nor)})
     for (name, k), rows in results.items():
         print(json.dumps({"gate": name, "k": k, "refs": r_count, "check_offset": a.check_offset,
+                          "reference_area": t.presence_reference_area,
                           "ref_steps": a.ref_steps, "aggregate": a.aggregate,
                           "miou_mean": round(float(np.mean([r["check"][0] for r in rows])), 2),
                           "fp_mean": round(float(np.mean([r["check"][1] for r in rows])), 1),

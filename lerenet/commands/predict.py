@@ -123,7 +123,8 @@ def predict(
         --query new_images/ --out predictions/
     """
     from pipeline.inference.predictor import PredictInputError
-    from pipeline.predict import image_table, parse_support_pair, predict_folder, supports_from_class_dir
+    from pipeline.predict import image_table, predict_folder
+    from pipeline.request_files import parse_support_pair, supports_from_class_dir
 
     params = params_or_exit(params_path)
     mask_threshold, stored = params.data.mask_threshold, None

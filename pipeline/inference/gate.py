@@ -19,6 +19,11 @@ minus the highest max log-odds of the references *under the same support* (``net
 :meth:`pipeline.inference.predictor.Predictor.reference_levels`), compared with its own threshold
 ``reference_threshold``. The support-dependent level of "how a good part scores" cancels out. Episodes without
 references keep the max-logit gate above.
+
+Area of the reference score (``train.presence_reference_area`` = c, :func:`presence_peak`): with c > 0 the query's
+and the references' "max" is the k-th highest grid logit, k = ``ceil(c x support share x grid cells)``, i.e. the
+level that a region of c times the support's defect area exceeds. Small supports keep (nearly) the max; a large
+low-contrast support (MT_Uneven) asks for a large region, which one bright spot on a good tile does not give.
 """
 
 from __future__ import annotations
@@ -60,6 +65,32 @@ def apply_gate(logits: torch.Tensor, threshold: float | torch.Tensor | None,
     return torch.where(off.view(-1, 1, 1, 1), logits.clamp(max=ABSENT_LOGIT), logits)
 
 
+def presence_peak(logits: torch.Tensor, shares: torch.Tensor, area: float = 0.0) -> torch.Tensor:
+    """The presence statistic of each query: its k-th highest logit, ``k = max(1, ceil(area * share * h * w))``.
+
+    Args:
+        logits: ``(B, 1, h, w)`` logits (any grid: the feature grid or a stitched native-resolution map).
+        shares: ``(B,)`` support size of each episode (:func:`support_shares`), in ``[0, 1]``.
+        area: c >= 0, the region asked for as a multiple of the support's defect share; 0: the max logit.
+
+    Returns:
+        ``(B,)`` in the dtype of ``logits``. Quantiles commute with monotone maps, so
+        ``net.presence_log_odds(presence_peak(y))`` is the same statistic of the log-odds.
+
+    Raises:
+        ValueError: ``area < 0``.
+    """
+    if area < 0:
+        raise ValueError(f"presence area must be >= 0, got {area}")
+    flat = logits.flatten(1)
+    if area == 0:
+        return flat.amax(dim=1)
+    cells = flat.shape[1]
+    k = torch.ceil(area * shares.to(torch.float64).cpu() * cells).clamp(1, cells).long()
+    top = torch.topk(flat, int(k.max()), dim=1).values
+    return top.gather(1, (k - 1).to(top.device).view(-1, 1)).squeeze(1)
+
+
 def support_shares(support_masks: torch.Tensor) -> torch.Tensor:
     """The gate's support size of each episode: ``(B, K, 1, S, S)`` masks in ``{0, 1}`` -> ``(B,)`` mean over the K
     shots of each mask's defect share, in ``[0, 1]``."""
@@ -68,9 +99,10 @@ def support_shares(support_masks: torch.Tensor) -> torch.Tensor:
 
 @torch.inference_mode()
 def reference_levels(net: torch.nn.Module, support_feats: torch.Tensor, support_masks: torch.Tensor,
-                     reference_feats: torch.Tensor) -> torch.Tensor:
+                     reference_feats: torch.Tensor, area: float = 0.0) -> torch.Tensor:
     """The reference level of each episode: the highest max log-odds (``net.presence_log_odds`` of the max grid
-    logit, ungated) of the R reference images, each segmented as a query under the episode's support.
+    logit, ungated; with ``area`` > 0 of :func:`presence_peak` instead of the max) of the R reference images, each
+    segmented as a query under the episode's support.
 
     Args:
         net: a ``model.FewShotSegmenter``.
@@ -81,11 +113,12 @@ def reference_levels(net: torch.nn.Module, support_feats: torch.Tensor, support_
         ``(B,)`` float64 on the CPU.
     """
     b = support_feats.shape[0]
+    shares = support_shares(support_masks)
     best = torch.full((b,), float("-inf"), dtype=torch.float64)
     for r in range(reference_feats.shape[0]):
         ref = reference_feats[r:r + 1].expand(b, *reference_feats.shape[1:]).to(support_feats.device)
         logits = net.forward_features(support_feats, support_masks, ref, tuple(ref.shape[-2:])).float()
-        best = torch.maximum(best, net.presence_log_odds(logits.amax(dim=(1, 2, 3))).cpu())
+        best = torch.maximum(best, net.presence_log_odds(presence_peak(logits, shares, area)).cpu())
     return best
 
 
@@ -102,6 +135,7 @@ class PresenceGate:
         reference_threshold: ``tau`` of the reference score (log-odds units, :meth:`gate`) of the episodes that
             come with reference images; ``None``: no reference score.
         references: R, the number of reference images the threshold was calibrated with (0: none).
+        reference_area: c of :func:`presence_peak` for the reference score (0: the max logit).
     """
 
     threshold: float | None
@@ -109,17 +143,19 @@ class PresenceGate:
     small_area: float | None = None
     reference_threshold: float | None = None
     references: int = 0
+    reference_area: float = 0.0
 
     @classmethod
     def from_meta(cls, meta: Mapping[str, Any]) -> PresenceGate:
         """The gate stored in a model file's ``meta`` (keys ``presence_threshold``, ``presence_threshold_small``,
-        ``presence_small_area``, ``presence_threshold_ref``, ``presence_references``; absent keys: ungated / one
-        threshold / no reference score)."""
+        ``presence_small_area``, ``presence_threshold_ref``, ``presence_references``, ``presence_reference_area``;
+        absent keys: ungated / one threshold / no reference score / the max)."""
         def num(key: str) -> float | None:
             v = meta.get(key)
             return None if v is None else float(v)
         return cls(num("presence_threshold"), num("presence_threshold_small"), num("presence_small_area"),
-                   num("presence_threshold_ref"), int(meta.get("presence_references") or 0))
+                   num("presence_threshold_ref"), int(meta.get("presence_references") or 0),
+                   float(meta.get("presence_reference_area") or 0.0))
 
     @property
     def uses_references(self) -> bool:
@@ -139,8 +175,9 @@ class PresenceGate:
             log_odds: the network's ``presence_log_odds`` (required with ``levels``).
 
         Returns:
-            ``(B, 1, h, w)`` gated logits. An episode with a level is gated by ``log_odds(max) - level <
-            reference_threshold``; the others by :meth:`thresholds`.
+            ``(B, 1, h, w)`` gated logits. An episode with a level is gated by ``log_odds(peak) - level <
+            reference_threshold`` (peak: :func:`presence_peak` with :attr:`reference_area`); the others by
+            :meth:`thresholds`.
 
         Raises:
             ValueError: ``levels`` without ``log_odds``.
@@ -153,10 +190,11 @@ class PresenceGate:
         levels = levels.to(device=logits.device, dtype=torch.float64)
         has = ~torch.isnan(levels)
         top = logits.amax(dim=(1, 2, 3))
+        peak = presence_peak(logits, shares, self.reference_area) if self.reference_area else top
         base = torch.full_like(levels, float("-inf")) if taus is None else (
             taus.to(levels) if isinstance(taus, torch.Tensor) else torch.full_like(levels, taus))
         tau = torch.where(has, torch.full_like(levels, self.reference_threshold), base)  # type: ignore[arg-type]
-        score = torch.where(has, log_odds(top).double() - torch.nan_to_num(levels), top.double())
+        score = torch.where(has, log_odds(peak).double() - torch.nan_to_num(levels), top.double())
         return apply_gate(logits, tau, score)
 
     @property

@@ -193,6 +193,7 @@ class Predictor:
                 "presence_small_area": self.presence_gate.small_area,
                 "presence_threshold_ref": self.presence_gate.reference_threshold,
                 "presence_references": self.presence_gate.references,
+                "presence_reference_area": self.presence_gate.reference_area,
                 "transductive_steps": self.transductive_steps}
 
     # ---- preprocessing + backbone ---------------------------------------------------------------
@@ -256,13 +257,16 @@ class Predictor:
     def reference_levels(self, support_feats: torch.Tensor, support_masks: torch.Tensor,
                          reference_feats: torch.Tensor) -> torch.Tensor:
         """:func:`pipeline.inference.gate.reference_levels` with this network: ``(B,)`` float64 on the CPU."""
-        return gate_mod.reference_levels(self.net, support_feats, support_masks, reference_feats.to(self.device))
+        return gate_mod.reference_levels(self.net, support_feats, support_masks, reference_feats.to(self.device),
+                                         self.presence_gate.reference_area)
 
     def support_level(self, support: SupportSet, references: Sequence[np.ndarray]) -> float:
         """The reference level (:meth:`reference_levels`) of one encoded support set and R decoded defect-free
-        images ``(H_r, W_r, 3)`` uint8 (native windows: each stitched image's max)."""
+        images ``(H_r, W_r, 3)`` uint8 (native windows: each stitched image's :func:`gate.presence_peak`)."""
         if support.native:
-            tops = [float(lg.max()) for lg in self._native_logits(support, references, gate=False)]
+            share, area = self._support_shares(support, 1), self.presence_gate.reference_area
+            tops = [float(gate_mod.presence_peak(torch.from_numpy(lg)[None, None], share, area)[0])
+                    for lg in self._native_logits(support, references, gate=False)]
             return float(self.net.presence_log_odds(torch.tensor(tops)).max())
         return float(self.reference_levels(support.feats, support.masks, self.encode_images(references))[0])
 

@@ -57,7 +57,8 @@ from pipeline.config import Params
 from pipeline.episodes import Episode, Pools, material, normal_pools, reference_images, validation_episodes
 from pipeline.images import load_validated, read_image, resolve
 from pipeline.features import FeatureStore
-from pipeline.inference.gate import ABSENT_LOGIT, PresenceGate, apply_gate, reference_levels, support_shares
+from pipeline.inference.gate import (ABSENT_LOGIT, PresenceGate, apply_gate, presence_peak, reference_levels,
+                                    support_shares)
 from pipeline.training.batches import ImageEpisodes, gather
 
 @dataclass(frozen=True)
@@ -65,7 +66,8 @@ class QueryScore:
     """One selection query: class, presence score (max grid logit) and its IoU counts at ``S x S``
     (``inter``, ``union`` of prediction and truth, ``truth`` = defect pixels); ``share``: the mean defect share
     of its support masks at ``S x S``, in ``[0, 1]`` (the gate's support size); ``log_odds``: the network's
-    ``presence_log_odds`` of ``score``; ``level``: the episode's reference level
+    ``presence_log_odds`` of ``score`` (of :func:`pipeline.inference.gate.presence_peak` with
+    ``train.presence_reference_area`` > 0); ``level``: the episode's reference level
     (:func:`pipeline.inference.gate.reference_levels`), ``NaN`` without reference images."""
 
     class_name: str
@@ -85,11 +87,13 @@ class QueryScore:
 @torch.inference_mode()
 def query_scores(net: torch.nn.Module, episodes: Sequence[Episode], *, store: FeatureStore | None = None,
                  dataset: ImageEpisodes | None = None, device: torch.device = torch.device("cpu"),
-                 batch_size: int = 16, references: dict[str, torch.Tensor] | None = None) -> list[QueryScore]:
+                 batch_size: int = 16, references: dict[str, torch.Tensor] | None = None,
+                 reference_area: float = 0.0) -> list[QueryScore]:
     """:class:`QueryScore` of every episode: logits on the feature grid (as ``Predictor.head``), bilinear
     upsampling to ``S x S``, logit > 0 against the view-0 mask. Cached features when ``store`` is given,
     else ``dataset`` (its images are encoded with ``net.encode``). ``references``: ``{material: (R, Cb, h, w)
-    features}``; the episodes of a material there get their reference ``level``."""
+    features}``; the episodes of a material there get their reference ``level``; ``reference_area``: c of
+    :func:`pipeline.inference.gate.presence_peak` for ``log_odds`` and ``level`` (0: the max logit)."""
     net.eval()
     out: list[QueryScore] = []
     k = len(episodes[0].support_ids)
@@ -113,14 +117,14 @@ def query_scores(net: torch.nn.Module, episodes: Sequence[Episode], *, store: Fe
         gt = b["query_masks"].squeeze(1).bool()
         top = grid.amax(dim=(1, 2, 3)).cpu()
         shares = support_shares(sm).cpu()
-        odds = net.presence_log_odds(top)
+        odds = net.presence_log_odds(presence_peak(grid, shares, reference_area).cpu() if reference_area else top)
         levels = torch.full((n,), math.nan, dtype=torch.float64)
         for mat, feats in (references or {}).items():
             idx = [j for j, e in enumerate(chunk) if material(e.class_name) == mat]
             if idx:
                 with dev.autocast(device):
                     levels[idx] = reference_levels(net, dev.to_device(sf[idx], device), dev.to_device(sm[idx], device),
-                                                   dev.to_device(feats, device))
+                                                   dev.to_device(feats, device), reference_area)
         for j, e in enumerate(chunk):
             out.append(QueryScore(e.class_name, float(top[j]), int((pred[j] & gt[j]).sum()),
                                   int((pred[j] | gt[j]).sum()), int(gt[j].sum()), float(shares[j]),
@@ -215,7 +219,8 @@ def presence_gate(params: Params, net: torch.nn.Module, pools: tuple[Pools, Pool
                   store: FeatureStore | None, device: torch.device) -> dict[str, float | None]:
     """The gate of a model file: ``{"presence_threshold": tau, "presence_threshold_small": tau_small,
     "presence_small_area": area, "presence_budget": budget, "presence_fp": target, "presence_fp_train": share,
-    "presence_threshold_ref": tau_ref, "presence_references": R, "presence_fp_train_ref": share_ref}``.
+    "presence_threshold_ref": tau_ref, "presence_references": R, "presence_reference_area": c,
+    "presence_fp_train_ref": share_ref}``.
 
     ``tau`` = :func:`rule_threshold` on ``train.val_episodes`` K=1 episodes of the selection classes
     (:func:`pipeline.episodes.validation_episodes`, seed ``train.seed``) and on :func:`normal_episodes` when
@@ -237,6 +242,7 @@ def presence_gate(params: Params, net: torch.nn.Module, pools: tuple[Pools, Pool
                                     "presence_small_area": None, "presence_budget": t.presence_budget,
                                     "presence_fp": t.presence_fp, "presence_fp_train": None,
                                     "presence_threshold_ref": None, "presence_references": 0,
+                                    "presence_reference_area": t.presence_reference_area,
                                     "presence_fp_train_ref": None}
     if t.presence_budget is None and t.presence_fp is None:
         return out
@@ -248,14 +254,16 @@ def presence_gate(params: Params, net: torch.nn.Module, pools: tuple[Pools, Pool
     if t.presence_budget is not None:
         eps = validation_episodes(val_pools, train_pools, 1, t.val_episodes, t.seed)
         data = None if store is not None else ImageEpisodes(params, val_pools, rows, augment=False, episodes=eps)
-        selection = query_scores(net, eps, store=store, dataset=data, device=device, references=ref_feats)
+        selection = query_scores(net, eps, store=store, dataset=data, device=device, references=ref_feats,
+                                 reference_area=t.presence_reference_area)
     normals: list[QueryScore] = []
     episodes = normal_episodes(params, pools) if t.presence_fp is not None else []
     if episodes:
         if store is None:
             rows = {**rows, **{r["id"]: r for r in load_validated(params.data.dir, kind="normal").to_dict("records")}}
         data = None if store is not None else ImageEpisodes(params, {}, rows, augment=False, episodes=episodes)
-        normals = query_scores(net, episodes, store=store, dataset=data, device=device, references=ref_feats)
+        normals = query_scores(net, episodes, store=store, dataset=data, device=device, references=ref_feats,
+                               reference_area=t.presence_reference_area)
     gate = split_gate(selection, normals, t.presence_budget, t.presence_fp, t.presence_small_area)
     out["presence_threshold"] = gate.threshold
     if gate.split:

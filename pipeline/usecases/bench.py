@@ -49,7 +49,7 @@ def bench_inference(params: Params, predictor: Any, class_dir: Path | None = Non
     from pipeline.bench.harness import time_calls
     from pipeline.bench.infer_case import make_passes
     from pipeline.images import read_image, read_mask
-    from pipeline.predict import supports_from_class_dir
+    from pipeline.request_files import supports_from_class_dir
 
     cdir = Path(class_dir) if class_dir is not None else params.data.source / "Steel_In"
     pairs = supports_from_class_dir(cdir, limit=shots + queries)
