@@ -234,6 +234,38 @@ def test_cli_folder_mode_is_seeded_and_prints_json(evaluated, tmp_path):
     assert e3.equals(folder_episodes(table, 1, 12, 3)) and not e3.equals(e4)
 
 
+def test_folder_mode_gives_references_to_a_model_calibrated_with_them(evaluated, tmp_path):
+    """A model file with a reference threshold gets R of the folder's own Nd images per material; they leave the
+    false-alarm set and gate that material's episodes; other materials keep their gate (here: none)."""
+    from model import build_model
+    from pipeline.checkpoint import save_model
+    from pipeline.evaluation.folder import evaluate_folder
+
+    params, _, _ = evaluated
+    source = make_small_source(tmp_path / "folder")
+    torch.manual_seed(0)
+    net = build_model("lerenet", pretrained=True, channels=32)
+    meta = {"model": "lerenet", "backbone": "efficientnet_lite0", "variant": "mpr+mpe*", "channels": 32,
+            "freeze_backbone": True, "image_size": 96, "fold": FOLD}
+    shut = tmp_path / "shut.pt"     # every episode with a reference is gated off: no query beats it by 1e9
+    save_model(shut, net, {**meta, "presence_threshold_ref": 1e9, "presence_references": 1})
+    plain = Layout.of(params).model_file(FOLD, "lerenet")
+    kw = dict(shots=1, episodes=12, seed=3, device="cpu")
+    ref = evaluate_folder(source, str(shut), **kw)
+    assert list(ref["references"]) == ["MT"] and len(ref["references"]["MT"]) == 1
+    assert ref["references"]["MT"][0].startswith("MT_Uneven/Nd/")
+    assert ref["fp"]["images"] == 2 and ref["fp"]["image_rate"] == 0.0     # the reference left the set; all gated
+    assert ref["per_class_iou"].get("MT_Uneven", 0.0) == 0.0
+    off = evaluate_folder(source, str(shut), references=0, **kw)             # --references 0: none
+    assert off["references"] == {} and off["fp"]["images"] == 3
+    base = evaluate_folder(source, str(plain), **kw)                         # no reference threshold
+    assert base["references"] == {} and base["fp"]["images"] == 3
+    steel = [c for c in ref["per_class_iou"] if not c.startswith("MT")]
+    assert steel and all(ref["per_class_iou"][c] == base["per_class_iou"][c] for c in steel)
+    noted = evaluate_folder(source, str(plain), references=2, **kw)
+    assert noted["references"] == {} and any("no reference threshold" in n for n in noted["left_out"])
+
+
 def test_cli_errors(tmp_path):
     from lerenet.cli import app
 

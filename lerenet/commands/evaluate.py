@@ -33,6 +33,10 @@ def evaluate_cmd(
     episodes: int = typer.Option(1000, "--episodes", min=1, help="with --data: number of episodes"),
     seed: int = typer.Option(0, "--seed", help="with --data: episode seed"),
     device: str = typer.Option("auto", "--device", help="with --data: auto | cpu | cuda"),
+    references: int = typer.Option(None, "--references", min=0,
+                                   help="with --data: defect-free reference images per material taken from the "
+                                        "folder's Nd (default: as many as the model file's gate was calibrated "
+                                        "with; 0: none)"),
     no_track: bool = typer.Option(False, "--no-track", help="with --fold: do not log into MLflow"),
     params_file: Path = ParamsOption,
 ) -> None:
@@ -62,7 +66,7 @@ def evaluate_cmd(
             threshold = params.data.mask_threshold if params else 127
             size = params.train.image_size if params else None
             result = evaluate_folder(data.resolve(), model, shots, episodes, seed, threshold=threshold,
-                                     device=device, image_size=size)
+                                     device=device, image_size=size, references=references)
         except (EvaluationError, CheckpointError, ModelNotFoundError, ValueError) as exc:
             fail(str(exc))
             return

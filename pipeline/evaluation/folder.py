@@ -4,6 +4,11 @@ No ingest and no DVC: the folder is read directly (:func:`folder_table`), ``epis
 episodes are drawn with a seed (:func:`folder_episodes`), and the model -- any spec
 :meth:`pipeline.inference.predictor.Predictor.load` accepts, or ``prototype`` -- is scored with the
 same :mod:`pipeline.evaluation.scoring` as the pipeline's evaluation (features encoded in memory).
+
+Reference images (:func:`folder_references`): a model file whose presence gate was calibrated with R defect-free
+reference images (``train.presence_references``) gets R of the folder's own ``Nd`` images per material as
+references for the episodes of that material (a plant keeps good parts of each surface), and those images leave
+the false-alarm set (a reference scored against itself says nothing).
 """
 
 from __future__ import annotations
@@ -89,6 +94,31 @@ def folder_episodes(table: ImageTable, shots: int, episodes: int, seed: int) -> 
     return pd.DataFrame(out)
 
 
+def folder_references(table: ImageTable, count: int, seed: int) -> dict[str, list[str]]:
+    """``count`` defect-free reference images per material of the folder (:func:`pipeline.episodes.material`: the
+    class name's prefix before ``_``), drawn from its ``Nd`` images with ``numpy.random.default_rng([seed,
+    REFERENCE_SALT])`` (:data:`pipeline.episodes.REFERENCE_SALT`, as the pipeline's references).
+
+    Returns:
+        ``{material: [count ids]}`` for each material with more than ``count`` ``Nd`` images (at least one is
+        left for the false-alarm set); ``{}`` when ``count`` is 0 or no material has enough.
+    """
+    import numpy as np
+
+    from pipeline.episodes import REFERENCE_SALT, material
+
+    if count < 1:
+        return {}
+    normal = table.rows[table.rows["kind"] == "normal"]
+    out = {}
+    for m, ids in sorted(normal.groupby(normal["class_name"].map(material))["id"]):
+        ids = sorted(ids)
+        if len(ids) > count:
+            rng = np.random.default_rng([seed, REFERENCE_SALT])
+            out[str(m)] = [ids[int(i)] for i in rng.permutation(len(ids))[:count]]
+    return out
+
+
 def folder_predictor(model: str, device: Any, image_size: int | None = None,
                      tracking_uri: str | None = None) -> Predictor:
     """The Predictor of ``model``: ``prototype`` (untrained PANet-style prototype model on ImageNet
@@ -107,7 +137,8 @@ def folder_predictor(model: str, device: Any, image_size: int | None = None,
 
 def evaluate_folder(folder: Path, model: str, shots: int, episodes: int = 1000, seed: int = 0, *,
                     threshold: int = 127, device: str = "auto", batch_size: int = 64,
-                    image_size: int | None = None, tracking_uri: str | None = None) -> dict[str, Any]:
+                    image_size: int | None = None, tracking_uri: str | None = None,
+                    references: int | None = None) -> dict[str, Any]:
     """Score a model on any Surface Defects-4i-layout folder, treating every class as novel.
 
     Args:
@@ -118,11 +149,15 @@ def evaluate_folder(folder: Path, model: str, shots: int, episodes: int = 1000, 
         seed: episode seed. threshold: mask binarisation (defect where value > threshold).
         device: ``auto`` | ``cpu`` | ``cuda``. image_size: ``S`` for the ``prototype`` model (default 200).
         tracking_uri: MLflow tracking/registry URI for a model URI (default: MLflow's current one).
+        references: R defect-free reference images per material (:func:`folder_references`, drawn with ``seed``);
+            ``None``: the R the model file's gate was calibrated with (0 without a reference threshold). Used
+            only by a model file with a reference threshold (else a note in ``left_out``).
 
     Returns:
         ``{"data", "model", "shots", "episodes", "seed", "per_class_iou": {class: iou}, "miou",
-        "fbiou", "fp": {...} (if the folder has Nd images), "classes_not_scored", "left_out"}``;
-        ``classes_not_scored`` lists classes with fewer than K+1 usable images (or not drawn).
+        "fbiou", "fp": {...} (if the folder has Nd images other than the references), "references": {material:
+        ids}, "classes_not_scored", "left_out"}``; ``classes_not_scored`` lists classes with fewer than K+1 usable
+        images (or not drawn).
 
     Raises:
         EvaluationError: unusable folder.
@@ -136,16 +171,25 @@ def evaluate_folder(folder: Path, model: str, shots: int, episodes: int = 1000, 
     table, notes = folder_table(Path(folder), threshold)
     eps = folder_episodes(table, shots, episodes, seed)
     src = FeatureSource(predictor, table)
+    gate = predictor.presence_gate
+    refs = folder_references(table, gate.references if references is None else references, seed) \
+        if gate.uses_references else {}
+    if references and not gate.uses_references:
+        notes.append(f"--references {references}: the model file's presence gate has no reference threshold "
+                     "(not trained with train.presence_references > 0): no reference image used")
+    src.use_references(refs)
+    taken = {i for ids in refs.values() for i in ids}
     acc, _ = score_episodes(src, eps, batch_size, desc=f"{Path(folder).name} k{shots}")
     classes = sorted(eps["class_name"].unique())
     all_classes = sorted(table.rows.loc[table.rows["kind"] == "defect", "class_name"].unique())
-    normal = table.rows[table.rows["kind"] == "normal"]
+    normal = table.rows[(table.rows["kind"] == "normal") & ~table.rows["id"].isin(taken)]
     sets = {c: g["support_ids"].tolist() for c, g in eps.groupby("class_name")}
     fa = false_alarms(src, sets, {c: g["id"].tolist() for c, g in normal.groupby("class_name")}, batch_size)
     out: dict[str, Any] = {"data": str(folder), "model": str(model), "shots": shots, "episodes": episodes, "seed": seed,
                            "per_class_iou": acc.class_iou(classes), "miou": acc.miou(classes), "fbiou": acc.fbiou()}
     if fa is not None:
         out["fp"] = fa.to_json()
+    out["references"] = refs
     out["classes_not_scored"] = [c for c in all_classes if c not in classes]
     out["left_out"] = notes
     return out
