@@ -18,6 +18,9 @@ Gates compared (each calibrated by the gate's rule, budget then false-alarm targ
   ``(0, train.presence_small_area]``, default 0.01) calibrated apart from the others;
 * ``lower@1``: ``split@1`` whose small side may only lower the threshold: the others keep ``one@1``'s, the small
   supports ``min(one@1, their own)``;
+* ``budget@1``: one threshold by the budget rule alone (no false-alarm target), calibrated at K=1: what the
+  episodes without reference images would get if the target, measured on another material's defect-free images,
+  did not raise their threshold (tenth session);
 * ``prom@K`` / ``rel@K``: one threshold on another presence score: the max logit minus the median of the query's
   grid, or minus the mean logit of the support's own defect cells (the support as its own query).
 
@@ -164,10 +167,11 @@ def main() -> None:
             for gname, name, cal_k, split in (("one@1", "max", 1, None), ("one@K", "max", k, None),
                                               ("split@1", "max", 1, area), ("split@K", "max", k, area),
                                               ("lower@1", "max", 1, area), ("nested@1", "max", 1, area),
-                                              ("prom@K", "prom", k, None), ("rel@K", "rel", k, None)):
+                                              ("prom@K", "prom", k, None), ("rel@K", "rel", k, None),
+                                              ("budget@1", "max", 1, None)):
                 cal, nor = sets[cal_k][0], sets[cal_k][1]
-                gate = split_gate([r[name] for r in cal], [r[name] for r in nor], t.presence_budget, t.presence_fp,
-                                  split)
+                gate = split_gate([r[name] for r in cal], [r[name] for r in nor], t.presence_budget,
+                                  None if gname == "budget@1" else t.presence_fp, split)
                 if gname == "lower@1":
                     one = split_gate([r[name] for r in cal], [r[name] for r in nor], t.presence_budget, t.presence_fp,
                                      None).threshold

@@ -99,7 +99,8 @@ def support_shares(support_masks: torch.Tensor) -> torch.Tensor:
 
 @torch.inference_mode()
 def reference_levels(net: torch.nn.Module, support_feats: torch.Tensor, support_masks: torch.Tensor,
-                     reference_feats: torch.Tensor, area: float = 0.0) -> torch.Tensor:
+                     reference_feats: torch.Tensor, area: float = 0.0,
+                     shares: torch.Tensor | None = None) -> torch.Tensor:
     """The reference level of each episode: the highest max log-odds (``net.presence_log_odds`` of the max grid
     logit, ungated; with ``area`` > 0 of :func:`presence_peak` instead of the max) of the R reference images, each
     segmented as a query under the episode's support.
@@ -108,12 +109,14 @@ def reference_levels(net: torch.nn.Module, support_feats: torch.Tensor, support_
         net: a ``model.FewShotSegmenter``.
         support_feats: ``(B, K, Cb, h, w)``. support_masks: ``(B, K, 1, S, S)`` float {0, 1}.
         reference_feats: ``(R, Cb, h, w)`` backbone features of defect-free images of the queries' surface.
+        shares: ``(B,)`` support size for :func:`presence_peak` (the one the gate gives the queries); ``None``:
+            :func:`support_shares` of ``support_masks``.
 
     Returns:
         ``(B,)`` float64 on the CPU.
     """
     b = support_feats.shape[0]
-    shares = support_shares(support_masks)
+    shares = support_shares(support_masks) if shares is None else shares
     best = torch.full((b,), float("-inf"), dtype=torch.float64)
     for r in range(reference_feats.shape[0]):
         ref = reference_feats[r:r + 1].expand(b, *reference_feats.shape[1:]).to(support_feats.device)

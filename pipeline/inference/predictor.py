@@ -255,10 +255,11 @@ class Predictor:
         return support
 
     def reference_levels(self, support_feats: torch.Tensor, support_masks: torch.Tensor,
-                         reference_feats: torch.Tensor) -> torch.Tensor:
-        """:func:`pipeline.inference.gate.reference_levels` with this network: ``(B,)`` float64 on the CPU."""
+                         reference_feats: torch.Tensor, shares: torch.Tensor | None = None) -> torch.Tensor:
+        """:func:`pipeline.inference.gate.reference_levels` with this network and the model file's reference area:
+        ``(B,)`` float64 on the CPU."""
         return gate_mod.reference_levels(self.net, support_feats, support_masks, reference_feats.to(self.device),
-                                         self.presence_gate.reference_area)
+                                         self.presence_gate.reference_area, shares)
 
     def support_level(self, support: SupportSet, references: Sequence[np.ndarray]) -> float:
         """The reference level (:meth:`reference_levels`) of one encoded support set and R decoded defect-free
@@ -268,7 +269,8 @@ class Predictor:
             tops = [float(gate_mod.presence_peak(torch.from_numpy(lg)[None, None], share, area)[0])
                     for lg in self._native_logits(support, references, gate=False)]
             return float(self.net.presence_log_odds(torch.tensor(tops)).max())
-        return float(self.reference_levels(support.feats, support.masks, self.encode_images(references))[0])
+        return float(self.reference_levels(support.feats, support.masks, self.encode_images(references),
+                                           self._support_shares(support, 1))[0])
 
     # ---- head + upsampling ----------------------------------------------------------------------
     @torch.inference_mode()
