@@ -117,6 +117,8 @@ class TrainParams(_Section):
                                                    # threshold on the score relative to them (0: off)
     presence_reference_area: float = Field(0.0, ge=0.0, le=1.0)  # c: that score on the k-th highest logit,
                                                    # k = c x support share x cells (0: the max; inference/gate.py)
+    presence_fp_scope: Literal["all", "gated"] = "all"  # defect-free queries that raise the max-logit threshold:
+                                                   # all, or those it gates (no references; training/gate.py)
     per_model: dict[ModelName, dict[str, Any]] = {}  # one model's train settings over these (Params.for_model)
 
     @field_validator("per_model")

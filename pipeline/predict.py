@@ -77,6 +77,10 @@ def load_predictor(params: Any, spec: str | None, device: Any) -> Predictor:
 #: the note (summary and warning) when the model file ignores reference images
 REFERENCES_IGNORED = ("the model file's presence gate has no reference threshold (it was not trained with "
                       "train.presence_references > 0): the reference images were not used")
+#: the note (summary only) when the model file was calibrated with reference images and none are given
+REFERENCES_MISSING = ("no reference image given: the queries are gated by the max-logit threshold, whose share of "
+                      "flagged good parts is not calibrated for this surface; pass --reference with defect-free "
+                      "images of it")
 
 
 # ---------------------------------------------------------------------------
@@ -138,7 +142,8 @@ def predict_folder(model: Predictor, support_pairs: Sequence[tuple[Path, Path]],
         ``defect_fraction``, ``max_score``, ``components``, ``model_version``), ``skipped``,
         ``references`` (the reference files), ``references_used`` (the model file's gate used them),
         ``reference_level`` (:attr:`SupportSet.level <pipeline.inference.predictor.SupportSet.level>`, or
-        ``None``), ``references_note`` (only when given but ignored), ``created``, and ``class`` when
+        ``None``), ``references_note`` (when given but ignored, or when the model file was calibrated with
+        references and none are given), ``created``, and ``class`` when
         ``support_class`` is given.
 
     Raises:
@@ -164,6 +169,8 @@ def predict_folder(model: Predictor, support_pairs: Sequence[tuple[Path, Path]],
     used = bool(ref_files) and model.presence_gate.uses_references
     refs: dict[str, Any] = {"references": [str(f) for f in ref_files], "references_used": used,
                             "reference_level": supports.level}
+    if not ref_files and model.presence_gate.uses_references:
+        refs["references_note"] = REFERENCES_MISSING
     if ref_files and not used:
         refs["references_note"] = REFERENCES_IGNORED
         warnings.warn(f"{len(ref_files)} reference image(s) given, but {REFERENCES_IGNORED}",

@@ -100,7 +100,7 @@ def test_predict_folder_gates_relative_to_the_references_and_records_them(work, 
     plain = P.predict_folder(gated, support(work), q, tmp_path / "plain", progress=False)
     assert masks_of(tmp_path / "plain", plain)[0].any(), "without references nothing gates the query"
     assert (plain["references"], plain["references_used"], plain["reference_level"]) == ([], False, None)
-    assert "references_note" not in plain
+    assert plain["references_note"] == P.REFERENCES_MISSING    # calibrated with references, none given: said
 
     one = work / "refs" / sorted(p.name for p in (work / "refs").glob("*.jpg"))[0]
     with pytest.warns(RF.SkippedInputWarning, match="skipping reference .*notes.txt"):

@@ -127,6 +127,32 @@ def test_training_calibrates_and_stores_the_reference_threshold(referenced):
     assert pred.presence_gate.uses_references and pred.describe()["presence_references"] == 1
 
 
+def test_fp_scope_gated_leaves_the_max_logit_threshold_to_the_budget_rule(referenced):
+    """With references for MT (the only material with Nd here), ``presence_fp_scope: gated`` calibrates the
+    max-logit threshold without the false-alarm target (it gates no defect-free query); ``all`` raises it."""
+    from pipeline.episodes import training_pools
+    from pipeline.evaluation.data import open_store_for
+    from pipeline.inference.predictor import Predictor
+    from pipeline.training.gate import presence_gate
+
+    params, res = referenced
+    pred = Predictor.load(res.model_path)
+    store = open_store_for(params, pred, params.data.dir)
+    pools = training_pools(params, 0)
+
+    def gate(**train):
+        p = params.model_copy(update={"train": params.train.model_copy(update=train)})
+        return presence_gate(p, pred.net, pools, {}, store, torch.device("cpu"))
+
+    budget_only = gate(presence_fp=None, presence_fp_scope="all")
+    strict_all, strict_gated = gate(presence_fp=0.0, presence_fp_scope="all"), gate(presence_fp=0.0,
+                                                                                    presence_fp_scope="gated")
+    assert strict_gated["presence_threshold"] == budget_only["presence_threshold"]
+    assert strict_gated["presence_fp_train"] is None and strict_all["presence_fp_train"] == 0.0
+    assert strict_all["presence_threshold"] > budget_only["presence_threshold"]
+    assert strict_gated["presence_threshold_ref"] == strict_all["presence_threshold_ref"] is not None
+
+
 def test_predictor_gates_relative_to_the_references_it_is_given(referenced):
     """``encode_support(..., references)`` sets the support's reference level; a query is then kept or emptied by
     its log-odds minus that level against ``presence_threshold_ref``, whatever the max-logit threshold says."""

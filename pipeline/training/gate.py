@@ -39,6 +39,13 @@ material a second score, the query's max log-odds minus the references' highest 
 the same episodes, restricted to those with references and with the reference images themselves left out of the
 defect-free queries: the budget on the selection queries, raised to the false-alarm target on the defect-free
 ones, where a defect-free query counts as flagged when its max logit is > 0 and its reference score >= tau.
+
+Which defect-free images raise the max-logit threshold (``train.presence_fp_scope``): ``all`` (e30) raises it on
+every training-side defect-free query; ``gated`` (the default since e32) only on those it gates at inference, i.e.
+those without references. With references for every material that has ``Nd`` images, the max-logit threshold
+then gates only materials no defect-free image exists for (steel and leather in ``defects12``): it keeps the
+budget rule's value, and their false-alarm share is not calibrated (it cannot be measured); a target measured
+on magnetic tiles had raised it to the saturation of the steel and leather scores (docs/experiments.md, e32).
 """
 
 from __future__ import annotations
@@ -227,7 +234,9 @@ def presence_gate(params: Params, net: torch.nn.Module, pools: tuple[Pools, Pool
     ``train.presence_fp`` is set. With ``train.presence_small_area`` the rule runs separately on the episodes whose
     support is small (``tau_small``) and on the others (``tau``), a side without any episode keeping the rule's
     threshold on all of them (:class:`pipeline.inference.gate.PresenceGate`). ``share`` = the training side's
-    defect-free images still flagged by the gate (None without a target or without such images). Both
+    defect-free images still flagged by the gate (None without a target or without such images; with
+    ``train.presence_fp_scope: gated`` and references, only the images without references count, for ``tau`` and
+    ``share``). Both
     thresholds are None when the budget and the target are null. With ``train.presence_references`` = R > 0,
     ``tau_ref`` is the rule on the episodes that have reference images (module docstring; None when no material
     of the training side has R defect-free images) and ``share_ref`` the share of their defect-free queries
@@ -264,13 +273,14 @@ def presence_gate(params: Params, net: torch.nn.Module, pools: tuple[Pools, Pool
         data = None if store is not None else ImageEpisodes(params, {}, rows, augment=False, episodes=episodes)
         normals = query_scores(net, episodes, store=store, dataset=data, device=device, references=ref_feats,
                                reference_area=t.presence_reference_area)
-    gate = split_gate(selection, normals, t.presence_budget, t.presence_fp, t.presence_small_area)
+    by_max = normals if t.presence_fp_scope == "all" or not refs else [s for s in normals if math.isnan(s.level)]
+    gate = split_gate(selection, by_max, t.presence_budget, t.presence_fp, t.presence_small_area)
     out["presence_threshold"] = gate.threshold
     if gate.split:
         out["presence_threshold_small"], out["presence_small_area"] = gate.small_threshold, gate.small_area
-    if normals:
-        taus = [gate.threshold_for(s.share) for s in normals]
-        kept = [s.score > 0 and (tau is None or s.score >= tau) for s, tau in zip(normals, taus)]
+    if by_max:
+        taus = [gate.threshold_for(s.share) for s in by_max]
+        kept = [s.score > 0 and (tau is None or s.score >= tau) for s, tau in zip(by_max, taus)]
         out["presence_fp_train"] = round(sum(kept) / len(kept), 4)
     if refs:
         out.update(_reference_gate(selection, normals, episodes, {i for ids in refs.values() for i in ids},
