@@ -149,6 +149,7 @@ def test_fp_scope_gated_leaves_the_max_logit_threshold_to_the_budget_rule(refere
                                                                                     presence_fp_scope="gated")
     assert strict_gated["presence_threshold"] == budget_only["presence_threshold"]
     assert strict_gated["presence_fp_train"] is None and strict_all["presence_fp_train"] == 0.0
+    assert (strict_gated["presence_fp_scope"], strict_all["presence_fp_scope"]) == ("gated", "all")
     assert strict_all["presence_threshold"] > budget_only["presence_threshold"]
     assert strict_gated["presence_threshold_ref"] == strict_all["presence_threshold_ref"] is not None
 

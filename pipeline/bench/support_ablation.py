@@ -113,7 +113,7 @@ def _selection_scores(params: Params, fold: int, net: torch.nn.Module, store: An
     return out
 
 
-def _gate(params: Params, fold: int, predictor: Predictor) -> dict[str, float | None]:
+def _gate(params: Params, fold: int, predictor: Predictor) -> dict[str, Any]:
     """The presence gate ``train()`` would store for this network (``train.presence_budget``)."""
     from pipeline.training.gate import presence_gate
 

@@ -223,11 +223,11 @@ def rule_threshold(selection: Sequence[QueryScore], normals: Sequence[QueryScore
 
 
 def presence_gate(params: Params, net: torch.nn.Module, pools: tuple[Pools, Pools], rows: dict[str, Any],
-                  store: FeatureStore | None, device: torch.device) -> dict[str, float | None]:
+                  store: FeatureStore | None, device: torch.device) -> dict[str, Any]:
     """The gate of a model file: ``{"presence_threshold": tau, "presence_threshold_small": tau_small,
     "presence_small_area": area, "presence_budget": budget, "presence_fp": target, "presence_fp_train": share,
     "presence_threshold_ref": tau_ref, "presence_references": R, "presence_reference_area": c,
-    "presence_fp_train_ref": share_ref}``.
+    "presence_fp_scope": scope, "presence_fp_train_ref": share_ref}``.
 
     ``tau`` = :func:`rule_threshold` on ``train.val_episodes`` K=1 episodes of the selection classes
     (:func:`pipeline.episodes.validation_episodes`, seed ``train.seed``) and on :func:`normal_episodes` when
@@ -247,11 +247,12 @@ def presence_gate(params: Params, net: torch.nn.Module, pools: tuple[Pools, Pool
         rows: validated defect rows by id (for the image path when ``store`` is None).
     """
     t = params.train
-    out: dict[str, float | None] = {"presence_threshold": None, "presence_threshold_small": None,
+    out: dict[str, Any] = {"presence_threshold": None, "presence_threshold_small": None,
                                     "presence_small_area": None, "presence_budget": t.presence_budget,
                                     "presence_fp": t.presence_fp, "presence_fp_train": None,
                                     "presence_threshold_ref": None, "presence_references": 0,
                                     "presence_reference_area": t.presence_reference_area,
+                                    "presence_fp_scope": t.presence_fp_scope,
                                     "presence_fp_train_ref": None}
     if t.presence_budget is None and t.presence_fp is None:
         return out
