@@ -18,6 +18,9 @@ Variants of the reference level (not in the library; for the next choice): ``--r
 references with N test-time refinement steps instead of the model's (0: the support fit alone, cheaper);
 ``--aggregate mean``: the mean of the references' max log-odds instead of the highest (both stand-ins ignore
 ``train.presence_reference_area``, which the library's own path measures: ``-S train.presence_reference_area=c``).
+``--ref-negatives`` (tenth session): every forward pass, queries' and references' alike, gets the material's
+reference images appended to its support as shots with an empty mask, i.e. as extra background cells of the
+per-episode probe (a stand-in wrapped around ``net.forward_features``; every probe episode is magnetic tile).
 
 Usage (``--refs`` R, default ``train.presence_references`` or 3)::
 
@@ -78,6 +81,17 @@ def variant_levels(steps, aggregate):
     return levels
 
 
+def negatives_forward(forward, ref_feats):
+    """``net.forward_features`` with ``ref_feats (R, Cb, h, w)`` appended to every support as empty-mask shots."""
+    def run(support_feats, support_masks, query_feats, out_size):
+        b = support_feats.shape[0]
+        extra = ref_feats[None].expand(b, *ref_feats.shape).to(support_feats)
+        empty = support_masks.new_zeros(b, ref_feats.shape[0], *support_masks.shape[2:])
+        return forward(torch.cat([support_feats, extra], 1), torch.cat([support_masks, empty], 1), query_feats,
+                       out_size)
+    return run
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--refs", type=int, default=None)
@@ -85,6 +99,7 @@ def main() -> None:
     ap.add_argument("--check-offset", type=int, default=1, help="check episodes drawn with seed train.seed + this")
     ap.add_argument("--ref-steps", type=int, default=None)
     ap.add_argument("--aggregate", choices=("max", "mean"), default="max")
+    ap.add_argument("--ref-negatives", action="store_true")
     ap.add_argument("-S", dest="sets", action="append", default=[])
     a = ap.parse_args()
     torch.set_num_threads(1)
@@ -97,11 +112,14 @@ def main() -> None:
     store = open_store_for(params, Predictor(net, t.image_size, {"model": "lerenet"}), Path(params.data.dir))
     episodes_mod.selection_material = lambda classes, seed, fold: [c for c in sorted(classes) if material(c) == "MT"]
     results: dict[tuple[str, int], list] = {}
+    plain_forward = net.forward_features
     for f in (int(x) for x in a.folds.split(",")):
         train_pools, val_pools = training_pools(params, f)
         pools = {**train_pools, **val_pools}
         refs = reference_images(params, pools, r_count)
         feats = {m: store.get(ids, 0) for m, ids in refs.items()}
+        if a.ref_negatives:
+            net.forward_features = negatives_forward(plain_forward, feats["MT"])
         taken = {i for ids in refs.values() for i in ids}
         nd = [e for e in normal_eps(params, pools, sorted(val_pools), 1, 0) if e.query_id not in taken]
         order = np.random.default_rng([t.seed, 31337, f]).permutation(len(nd))
@@ -125,7 +143,7 @@ def main() -> None:
                                                           "references": refs, "normals": len(nor)})
     for (name, k), rows in results.items():
         print(json.dumps({"gate": name, "k": k, "refs": r_count, "check_offset": a.check_offset,
-                          "reference_area": t.presence_reference_area,
+                          "reference_area": t.presence_reference_area, "ref_negatives": a.ref_negatives,
                           "ref_steps": a.ref_steps, "aggregate": a.aggregate,
                           "miou_mean": round(float(np.mean([r["check"][0] for r in rows])), 2),
                           "fp_mean": round(float(np.mean([r["check"][1] for r in rows])), 1),
