@@ -211,14 +211,30 @@ def reference_images(params: Params, classes: Iterable[str], count: int) -> dict
     Returns:
         ``{material: [R ids]}`` for each material with at least ``count`` defect-free images; ``{}`` for none.
     """
+    return draw_references(normal_pools(params, classes), count, params.split.seed)
+
+
+def draw_references(normals: Mapping[str, Iterable[str]], count: int, seed: int,
+                    spare: int = 0) -> dict[str, list[str]]:
+    """The draw behind every set of reference images (:func:`reference_images`,
+    :func:`pipeline.evaluation.folder.folder_references`): the defect-free ids of ``normals`` (by class) pooled by
+    material, sorted, and ``count`` of them taken by ``numpy.random.default_rng([seed, REFERENCE_SALT])``.
+
+    Args:
+        normals: defect-free image ids by class. count: R, >= 1. seed: the draw's seed.
+        spare: ids a material must have beyond ``count`` to get references (1: one is left for other uses).
+
+    Returns:
+        ``{material: [count ids]}`` for each material with at least ``count + spare`` ids; ``{}`` for none.
+    """
     by_material: dict[str, list[str]] = {}
-    for c, ids in sorted(normal_pools(params, classes).items()):
+    for c, ids in sorted(normals.items()):
         by_material.setdefault(material(c), []).extend(ids)
     out = {}
     for m, ids in sorted(by_material.items()):
         ids = sorted(ids)
-        if len(ids) >= count:
-            rng = np.random.default_rng([params.split.seed, REFERENCE_SALT])
+        if len(ids) >= count + spare:
+            rng = np.random.default_rng([seed, REFERENCE_SALT])
             out[m] = [ids[int(i)] for i in rng.permutation(len(ids))[:count]]
     return out
 

@@ -96,27 +96,18 @@ def folder_episodes(table: ImageTable, shots: int, episodes: int, seed: int) -> 
 
 def folder_references(table: ImageTable, count: int, seed: int) -> dict[str, list[str]]:
     """``count`` defect-free reference images per material of the folder (:func:`pipeline.episodes.material`: the
-    class name's prefix before ``_``), drawn from its ``Nd`` images with ``numpy.random.default_rng([seed,
-    REFERENCE_SALT])`` (:data:`pipeline.episodes.REFERENCE_SALT`, as the pipeline's references).
+    class name's prefix before ``_``), drawn from its ``Nd`` images with ``seed`` as the pipeline's references are
+    (:func:`pipeline.episodes.draw_references`).
 
     Returns:
         ``{material: [count ids]}`` for each material with more than ``count`` ``Nd`` images (at least one is
         left for the false-alarm set); ``{}`` when ``count`` is 0 or no material has enough.
     """
-    import numpy as np
-
-    from pipeline.episodes import REFERENCE_SALT, material
+    from pipeline.episodes import class_pools, draw_references
 
     if count < 1:
         return {}
-    normal = table.rows[table.rows["kind"] == "normal"]
-    out = {}
-    for m, ids in sorted(normal.groupby(normal["class_name"].map(material))["id"]):
-        ids = sorted(ids)
-        if len(ids) > count:
-            rng = np.random.default_rng([seed, REFERENCE_SALT])
-            out[str(m)] = [ids[int(i)] for i in rng.permutation(len(ids))[:count]]
-    return out
+    return draw_references(class_pools(table.rows[table.rows["kind"] == "normal"]), count, seed, spare=1)
 
 
 def folder_predictor(model: str, device: Any, image_size: int | None = None,

@@ -193,7 +193,7 @@ class PresenceGate:
         levels = levels.to(device=logits.device, dtype=torch.float64)
         has = ~torch.isnan(levels)
         top = logits.amax(dim=(1, 2, 3))
-        peak = presence_peak(logits, shares, self.reference_area) if self.reference_area else top
+        peak = presence_peak(logits, shares, self.reference_area)
         base = torch.full_like(levels, float("-inf")) if taus is None else (
             taus.to(levels) if isinstance(taus, torch.Tensor) else torch.full_like(levels, taus))
         tau = torch.where(has, torch.full_like(levels, self.reference_threshold), base)  # type: ignore[arg-type]

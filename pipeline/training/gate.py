@@ -124,7 +124,7 @@ def query_scores(net: torch.nn.Module, episodes: Sequence[Episode], *, store: Fe
         gt = b["query_masks"].squeeze(1).bool()
         top = grid.amax(dim=(1, 2, 3)).cpu()
         shares = support_shares(sm).cpu()
-        odds = net.presence_log_odds(presence_peak(grid, shares, reference_area).cpu() if reference_area else top)
+        odds = net.presence_log_odds(presence_peak(grid, shares, reference_area).cpu())
         levels = torch.full((n,), math.nan, dtype=torch.float64)
         for mat, feats in (references or {}).items():
             idx = [j for j, e in enumerate(chunk) if material(e.class_name) == mat]
